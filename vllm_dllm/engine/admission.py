@@ -1,0 +1,93 @@
+"""Request admission for dLLMs: resolve and check decoding parameters.
+
+Runs in the front end, where vLLM turns a `VLLMValidationError` into HTTP 400
+naming the parameter, so a bad request never reaches the engine.
+"""
+
+import functools
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+from vllm.v1.engine import EngineCoreRequest
+from vllm.v1.engine.input_processor import InputProcessor
+
+from vllm_dllm.params import ParamError, resolve, server_defaults
+
+DLLM_ARCHITECTURES = ("LLaDAModelLM",)
+
+# Sampling options that diffusion decoding does not implement, with their
+# neutral values; anything else is refused rather than silently ignored.
+_UNSUPPORTED: dict[str, Any] = {
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_tokens": 0,
+    "logprobs": None,
+    "prompt_logprobs": None,
+    "structured_outputs": None,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+}
+
+
+def is_dllm(vllm_config: VllmConfig) -> bool:
+    return vllm_config.model_config.architecture in DLLM_ARCHITECTURES
+
+
+def _check_supported(params: SamplingParams) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        value = getattr(params, name)
+        if value != neutral and value not in ([], {}):
+            raise VLLMValidationError(
+                f"{name} is not supported by diffusion decoding (got {value!r})",
+                parameter=name, value=value)
+    if params.top_k not in (0, -1):
+        raise VLLMValidationError("top_k is not supported by diffusion decoding",
+                                  parameter="top_k", value=params.top_k)
+
+
+def admit(request: EngineCoreRequest, vllm_config: VllmConfig, max_tokens_given: int | None) -> None:
+    """Resolve a request's dLLM parameters in place, or raise a validation error."""
+    params = request.sampling_params
+    _check_supported(params)
+    model_config = vllm_config.model_config
+    try:
+        resolved = resolve(
+            params.extra_args,
+            server_defaults((vllm_config.additional_config or {}).get("dllm")),
+            max_tokens=max_tokens_given,
+            prompt_len=len(request.prompt_token_ids),
+            max_model_len=model_config.max_model_len,
+        )
+    except ParamError as e:
+        raise VLLMValidationError(str(e), parameter=e.parameter) from e
+    params.extra_args = {**(params.extra_args or {}), **resolved.as_dict()}
+    params.max_tokens = min(params.max_tokens or resolved.gen_length, resolved.gen_length)
+    eot = getattr(model_config.hf_config, "eot_token_id", None)
+    if eot is not None and not params.ignore_eos:
+        # The end of an answer: vLLM already stops at EOS; LLaDA's Instruct
+        # model ends a turn with <|eot_id|> and pads with EOS after it.
+        params.stop_token_ids = sorted({*(params.stop_token_ids or []), eot})
+        params._all_stop_token_ids.add(eot)
+
+
+def install() -> None:
+    """Wrap `InputProcessor.process_inputs` so dLLM requests are admitted there."""
+    original = InputProcessor.process_inputs
+    if getattr(original, "_dllm_admission", False):
+        return
+
+    @functools.wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if request.sampling_params is not None and is_dllm(self.vllm_config):
+            admit(request, self.vllm_config, params.max_tokens)
+        return request
+
+    process_inputs._dllm_admission = True
+    InputProcessor.process_inputs = process_inputs

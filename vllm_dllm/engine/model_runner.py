@@ -1,0 +1,116 @@
+"""Runs one denoising iteration per engine step on vLLM's model runner.
+
+Loading, KV cache allocation and binding come from the platform's V1 runner;
+`execute_model` is replaced: it rebuilds each scheduled request's sequence
+(prompt + canvas), runs the model with bidirectional paged attention, computes
+logits only for the masked positions of each request's current block, and lets
+the decoding core commit tokens. It returns, per request, the canvas tokens
+that became final in this iteration.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm.forward_context import set_forward_context
+from vllm.platforms import current_platform
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata
+from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling.state import DenoiseState
+from vllm_dllm.sampling.step import denoise_step
+
+if current_platform.is_cpu():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner as PlatformModelRunner
+else:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as PlatformModelRunner
+
+
+@dataclass
+class DllmRequest:
+    prompt: torch.Tensor
+    state: DenoiseState
+    block_ids: list[int]
+
+
+class DllmModelRunner(PlatformModelRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dllm_requests: dict[str, DllmRequest] = {}
+        self.mask_token_id = self.model_config.hf_config.mask_token_id
+
+    def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.dllm_requests.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            sp = new.sampling_params
+            state = DenoiseState(
+                prompt_len=len(new.prompt_token_ids),
+                params=DllmParams.from_resolved(sp.extra_args),
+                mask_id=self.mask_token_id,
+                temperature=sp.temperature,
+                seed=sp.seed,
+            )
+            self.dllm_requests[new.req_id] = DllmRequest(
+                torch.tensor(new.prompt_token_ids, dtype=torch.long), state, new.block_ids[0])
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, block_ids in zip(cached.req_ids, cached.new_block_ids):
+            if block_ids is not None:
+                # A resumed request gets fresh pages; its canvas survived preemption.
+                self.dllm_requests[req_id].block_ids = block_ids[0]
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None
+                      ) -> ModelRunnerOutput:
+        self._update_requests(scheduler_output)
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        if not req_ids:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        requests = [self.dllm_requests[r] for r in req_ids]
+        block_size = self.cache_config.block_size
+
+        tokens, positions, slots, query_start, seq_lens, logit_rows, canvas_positions = (
+            [], [], [], [0], [], [], [])
+        offset = self.model.dllm_logits_offset
+        for req in requests:
+            sequence = torch.cat([req.prompt, req.state.canvas])
+            length = len(sequence)
+            pos = torch.arange(length)
+            pages = torch.tensor(req.block_ids, dtype=torch.long)
+            tokens.append(sequence)
+            positions.append(pos)
+            slots.append(pages[pos // block_size] * block_size + pos % block_size)
+            masked = req.state.masked_in_block()
+            canvas_positions.append(masked)
+            logit_rows.append(query_start[-1] + req.state.prompt_len + masked - offset)
+            query_start.append(query_start[-1] + length)
+            seq_lens.append(length)
+
+        max_pages = max(len(r.block_ids) for r in requests)
+        block_table = torch.zeros((len(requests), max_pages), dtype=torch.long)
+        for i, req in enumerate(requests):
+            block_table[i, : len(req.block_ids)] = torch.tensor(req.block_ids)
+        device = self.device
+        metadata = BidirectionalMetadata(
+            num_actual_tokens=query_start[-1],
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_table=block_table.to(device),
+            slot_mapping=torch.cat(slots).to(device),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+        )
+        layer_names = self.kv_cache_config.kv_cache_groups[0].layer_names
+        with set_forward_context({name: metadata for name in layer_names}, self.vllm_config,
+                                 num_tokens=query_start[-1]):
+            hidden = self.model(input_ids=torch.cat(tokens).to(device),
+                                positions=torch.cat(positions).to(device))
+        logits = self.model.compute_logits(hidden[torch.cat(logit_rows).to(device)])
+        denoise_step([r.state for r in requests], canvas_positions, logits)
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=[r.state.take_new_tokens() for r in requests],
+        )

@@ -1,0 +1,118 @@
+"""Iteration-level scheduling for diffusion LMs.
+
+One engine step is one denoising iteration of every running request. A request
+is admitted once vLLM's KV cache manager can give it pages for its whole
+sequence (prompt + canvas); it keeps them until it finishes, is aborted or is
+preempted. Requests join and leave between iterations, each at its own block
+and step. Stop checks, outputs and stats are vLLM's own (`update_from_output`):
+the worker reports, each iteration, the canvas tokens that became final.
+"""
+
+import time
+
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreEventType
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_dllm.params import DllmParams
+
+
+def sequence_length(request: Request) -> int:
+    """Prompt + canvas: the positions one vanilla iteration recomputes."""
+    params = DllmParams.from_resolved(request.sampling_params.extra_args)
+    return request.num_prompt_tokens + params.gen_length
+
+
+class DllmScheduler(Scheduler):
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        budget = self.max_num_scheduled_tokens
+        now = time.monotonic()
+        num_scheduled: dict[str, int] = {}
+        scheduled: list[Request] = []
+        skipped: list[Request] = []
+        for request in self.running:
+            rows = sequence_length(request)
+            if rows <= budget:
+                num_scheduled[request.request_id] = rows
+                scheduled.append(request)
+                budget -= rows
+            else:
+                skipped.append(request)
+
+        admitted: list[Request] = []
+        while self.waiting and len(self.running) < self.max_num_running_reqs:
+            request = self.waiting.peek_request()
+            rows = sequence_length(request)
+            if rows > budget:
+                break
+            if self.kv_cache_manager.allocate_slots(request, rows) is None:
+                victim = self._lower_priority_victim(request)
+                if victim is None:
+                    break
+                self.running.remove(victim)
+                if victim.request_id in num_scheduled:
+                    budget += num_scheduled.pop(victim.request_id)
+                    scheduled.remove(victim)
+                skipped = [r for r in skipped if r is not victim]
+                self._preempt_request(victim, now)
+                continue
+            self.waiting.pop_request()
+            self.running.append(request)
+            admitted.append(request)
+            num_scheduled[request.request_id] = rows
+            budget -= rows
+            if self.log_stats:
+                request.record_event(EngineCoreEventType.SCHEDULED, now)
+
+        new_reqs: list[NewRequestData] = []
+        resumed: list[Request] = []
+        for request in admitted:
+            if request.status == RequestStatus.PREEMPTED:
+                resumed.append(request)
+            else:
+                new_reqs.append(NewRequestData.from_request(
+                    request, self.kv_cache_manager.get_block_ids(request.request_id)))
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_scheduled[request.request_id]
+
+        # Requests that had to sit out this iteration go first next time.
+        self.running = skipped + [r for r in self.running if r not in skipped]
+        for request_id, rows in num_scheduled.items():
+            self.requests[request_id].num_in_flight_tokens += rows
+
+        cached = scheduled + resumed
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=CachedRequestData(
+                req_ids=[r.request_id for r in cached],
+                resumed_req_ids={r.request_id for r in resumed},
+                new_token_ids=[[] for _ in cached],
+                all_token_ids={},
+                new_block_ids=[
+                    self.kv_cache_manager.get_block_ids(r.request_id) if r in resumed else None
+                    for r in cached
+                ],
+                num_computed_tokens=[r.num_computed_tokens for r in cached],
+                num_output_tokens=[r.num_output_tokens for r in cached],
+            ),
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            scheduled_spec_decode_tokens={},
+            scheduled_encoder_inputs={},
+            finished_req_ids=self.finished_req_ids,
+            free_encoder_mm_hashes=[],
+            preempted_req_ids=self.reset_preempted_req_ids,
+        )
+        self.finished_req_ids = set()
+        self.reset_preempted_req_ids = set()
+        return output
+
+    def _lower_priority_victim(self, request: Request) -> Request | None:
+        """The running request to preempt so that `request` fits, if policy allows."""
+        if self.policy != SchedulingPolicy.PRIORITY:
+            return None
+        candidates = [r for r in self.running
+                      if (r.priority, r.arrival_time) > (request.priority, request.arrival_time)]
+        return max(candidates, key=lambda r: (r.priority, r.arrival_time), default=None)

@@ -1,0 +1,191 @@
+"""LLaDA (GSAI-ML/LLaDA-8B-Instruct, -Base, 1.5) on vLLM's parallel layers.
+
+A Llama-style decoder whose attention is fully bidirectional: every position
+attends to every position of its request (prompt, committed tokens, masks).
+Logits row p predicts position p (no shift). Weights load from the original
+checkpoint names (`model.transformer.blocks.N.q_proj`, `attn_out`, `ff_proj` =
+gate, `up_proj`, block `ff_out` = down, `ln_f`, top-level `ff_out` = head).
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.sequence import IntermediateTensors
+
+from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
+from vllm_dllm.configs.llada import LLaDAConfig
+
+
+class LLaDAMLP(nn.Module):
+    def __init__(self, config: LLaDAConfig, prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.d_model, [config.mlp_hidden_size] * 2, bias=config.include_bias,
+            prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(
+            config.mlp_hidden_size, config.d_model, bias=config.include_bias,
+            prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(x))
+        return x
+
+
+class LLaDAAttention(nn.Module):
+    def __init__(self, config: LLaDAConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = config.d_model // config.n_heads
+        self.num_heads = config.n_heads // tp_size
+        self.num_kv_heads = max(1, config.n_kv_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        qkv_bias = config.include_bias or config.include_qkv_bias
+        self.qkv_proj = QKVParallelLinear(
+            config.d_model, self.head_dim, config.n_heads, config.n_kv_heads,
+            bias=qkv_bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(
+            config.n_heads * self.head_dim, config.d_model, bias=config.include_bias,
+            prefix=f"{prefix}.o_proj")
+        # LLaDA rotates q and k in fp32 (`rope_full_precision`).
+        self.rotary_emb = get_rope(
+            self.head_dim, max_position=config.max_sequence_length, is_neox_style=True,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            dtype=torch.float32)
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
+            prefix=f"{prefix}.attn", attn_backend=BidirectionalAttentionBackend)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q32, k32 = self.rotary_emb(positions, q.float(), k.float())
+        out = self.attn(q32.to(q.dtype), k32.to(k.dtype), v)
+        out, _ = self.o_proj(out)
+        return out
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, config: LLaDAConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.self_attn = LLaDAAttention(config, vllm_config, prefix=f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.mlp = LLaDAMLP(config, prefix=f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaDAModel(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.embed_tokens = VocabParallelEmbedding(config.embedding_size, config.d_model)
+        self.layers = nn.ModuleList(
+            LLaDABlock(config, vllm_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+
+def _checkpoint_to_module_name(name: str) -> str:
+    """Original LLaDA weight name -> this module's parameter name."""
+    if name == "model.transformer.ff_out.weight":
+        return "lm_head.weight"
+    name = name.replace("model.transformer.wte.", "model.embed_tokens.")
+    name = name.replace("model.transformer.ln_f.", "model.norm.")
+    name = name.replace("model.transformer.blocks.", "model.layers.")
+    for old, new in (
+        (".attn_norm.", ".input_layernorm."),
+        (".ff_norm.", ".post_attention_layernorm."),
+        (".attn_out.", ".self_attn.o_proj."),
+        (".ff_out.", ".mlp.down_proj."),
+    ):
+        name = name.replace(old, new)
+    return name
+
+
+# checkpoint projection -> (fused parameter, shard id)
+_STACKED = {
+    ".q_proj.": (".self_attn.qkv_proj.", "q"),
+    ".k_proj.": (".self_attn.qkv_proj.", "k"),
+    ".v_proj.": (".self_attn.qkv_proj.", "v"),
+    ".ff_proj.": (".mlp.gate_up_proj.", 0),
+    ".up_proj.": (".mlp.gate_up_proj.", 1),
+}
+
+
+class LLaDAModelLM(nn.Module):
+    # Row p of the logits predicts canvas position p (Dream would say 1).
+    dllm_logits_offset = 0
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if config.weight_tying:
+            raise ValueError("LLaDA checkpoints with weight_tying are not supported")
+        self.config = config
+        self.model = LLaDAModel(vllm_config, prefix="model")
+        self.lm_head = ParallelLMHead(config.embedding_size, config.d_model, prefix="lm_head")
+        self.logits_processor = LogitsProcessor(config.embedding_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for ckpt_name, tensor in weights:
+            name = _checkpoint_to_module_name(ckpt_name)
+            for old, (new, shard) in _STACKED.items():
+                if old in name:
+                    name = name.replace(old, new)
+                    param = params[name]
+                    param.weight_loader(param, tensor, shard)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded

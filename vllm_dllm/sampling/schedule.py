@@ -1,0 +1,13 @@
+"""LLaDA's fixed transfer schedule (`get_num_transfer_tokens`, spec §1.3)."""
+
+import torch
+
+
+def transfer_counts(num_masked: torch.Tensor, steps: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Tokens to commit at `step` of a block that started with `num_masked` masks.
+
+    The block's masks are split evenly over `steps` iterations and the remainder
+    goes to the earliest ones. All arguments are [B] integer tensors.
+    """
+    base = torch.div(num_masked, steps, rounding_mode="floor")
+    return base + (step < num_masked - base * steps).long()
