@@ -49,7 +49,9 @@ def generate(
         for i in range(steps_per_block):
             logits = model(x).float()
             forwards += 1
-            rows = logits[start - logits_offset : start - logits_offset + block_length]
+            rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
+            # Never predict the mask itself (the untrained models here can).
+            rows[:, mask_id] = float("-inf")
             if temperature > 0:
                 u = torch.rand(rows.shape, generator=generator, dtype=torch.float64)
                 noisy = rows.double().exp() / (-u.log()) ** temperature

@@ -2,21 +2,172 @@
 
 Every rule takes the whole batch at once: `confidence` is [B, K] float64 with
 -inf wherever a position is not a candidate (outside the block or already
-committed) and returns a [B, K] boolean commit mask.
+committed) and returns a [B, K] boolean commit mask. Per-request parameters
+are [B] tensors, so one call serves requests with different settings. Ties in
+confidence go to the lower position everywhere, as in `rank_in_row`.
+
+The rules (spec §1.3, §3.2, §4):
+* fixed:     LLaDA's schedule, the `counts[b]` most confident candidates.
+* threshold: Fast-dLLM, every candidate with conf >= tau, and always the top-1.
+* factor:    Fast-dLLM, the largest prefix of the sorted candidates with
+             c(n) >= 1 - f / (n + 1) for every n in it (n >= 1).
+* frechet:   Fast-dLLM++, the largest n with G_n = L_n - U_n > delta.
+The threshold-type rules (all but fixed) commit at least one token whenever a
+row has a candidate, so a block always makes progress.
 """
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+POLICIES = ("fixed", "threshold", "factor", "frechet")
+DEFAULT_POLICY = "fixed"
+DEFAULT_THRESHOLD = 0.9  # Fast-dLLM paper, spec §3.3
+DEFAULT_FACTOR = 1.0  # Fast-dLLM eval script, spec §3.3
+DEFAULT_FRECHET_DELTA = 0.25  # Fast-dLLM++ main tables, spec §4
+
+
+def _sort_desc(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row sorted by descending confidence, and each position's rank in it.
+
+    The sort is stable, so equal confidences keep position order: the lower
+    position gets the better rank.
+    """
+    values, order = torch.sort(confidence, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return values, ranks
 
 
 def rank_in_row(confidence: torch.Tensor) -> torch.Tensor:
     """Rank of each position by descending confidence; ties go to the lower position."""
-    order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return ranks
+    return _sort_desc(confidence)[1]
+
+
+def _top(confidence: torch.Tensor, ranks: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The `n[b]` best-ranked candidates of each row."""
+    return (confidence > float("-inf")) & (ranks < n[:, None])
 
 
 def select_fixed(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Commit the `counts[b]` most confident candidates of each row."""
+    return _top(confidence, rank_in_row(confidence), counts)
+
+
+def select_threshold(confidence: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Commit every candidate with confidence >= `threshold[b]`, and always the row's top-1.
+
+    The forced top-1 (the first maximum, i.e. the lower position on a tie) is
+    what guarantees progress when nothing clears the threshold.
+    """
     candidates = confidence > float("-inf")
-    return candidates & (rank_in_row(confidence) < counts[:, None])
+    top1 = torch.zeros_like(candidates).scatter_(-1, confidence.argmax(-1, keepdim=True), True)
+    return candidates & ((confidence >= threshold[:, None]) | top1)
+
+
+def select_factor(confidence: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Commit the largest n sorted candidates with c(k) >= 1 - f / (k + 1) for all k <= n.
+
+    Condition and arithmetic follow the reference (`1 - factor / (n + 1)` in
+    float64, accepted on equality); k = 1 always passes, so n >= 1.
+
+    The reference loop (Fast-dLLM v1 `get_transfer_index_dynamic`) also
+    commits the first failing candidate when it is the row's last one (its
+    `top_i == len - 1` case cannot tell "no candidate failed" from "the last
+    one failed"). We do not replicate that: it commits a token the rule has
+    just rejected, and whether it happens depends only on how many masks are
+    left (with two masks left the second is committed at any confidence),
+    which breaks the rule's guarantee (Fast-dLLM Theorem 1). The cost is that
+    in those steps we commit one token fewer than the reference.
+    """
+    values, ranks = _sort_desc(confidence)
+    n = torch.arange(1, values.shape[-1] + 1, device=values.device, dtype=values.dtype)
+    passes = values >= 1 - factor[:, None].to(values.dtype) / (n + 1)
+    passes[:, 0] = True
+    accepted = torch.cumprod((passes & (values > float("-inf"))).long(), dim=-1).sum(-1)
+    return _top(confidence, ranks, accepted)
+
+
+def select_frechet(confidence: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Commit the n* most confident candidates, n* = max{n : G_n > delta[b]}, at least 1.
+
+    With c(1) >= c(2) >= ... the sorted candidate confidences,
+    G_n = (sum_{j<=n} c(j) - (n - 1)) - (1 - c(n)): the Fréchet lower bound on
+    all n being right minus the upper bound on any competitor (spec §4). As in
+    the Fast-dLLM++ reference the max(0, .) of the lower bound is left out and
+    n* is the number of n with G_n > delta, which is the largest such n
+    because G_n never increases with n.
+    """
+    values, ranks = _sort_desc(confidence)
+    valid = values > float("-inf")
+    col = torch.arange(values.shape[-1], device=values.device, dtype=values.dtype)
+    prefix = torch.cumsum(torch.where(valid, values, torch.zeros_like(values)), dim=-1)
+    gap = (prefix - col) - (1 - values)
+    gap = torch.where(valid, gap, torch.full_like(gap, float("-inf")))
+    gap[:, 0] = float("inf")
+    accepted = (gap > delta[:, None].to(gap.dtype)).sum(-1).clamp(min=1)
+    return _top(confidence, ranks, accepted)
+
+
+@dataclass(frozen=True)
+class PolicyBatch:
+    """Which rule each row of a batch uses, with that rule's parameter.
+
+    All tensors are [B]; a row's entries for rules it does not use are
+    ignored. `used` is kept on the host so `select` can skip unused rules
+    without reading `policy` back from the device.
+    """
+
+    policy: torch.Tensor  # long, index into POLICIES
+    counts: torch.Tensor  # long, tokens the fixed schedule wants this step
+    threshold: torch.Tensor  # float64
+    factor: torch.Tensor  # float64
+    frechet_delta: torch.Tensor  # float64
+    used: frozenset[str]
+
+    @classmethod
+    def build(
+        cls,
+        policies: Sequence[str],
+        counts: torch.Tensor,
+        threshold: Sequence[float],
+        factor: Sequence[float],
+        frechet_delta: Sequence[float],
+    ) -> "PolicyBatch":
+        """Assemble the batch from each request's resolved settings (names must be in POLICIES)."""
+        unknown = set(policies) - set(POLICIES)
+        if unknown:
+            raise ValueError(f"unknown policy {sorted(unknown)[0]!r}; known: {', '.join(POLICIES)}")
+        device = counts.device
+
+        def floats(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float64, device=device)
+
+        return cls(
+            policy=torch.tensor([POLICIES.index(p) for p in policies], dtype=torch.long, device=device),
+            counts=counts,
+            threshold=floats(threshold),
+            factor=floats(factor),
+            frechet_delta=floats(frechet_delta),
+            used=frozenset(policies),
+        )
+
+
+def select(confidence: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
+    """Apply to each row the rule it asked for.
+
+    Each rule in use runs on the whole batch and its rows are kept with
+    torch.where: a handful of batched calls instead of one per request.
+    """
+    rules = {
+        "fixed": lambda: select_fixed(confidence, batch.counts),
+        "threshold": lambda: select_threshold(confidence, batch.threshold),
+        "factor": lambda: select_factor(confidence, batch.factor),
+        "frechet": lambda: select_frechet(confidence, batch.frechet_delta),
+    }
+    commit = torch.zeros_like(confidence, dtype=torch.bool)
+    for name in sorted(batch.used):
+        rows = (batch.policy == POLICIES.index(name))[:, None]
+        commit = torch.where(rows, rules[name](), commit)
+    return commit

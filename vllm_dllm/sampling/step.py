@@ -14,7 +14,9 @@ def denoise_step(states: list[DenoiseState], positions: list[torch.Tensor], logi
     `positions[b]` are the canvas positions of request b whose predictions are
     in `logits`, rows concatenated in request order ([sum(len(p)), V]).
     """
-    logits = logits.float()
+    # A committed mask would stay masked: the mask id is never a prediction.
+    logits = logits.float().index_fill(-1, torch.tensor([states[0].mask_id], device=logits.device),
+                                       float("-inf"))
     x0 = logits.argmax(-1)
     log_norm = torch.logsumexp(logits.double(), -1)
     rows_of = torch.split(torch.arange(logits.shape[0], device=logits.device),

@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Keep each engine's KV cache small so several fit beside each other.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from tests.models.tiny_llada import write_random_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random LLaDA in the original checkpoint format."""
+    return write_random_model(tmp_path_factory.mktemp("llada-tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model):
+    from tests.reference.modeling import ReferenceLLaDA
+
+    return ReferenceLLaDA.from_pretrained(tiny_model)
