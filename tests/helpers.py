@@ -29,3 +29,51 @@ def reference_tokens(reference, model_dir: Path, prompt: list[int], *, stop_at_e
             if t in (ids["eos"], ids["eot"]):
                 return tokens[: i + 1]
     return tokens
+
+
+class ScheduleRecorder:
+    """Wraps an in-process engine's scheduler and records every iteration it plans."""
+
+    def __init__(self, llm):
+        core = llm.llm_engine.engine_core.engine_core
+        self.scheduler = core.scheduler
+        self.steps: list[dict] = []
+        original = self.scheduler.schedule
+
+        def schedule(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.steps.append({
+                "scheduled": {
+                    self._external(rid): self.scheduler.requests[rid].num_output_tokens
+                    for rid in out.num_scheduled_tokens},
+                "preempted": {self._external(rid) for rid in out.preempted_req_ids or ()},
+            })
+            return out
+
+        self.scheduler.schedule = schedule
+
+    @staticmethod
+    def _external(request_id: str) -> str:
+        # vLLM appends "-<8 random chars>" to the id a caller gives.
+        return request_id.rsplit("-", 1)[0]
+
+    def iterations(self, request_id: str) -> int:
+        return sum(request_id in s["scheduled"] for s in self.steps)
+
+
+def run_to_completion(llm, arrivals: dict[int, list[tuple]], max_steps: int = 2000) -> dict:
+    """Step the engine by hand; `arrivals[i]` are (request_id, prompt, params[, priority])
+    added before step i. Returns the final token ids per request."""
+    engine = llm.llm_engine
+    done: dict[str, list[int]] = {}
+    for step in range(max_steps):
+        for arrival in arrivals.get(step, []):
+            request_id, prompt, params, *priority = arrival
+            engine.add_request(request_id, {"prompt_token_ids": prompt}, params,
+                               priority=priority[0] if priority else 0)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        if not engine.has_unfinished_requests() and step >= max(arrivals):
+            return done
+    raise AssertionError("engine did not finish")
