@@ -1,10 +1,18 @@
+import os
+import sys
+import sysconfig
+
 from setuptools import find_packages, setup
+
+# The .pth file goes into site-packages itself (see vllm_dllm/_dist_alias.py).
+SITE_PACKAGES = os.path.relpath(sysconfig.get_paths()["purelib"], sys.prefix)
 
 setup(
     name="vllm-dllm",
     version="0.1.0",
-    description="Diffusion language models (LLaDA, Dream) served by vLLM",
+    description="Diffusion language models (LLaDA) served by vLLM",
     packages=find_packages(include=["vllm_dllm", "vllm_dllm.*"]),
+    data_files=[(SITE_PACKAGES, ["vllm_dllm_dist_alias.pth"])],
     python_requires=">=3.11",
     install_requires=["safetensors", "tokenizers"],
     extras_require={

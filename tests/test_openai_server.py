@@ -1,0 +1,112 @@
+"""`vllm serve <tiny LLaDA folder>` with no plugin flag, driven by the openai client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+DEFAULTS = '{"dllm": {"gen_length": 64, "block_length": 16}}'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_model),
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
+         "--additional-config", DEFAULTS],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, open(log.name).read()[-3000:]
+        try:
+            if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("server did not start:\n" + open(log.name).read()[-3000:])
+    yield base
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="none")
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+XARGS = {"gen_length": 32, "block_length": 8, "steps": 16}
+
+
+def test_completion_stream_joins_to_full_text(client, model_name):
+    kwargs = dict(model=model_name, prompt="Once upon a time", max_tokens=32, temperature=0,
+                  extra_body={"vllm_xargs": XARGS, "ignore_eos": True})
+    full = client.completions.create(**kwargs)
+    pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs)]
+    assert full.usage.completion_tokens == 32
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == full.choices[0].text
+
+
+def test_chat_stream_joins_to_full_text(client, model_name):
+    kwargs = dict(model=model_name, messages=[{"role": "user", "content": "What is 2+2?"}],
+                  max_tokens=32, temperature=0, extra_body={"vllm_xargs": XARGS})
+    full = client.chat.completions.create(**kwargs)
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    assert full.choices[0].finish_reason in ("stop", "length")
+    assert "".join(pieces) == full.choices[0].message.content
+
+
+def test_server_defaults_apply(client, model_name):
+    out = client.completions.create(model=model_name, prompt="abc", max_tokens=200,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 64
+
+
+@pytest.mark.parametrize("xargs, parameter", [
+    ({"gen_length": 30, "block_length": 8}, "gen_length"),
+    ({"gen_length": 32, "block_length": 8, "steps": 6}, "steps"),
+    ({"remasking": "lowest"}, "remasking"),
+    ({"gen_length": 0}, "gen_length"),
+    ({"block_length": -8}, "block_length"),
+    ({"steps": 0}, "steps"),
+    ({"gen_length": 512, "block_length": 32}, "gen_length"),
+    ({"gen_lenght": 32}, "gen_lenght"),
+])
+def test_bad_parameters_get_400(server, model_name, xargs, parameter):
+    r = requests.post(f"{server}/v1/completions", json={
+        "model": model_name, "prompt": "hello", "max_tokens": 8, "vllm_xargs": xargs})
+    assert r.status_code == 400, r.text
+    assert parameter in r.json()["error"]["message"]
+    ok = requests.post(f"{server}/v1/completions", json={
+        "model": model_name, "prompt": "hello", "max_tokens": 8, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+
+
+def test_unsupported_sampling_option_gets_400(server, model_name):
+    r = requests.post(f"{server}/v1/completions", json={
+        "model": model_name, "prompt": "hello", "max_tokens": 8, "top_p": 0.5})
+    assert r.status_code == 400
+    assert "top_p" in r.json()["error"]["message"]
