@@ -1,0 +1,49 @@
+import pytest
+
+from vllm_dllm.params import DEFAULTS, ParamError, resolve, server_defaults
+
+
+def _resolve(extra=None, defaults=None, max_tokens=None, prompt_len=10, max_model_len=512):
+    return resolve(extra, defaults or server_defaults(None), max_tokens=max_tokens,
+                   prompt_len=prompt_len, max_model_len=max_model_len)
+
+
+def test_defaults_one_step_per_token():
+    p = _resolve()
+    assert (p.gen_length, p.block_length, p.steps, p.remasking) == (
+        DEFAULTS["gen_length"], DEFAULTS["block_length"], DEFAULTS["gen_length"],
+        "low_confidence")
+
+
+def test_max_tokens_shrinks_canvas_to_whole_blocks():
+    assert _resolve(max_tokens=40).gen_length == 64
+    assert _resolve(max_tokens=5).gen_length == 32
+    assert _resolve(max_tokens=1000).gen_length == 128
+    assert _resolve({"gen_length": 256}, max_tokens=8).gen_length == 256
+
+
+def test_server_defaults_override():
+    d = server_defaults({"gen_length": 64, "steps": 16})
+    p = _resolve(defaults=d)
+    assert (p.gen_length, p.steps) == (64, 16)
+    with pytest.raises(ParamError) as e:
+        server_defaults({"gen_len": 1})
+    assert e.value.parameter == "gen_len"
+
+
+@pytest.mark.parametrize("extra, parameter", [
+    ({"gen_length": 30, "block_length": 8}, "gen_length"),
+    ({"gen_length": 32, "block_length": 8, "steps": 6}, "steps"),
+    ({"remasking": "lowest"}, "remasking"),
+    ({"gen_length": 0}, "gen_length"),
+    ({"gen_length": True}, "gen_length"),
+    ({"block_length": -4}, "block_length"),
+    ({"steps": 2.5}, "steps"),
+    ({"gen_length": 512}, "gen_length"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_values_name_the_parameter(extra, parameter):
+    with pytest.raises(ParamError) as e:
+        _resolve(extra)
+    assert e.value.parameter == parameter
+    assert parameter in str(e.value)
