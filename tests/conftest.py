@@ -23,3 +23,13 @@ def reference(tiny_model):
     from tests.reference.modeling import ReferenceLLaDA
 
     return ReferenceLLaDA.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_model):
+    """One multiprocess vLLM engine on the tiny model, shared by the token-exact tests."""
+    from vllm import LLM
+
+    engine = LLM(model=str(tiny_model), max_model_len=512, max_num_seqs=64)
+    yield engine
+    del engine

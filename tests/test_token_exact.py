@@ -23,21 +23,13 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    from vllm import LLM
-
-    engine = LLM(model=str(tiny_model), max_model_len=512, max_num_seqs=64)
-    yield engine
-    del engine
-
-
 def sampling_params(case: dict):
     from vllm import SamplingParams
 
     return SamplingParams(
         temperature=case["temperature"], seed=case["seed"], max_tokens=case["gen_length"],
-        extra_args={k: case[k] for k in ("gen_length", "block_length", "steps", "remasking")})
+        extra_args={k: case[k] for k in ("gen_length", "block_length", "steps", "remasking",
+                                         "cache") if k in case})
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("none", "prefix", "dual")
 
 # LLaDA's reference defaults (spec §1.3) except block_length, where the
 # README examples' 32 is what semi-autoregressive serving wants. `steps=None`
@@ -20,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "block_length": 32,
     "steps": None,
     "remasking": "low_confidence",
+    "cache": "none",
 }
 
 
@@ -37,6 +39,7 @@ class DllmParams:
     block_length: int
     steps: int
     remasking: str
+    cache: str = "none"
 
     @property
     def num_blocks(self) -> int:
@@ -113,7 +116,10 @@ def resolve(
     if remasking not in REMASKING:
         raise ParamError("remasking", f"remasking must be one of {', '.join(REMASKING)}, "
                          f"got {remasking!r}")
+    cache = merged["cache"]
+    if cache not in CACHE_MODES:
+        raise ParamError("cache", f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if prompt_len + gen_length > max_model_len:
         raise ParamError("gen_length", f"prompt ({prompt_len} tokens) + gen_length "
                          f"({gen_length}) exceeds max_model_len ({max_model_len})")
-    return DllmParams(gen_length, block_length, steps, remasking)
+    return DllmParams(gen_length, block_length, steps, remasking, cache)

@@ -28,8 +28,16 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     logits_offset: int = 0,
+    cache: str = "none",
 ) -> dict:
-    """Decode one request; returns the canvas and the number of forward passes."""
+    """Decode one request; returns the canvas and the number of forward passes.
+
+    `cache` is Fast-dLLM's approximate KV cache (spec §3.1): `prefix` and `dual`
+    run one full forward at each block start (which also decodes) and keep its
+    K/V; later steps of the block recompute block + suffix (`prefix`) or the block
+    only (`dual`) against those cached K/V.
+    """
+    assert cache in ("none", "prefix", "dual")
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0
@@ -47,7 +55,16 @@ def generate(
         block = slice(start, start + block_length)
         schedule = num_transfer_tokens(int((x[block] == mask_id).sum()), steps_per_block)
         for i in range(steps_per_block):
-            logits = model(x).float()
+            if cache == "none":
+                logits = model(x).float()
+            elif i == 0:
+                logits, kv = model.forward_partial(x, torch.arange(len(x)))
+            else:
+                stop = len(x) if cache == "prefix" else start + block_length
+                window, _ = model.forward_partial(x, torch.arange(start, stop), kv)
+                logits = torch.zeros(len(x), window.shape[-1])
+                logits[start:stop] = window
+            logits = logits.float()
             forwards += 1
             rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
             # Never predict the mask itself (the untrained models here can).

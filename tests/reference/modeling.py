@@ -104,3 +104,46 @@ class ReferenceLLaDA(torch.nn.Module):
             x = x + (F.silu(gate) * up) @ self.w(p + "ff_out.weight").T
         x = _rms_norm(x, self.w("ln_f.weight"), self.eps)
         return x @ self.w("ff_out.weight").T
+
+    def forward_partial(self, tokens: torch.Tensor, query: torch.Tensor,
+                        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                        ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Recompute only the positions `query` of one sequence [L].
+
+        Every other position's keys and values come from `past` (per layer, post-RoPE,
+        [n_kv_heads, L, head_dim]), as Fast-dLLM's approximate caches do; the queried rows
+        attend bidirectionally to the whole sequence. Without `past`, `query` must cover
+        every position. Returns the logits of the queried rows and the layer K/V with the
+        queried rows fresh.
+        """
+        length = tokens.shape[-1]
+        assert past is not None or len(query) == length
+        x = F.embedding(tokens[query], self.w("wte.weight"))
+        present = []
+        for i in range(self.n_layers):
+            p = f"blocks.{i}."
+            h = _rms_norm(x, self.w(p + "attn_norm.weight"), self.eps)
+
+            def heads(name: str, n: int) -> torch.Tensor:
+                return (h @ self.w(p + name).T).view(len(query), n, self.head_dim).transpose(0, 1)
+
+            q = _rope(heads("q_proj.weight", self.n_heads), query, self.theta)
+            k_new = _rope(heads("k_proj.weight", self.n_kv_heads), query, self.theta)
+            v_new = heads("v_proj.weight", self.n_kv_heads)
+            if past is None:
+                k, v = k_new, v_new
+            else:
+                k, v = past[i][0].clone(), past[i][1].clone()
+                k[:, query], v[:, query] = k_new, v_new
+            present.append((k, v))
+            if self.n_kv_heads != self.n_heads:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+            x = x + a.transpose(0, 1).reshape(len(query), -1) @ self.w(p + "attn_out.weight").T
+            h = _rms_norm(x, self.w(p + "ff_norm.weight"), self.eps)
+            gate = h @ self.w(p + "ff_proj.weight").T
+            up = h @ self.w(p + "up_proj.weight").T
+            x = x + (F.silu(gate) * up) @ self.w(p + "ff_out.weight").T
+        x = _rms_norm(x, self.w("ln_f.weight"), self.eps)
+        return x @ self.w("ff_out.weight").T, present

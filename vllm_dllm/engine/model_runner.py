@@ -19,6 +19,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata
 from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling.recompute import recompute_range
 from vllm_dllm.sampling.state import DenoiseState
 from vllm_dllm.sampling.step import denoise_step
 
@@ -33,6 +34,8 @@ class DllmRequest:
     prompt: torch.Tensor
     state: DenoiseState
     block_ids: list[int]
+    # The pages hold none of this request's K/V (new or resumed request).
+    needs_refresh: bool = True
 
 
 class DllmModelRunner(PlatformModelRunner):
@@ -60,6 +63,7 @@ class DllmModelRunner(PlatformModelRunner):
             if block_ids is not None:
                 # A resumed request gets fresh pages; its canvas survived preemption.
                 self.dllm_requests[req_id].block_ids = block_ids[0]
+                self.dllm_requests[req_id].needs_refresh = True
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None
@@ -76,17 +80,18 @@ class DllmModelRunner(PlatformModelRunner):
         offset = self.model.dllm_logits_offset
         for req in requests:
             sequence = torch.cat([req.prompt, req.state.canvas])
-            length = len(sequence)
-            pos = torch.arange(length)
+            lo, hi = recompute_range(req.state, req.needs_refresh)
+            req.needs_refresh = False
+            pos = torch.arange(lo, hi)
             pages = torch.tensor(req.block_ids, dtype=torch.long)
-            tokens.append(sequence)
+            tokens.append(sequence[lo:hi])
             positions.append(pos)
             slots.append(pages[pos // block_size] * block_size + pos % block_size)
             masked = req.state.masked_in_block()
             canvas_positions.append(masked)
-            logit_rows.append(query_start[-1] + req.state.prompt_len + masked - offset)
-            query_start.append(query_start[-1] + length)
-            seq_lens.append(length)
+            logit_rows.append(query_start[-1] + req.state.prompt_len + masked - offset - lo)
+            query_start.append(query_start[-1] + hi - lo)
+            seq_lens.append(len(sequence))
 
         max_pages = max(len(r.block_ids) for r in requests)
         block_table = torch.zeros((len(requests), max_pages), dtype=torch.long)

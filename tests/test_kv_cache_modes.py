@@ -1,0 +1,45 @@
+"""Fast-dLLM prefix and dual caches in vLLM's pages equal the reference caches."""
+
+import itertools
+
+import pytest
+
+from tests.helpers import random_prompt, reference_tokens
+from tests.test_token_exact import sampling_params
+
+SHAPES = [(32, 8, 32), (64, 16, 32), (64, 32, 64), (32, 32, 8)]
+CASES = [
+    dict(prompt=random_prompt(200 + i, [3, 17, 41, 80][i % 4]), gen_length=g, block_length=b,
+         steps=s, remasking="low_confidence", temperature=t, seed=i, cache=cache)
+    for i, ((g, b, s), cache, t) in enumerate(
+        itertools.product(SHAPES, ["prefix", "dual"], [0.0, 0.6]))
+] + [dict(prompt=random_prompt(300, 9), gen_length=32, block_length=8, steps=16,
+          remasking="low_confidence", temperature=0.0, seed=None, cache="none")]
+
+
+@pytest.fixture(scope="module")
+def expected(reference, tiny_model):
+    return [reference_tokens(reference, tiny_model, c["prompt"],
+                             **{k: v for k, v in c.items() if k != "prompt"}) for c in CASES]
+
+
+def test_cache_modes_change_the_computation(reference, tiny_model):
+    """Sanity: on a random model the approximate caches do not decode like `none`."""
+    case = {k: v for k, v in CASES[0].items() if k not in ("prompt", "cache")}
+    outs = {mode: reference_tokens(reference, tiny_model, CASES[0]["prompt"], stop_at_end=False,
+                                   cache=mode, **case) for mode in ("none", "prefix", "dual")}
+    assert outs["none"] != outs["prefix"] != outs["dual"]
+
+
+def test_batched(llm, expected):
+    outputs = llm.generate([{"prompt_token_ids": c["prompt"]} for c in CASES],
+                           [sampling_params(c) for c in CASES], use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    assert [i for i in range(len(CASES)) if got[i] != expected[i]] == []
+
+
+def test_alone(llm, expected):
+    for case, want in zip(CASES, expected):
+        (out,) = llm.generate([{"prompt_token_ids": case["prompt"]}], sampling_params(case),
+                              use_tqdm=False)
+        assert list(out.outputs[0].token_ids) == want, case
