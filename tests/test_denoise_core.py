@@ -10,7 +10,7 @@ from tests.reference.generate import generate
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.schedule import transfer_counts
 from vllm_dllm.sampling.state import DenoiseState
-from vllm_dllm.sampling.step import denoise_step
+from vllm_dllm.sampling.step import Denoiser, SpecialTokens
 
 
 def test_transfer_counts_front_load_remainder():
@@ -21,15 +21,17 @@ def test_transfer_counts_front_load_remainder():
 
 def decode_batch(model, mask_id, prompts, params, temperature, seeds):
     states = [DenoiseState(len(p), params, mask_id, temperature, s) for p, s in zip(prompts, seeds)]
+    denoiser = Denoiser(SpecialTokens(mask_id, eos=-1, eot=None))
     while not all(s.finished for s in states):
-        active = [(s, p) for s, p in zip(states, prompts) if not s.finished]
+        active = [(str(i), s, p) for i, (s, p) in enumerate(zip(states, prompts)) if not s.finished]
         positions, rows = [], []
-        for state, prompt in active:
+        for _, state, prompt in active:
             logits = model(torch.cat([torch.tensor(prompt), state.canvas]))
             masked = state.masked_in_block()
             positions.append(masked)
             rows.append(logits[len(prompt) + masked])
-        denoise_step([s for s, _ in active], positions, torch.cat(rows))
+        denoiser.step([k for k, _, _ in active], [s for _, s, _ in active], positions,
+                      torch.cat(rows))
     return [s.canvas.tolist() for s in states]
 
 

@@ -8,21 +8,13 @@ written back into `extra_args` so every later stage reads complete parameters.
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
+
+from vllm_dllm.sampling import policies
+from vllm_dllm.sampling import r2 as r2_rules
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
-
-# LLaDA's reference defaults (spec §1.3) except block_length, where the
-# README examples' 32 is what semi-autoregressive serving wants. `steps=None`
-# means one step per generated token, LLaDA's best-quality setting.
-DEFAULTS: dict[str, Any] = {
-    "gen_length": 128,
-    "block_length": 32,
-    "steps": None,
-    "remasking": "low_confidence",
-    "cache": "none",
-}
 
 
 class ParamError(ValueError):
@@ -33,13 +25,99 @@ class ParamError(ValueError):
         self.parameter = parameter
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ParamError(name, f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ParamError(name, f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _probability(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ParamError(name, f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ParamError(name, f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    # The OpenAI server's vllm_xargs turns JSON booleans into 0/1.
+    if value not in (True, False, 0, 1):
+        raise ParamError(name, f"{name} must be a boolean, got {value!r}")
+    return bool(value)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in options:
+            raise ParamError(name, f"{name} must be one of {', '.join(options)}, got {value!r}")
+        return value
+    return check
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+# name -> (default, check). gen_length, block_length and steps are checked
+# together in `resolve`. LLaDA's reference defaults (spec §1.3) except
+# block_length, where the README examples' 32 is what semi-autoregressive
+# serving wants; `steps=None` means one step per generated token, LLaDA's
+# best-quality setting.
+_SPEC: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
+    "gen_length": (128, _positive_int),
+    "block_length": (32, _positive_int),
+    "steps": (None, _optional(_positive_int)),
+    "remasking": ("low_confidence", _choice(REMASKING)),
+    "cache": ("none", _choice(CACHE_MODES)),
+    "policy": (policies.DEFAULT_POLICY, _choice(policies.POLICIES)),
+    "threshold": (policies.DEFAULT_THRESHOLD, _probability),
+    "factor": (policies.DEFAULT_FACTOR, _positive_float),
+    "frechet_delta": (policies.DEFAULT_FRECHET_DELTA, _positive_float),
+    "r2": (False, _flag),
+    "r2_window": (r2_rules.DEFAULT_WINDOW, _non_negative_int),
+    "r2_spatial_threshold": (r2_rules.DEFAULT_SPATIAL_THRESHOLD, _probability),
+    "r2_unmasked_limit": (r2_rules.DEFAULT_UNMASKED_LIMIT, _non_negative_int),
+    "r2_token_cluster": (r2_rules.DEFAULT_TOKEN_CLUSTER, _choice(r2_rules.TOKEN_CLUSTER_MODES + ("none",))),
+    "r2_temporal_steps": (r2_rules.DEFAULT_TEMPORAL_STEPS, _non_negative_int),
+    "r2_temporal_threshold": (r2_rules.DEFAULT_TEMPORAL_THRESHOLD, _probability),
+    "r2_temporal_aggregation": (r2_rules.DEFAULT_AGGREGATION, _choice(r2_rules.AGGREGATIONS)),
+    "logits_eos_inf": (False, _flag),
+    "confidence_eos_eot_inf": (False, _flag),
+}
+DEFAULTS: dict[str, Any] = {name: default for name, (default, _) in _SPEC.items()}
+
+
 @dataclass(frozen=True)
 class DllmParams:
     gen_length: int
     block_length: int
     steps: int
-    remasking: str
+    remasking: str = "low_confidence"
     cache: str = "none"
+    policy: str = policies.DEFAULT_POLICY
+    threshold: float = policies.DEFAULT_THRESHOLD
+    factor: float = policies.DEFAULT_FACTOR
+    frechet_delta: float = policies.DEFAULT_FRECHET_DELTA
+    r2: bool = False
+    r2_window: int = r2_rules.DEFAULT_WINDOW
+    r2_spatial_threshold: float = r2_rules.DEFAULT_SPATIAL_THRESHOLD
+    r2_unmasked_limit: int = r2_rules.DEFAULT_UNMASKED_LIMIT
+    r2_token_cluster: str = r2_rules.DEFAULT_TOKEN_CLUSTER
+    r2_temporal_steps: int = r2_rules.DEFAULT_TEMPORAL_STEPS
+    r2_temporal_threshold: float = r2_rules.DEFAULT_TEMPORAL_THRESHOLD
+    r2_temporal_aggregation: str = r2_rules.DEFAULT_AGGREGATION
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -49,18 +127,26 @@ class DllmParams:
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
+    @property
+    def r2_settings(self) -> r2_rules.R2Settings | None:
+        if not self.r2:
+            return None
+        return r2_rules.R2Settings(
+            window=self.r2_window or None,
+            spatial_threshold=self.r2_spatial_threshold,
+            unmasked_limit=self.r2_unmasked_limit,
+            token_cluster=None if self.r2_token_cluster == "none" else self.r2_token_cluster,
+            temporal_steps=self.r2_temporal_steps or None,
+            temporal_threshold=self.r2_temporal_threshold,
+            aggregation=self.r2_temporal_aggregation,
+        )
+
     @classmethod
     def from_resolved(cls, extra_args: dict[str, Any]) -> "DllmParams":
         return cls(**{name: extra_args[name] for name in DEFAULTS})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ParamError(name, f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _check_known(source: str, values: dict[str, Any]) -> None:
@@ -93,33 +179,23 @@ def resolve(
     given = dict(extra_args or {})
     _check_known("request", given)
     merged = {**defaults, **given}
+    values = {name: check(name, merged[name]) for name, (_, check) in _SPEC.items()}
 
-    block_length = _positive_int("block_length", merged["block_length"])
-    if "gen_length" in given:
-        gen_length = _positive_int("gen_length", given["gen_length"])
-    else:
-        gen_length = _positive_int("gen_length", merged["gen_length"])
-        if max_tokens is not None:
-            wanted = math.ceil(max_tokens / block_length) * block_length
-            gen_length = min(gen_length, max(wanted, block_length))
+    block_length = values["block_length"]
+    gen_length = values["gen_length"]
+    if "gen_length" not in given and max_tokens is not None:
+        wanted = math.ceil(max_tokens / block_length) * block_length
+        gen_length = min(gen_length, max(wanted, block_length))
     if gen_length % block_length:
         raise ParamError("gen_length", f"gen_length ({gen_length}) must be a multiple "
                          f"of block_length ({block_length})")
-    steps = merged["steps"] if merged["steps"] is not None else gen_length
-    steps = _positive_int("steps", steps)
+    steps = values["steps"] if values["steps"] is not None else gen_length
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ParamError("steps", f"steps ({steps}) must split evenly over the "
                          f"{num_blocks} blocks of gen_length {gen_length} / "
                          f"block_length {block_length}")
-    remasking = merged["remasking"]
-    if remasking not in REMASKING:
-        raise ParamError("remasking", f"remasking must be one of {', '.join(REMASKING)}, "
-                         f"got {remasking!r}")
-    cache = merged["cache"]
-    if cache not in CACHE_MODES:
-        raise ParamError("cache", f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if prompt_len + gen_length > max_model_len:
         raise ParamError("gen_length", f"prompt ({prompt_len} tokens) + gen_length "
                          f"({gen_length}) exceeds max_model_len ({max_model_len})")
-    return DllmParams(gen_length, block_length, steps, remasking, cache)
+    return DllmParams(**{**values, "gen_length": gen_length, "steps": steps})

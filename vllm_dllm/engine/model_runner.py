@@ -21,7 +21,7 @@ from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.recompute import recompute_range
 from vllm_dllm.sampling.state import DenoiseState
-from vllm_dllm.sampling.step import denoise_step
+from vllm_dllm.sampling.step import Denoiser, SpecialTokens
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner as PlatformModelRunner
@@ -42,11 +42,16 @@ class DllmModelRunner(PlatformModelRunner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.dllm_requests: dict[str, DllmRequest] = {}
-        self.mask_token_id = self.model_config.hf_config.mask_token_id
+        hf_config = self.model_config.hf_config
+        self.mask_token_id = hf_config.mask_token_id
+        self.denoiser = Denoiser(SpecialTokens(
+            mask=hf_config.mask_token_id, eos=hf_config.eos_token_id,
+            eot=getattr(hf_config, "eot_token_id", None)))
 
     def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.dllm_requests.pop(req_id, None)
+            self.denoiser.forget(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
             state = DenoiseState(
@@ -113,7 +118,7 @@ class DllmModelRunner(PlatformModelRunner):
             hidden = self.model(input_ids=torch.cat(tokens).to(device),
                                 positions=torch.cat(positions).to(device))
         logits = self.model.compute_logits(hidden[torch.cat(logit_rows).to(device)])
-        denoise_step([r.state for r in requests], canvas_positions, logits)
+        self.denoiser.step(req_ids, [r.state for r in requests], canvas_positions, logits)
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},

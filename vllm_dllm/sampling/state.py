@@ -60,8 +60,10 @@ class DenoiseState:
         self.step_in_block += 1
         block_clean = not bool((self.canvas[self.block_start : self.block_end] == self.mask_id).any())
         # The fixed schedule runs all its steps even when the last ones commit
-        # nothing (steps > block_length), as the reference does.
-        if block_clean and self.step_in_block >= self.params.steps_per_block:
+        # nothing (steps > block_length), as the reference does; the other
+        # policies move on as soon as the block is clean.
+        min_steps = self.params.steps_per_block if self.params.policy == "fixed" else 1
+        if block_clean and self.step_in_block >= min_steps:
             self.block += 1
             self.step_in_block = 0
             if not self.finished:

@@ -1,53 +1,130 @@
 """One denoising iteration for a whole batch of requests."""
 
+from dataclasses import dataclass
+
 import torch
 
+from vllm_dllm.sampling.eos import eos_eot_confidence
 from vllm_dllm.sampling.noise import block_uniforms, gumbel_argmax, random_scores
-from vllm_dllm.sampling.policies import select_fixed
+from vllm_dllm.sampling.policies import PolicyBatch, select
+from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
 from vllm_dllm.sampling.schedule import transfer_counts
 from vllm_dllm.sampling.state import DenoiseState
 
 
-def denoise_step(states: list[DenoiseState], positions: list[torch.Tensor], logits: torch.Tensor) -> None:
-    """Choose tokens for the masked positions of each request's block and commit some.
+@dataclass(frozen=True)
+class SpecialTokens:
+    mask: int
+    eos: int
+    eot: int | None
 
-    `positions[b]` are the canvas positions of request b whose predictions are
-    in `logits`, rows concatenated in request order ([sum(len(p)), V]).
+
+class Denoiser:
+    """Turns each iteration's logits into commits, for whichever requests are in the batch.
+
+    It keeps R²'s per-position streaks between iterations, keyed by request id,
+    so requests may join, leave or sit out an iteration.
     """
-    # A committed mask would stay masked: the mask id is never a prediction.
-    logits = logits.float().index_fill(-1, torch.tensor([states[0].mask_id], device=logits.device),
-                                       float("-inf"))
-    x0 = logits.argmax(-1)
-    log_norm = torch.logsumexp(logits.double(), -1)
-    rows_of = torch.split(torch.arange(logits.shape[0], device=logits.device),
-                          [len(p) for p in positions])
-    confidence_rows = []
-    for state, pos, rows in zip(states, positions, rows_of):
-        rel = pos - state.block_start
-        if state.temperature > 0:
-            u = block_uniforms(state.generator, state.params.block_length, logits.shape[-1])
-            x0[rows] = gumbel_argmax(logits[rows], u[rel].to(logits.device), state.temperature)
-        if state.params.remasking == "random":
-            scores = random_scores(state.generator, state.params.block_length)
-            confidence_rows.append(scores[rel].to(logits.device))
-        else:
-            chosen = logits[rows].gather(-1, x0[rows, None]).squeeze(-1).double()
-            confidence_rows.append((chosen - log_norm[rows]).exp())
 
-    width = max(s.params.block_length for s in states)
-    batch = torch.arange(len(states)).repeat_interleave(torch.tensor([len(p) for p in positions]))
-    cols = torch.cat([p - s.block_start for s, p in zip(states, positions)])
-    confidence = torch.full((len(states), width), float("-inf"), dtype=torch.float64)
-    confidence[batch, cols] = torch.cat(confidence_rows).cpu()
-    tokens = torch.zeros((len(states), width), dtype=torch.long)
-    tokens[batch, cols] = x0.cpu()
+    def __init__(self, special: SpecialTokens):
+        self.special = special
+        self.streaks = StreakState(0, 0)
+        self.streak_keys: list[str] = []
 
-    counts = transfer_counts(
-        torch.tensor([s.block_start_masked for s in states]),
-        torch.tensor([s.params.steps_per_block for s in states]),
-        torch.tensor([s.step_in_block for s in states]),
-    )
-    commit = select_fixed(confidence, counts)
-    for b, state in enumerate(states):
-        cols_b = torch.nonzero(commit[b]).flatten()
-        state.commit(cols_b + state.block_start, tokens[b, cols_b])
+    def forget(self, key: str) -> None:
+        """Drop a finished request's streak row at the next iteration."""
+        if key in self.streak_keys:
+            self.streak_keys[self.streak_keys.index(key)] = ""
+
+    def step(self, keys: list[str], states: list[DenoiseState], positions: list[torch.Tensor],
+             logits: torch.Tensor) -> None:
+        """Choose tokens for the masked positions of each request's block and commit some.
+
+        `positions[b]` are the canvas positions of request `keys[b]` whose
+        predictions are in `logits`, rows concatenated in request order
+        ([sum(len(p)), V]).
+        """
+        special = self.special
+        # A committed mask would stay masked: the mask id is never a prediction.
+        logits = logits.float().index_fill(
+            -1, torch.tensor([special.mask], device=logits.device), float("-inf"))
+        row_counts = [len(p) for p in positions]
+        request_of_row = torch.arange(len(states), device=logits.device).repeat_interleave(
+            torch.tensor(row_counts, device=logits.device))
+        no_eos = torch.tensor([s.params.logits_eos_inf for s in states], device=logits.device)
+        if bool(no_eos.any()):
+            logits[no_eos[request_of_row], special.eos] = float("-inf")
+
+        top_ids = logits.argmax(-1)
+        log_norm = torch.logsumexp(logits.double(), -1)
+        top_conf = (logits.gather(-1, top_ids[:, None]).squeeze(-1).double() - log_norm).exp()
+        x0 = top_ids.clone()
+        confidence = top_conf.clone()
+        rows_of = torch.split(torch.arange(logits.shape[0], device=logits.device), row_counts)
+        for state, pos, rows in zip(states, positions, rows_of):
+            rel = pos - state.block_start
+            params = state.params
+            if state.temperature > 0:
+                u = block_uniforms(state.generator, params.block_length, logits.shape[-1])
+                x0[rows] = gumbel_argmax(logits[rows], u[rel].to(logits.device), state.temperature)
+                chosen = logits[rows].gather(-1, x0[rows, None]).squeeze(-1).double()
+                confidence[rows] = (chosen - log_norm[rows]).exp()
+            if params.remasking == "random":
+                confidence[rows] = random_scores(state.generator, params.block_length)[rel].to(
+                    logits.device)
+            elif params.confidence_eos_eot_inf and special.eot is not None:
+                confidence[rows] = eos_eot_confidence(logits[rows], x0[rows], special.eos,
+                                                      special.eot)
+
+        width = max(s.params.block_length for s in states)
+        cols = torch.cat([p - s.block_start for s, p in zip(states, positions)]).to(logits.device)
+
+        def scatter(values: torch.Tensor, fill) -> torch.Tensor:
+            out = torch.full((len(states), width), fill, dtype=values.dtype, device=logits.device)
+            out[request_of_row, cols] = values
+            return out
+
+        conf_matrix = scatter(confidence, float("-inf"))
+        tokens = scatter(x0, 0)
+        counts = transfer_counts(
+            torch.tensor([s.block_start_masked for s in states]),
+            torch.tensor([s.params.steps_per_block for s in states]),
+            torch.tensor([s.step_in_block for s in states]),
+        ).to(logits.device)
+        commit = select(conf_matrix, PolicyBatch.build(
+            [s.params.policy for s in states], counts,
+            [s.params.threshold for s in states], [s.params.factor for s in states],
+            [s.params.frechet_delta for s in states]))
+
+        settings = [s.params.r2_settings for s in states]
+        if any(settings):
+            commit, tokens = self._apply_r2(keys, states, settings, commit, tokens, conf_matrix,
+                                            scatter(top_ids, 0), scatter(top_conf, 0.0), width)
+        commit, tokens = commit.cpu(), tokens.cpu()
+        for b, state in enumerate(states):
+            cols_b = torch.nonzero(commit[b]).flatten()
+            state.commit(cols_b + state.block_start, tokens[b, cols_b])
+
+    def _apply_r2(self, keys, states, settings, commit, tokens, conf_matrix, top_ids, top_conf,
+                  width):
+        device = conf_matrix.device
+        previous = {k: i for i, k in enumerate(self.streak_keys) if k}
+        self.streaks.reorder(torch.tensor([previous.get(k, -1) for k in keys], dtype=torch.long),
+                             width)
+        self.streak_keys = list(keys)
+        uniforms = None
+        random_mode = [s is not None and s.token_cluster == "random" for s in settings]
+        if any(random_mode):
+            # Only requests that use the random mode draw: the others' streams stay
+            # as they would be alone.
+            uniforms = torch.zeros((len(states), width), dtype=torch.float64)
+            for b, (state, drawn) in enumerate(zip(states, random_mode)):
+                if drawn:
+                    uniforms[b, : state.params.block_length] = random_scores(
+                        state.generator, state.params.block_length)
+            uniforms = uniforms.to(device)
+        return apply_r2(
+            R2Batch.build(settings, device), self.streaks, commit, tokens, conf_matrix,
+            top_ids, top_conf,
+            torch.tensor([s.params.block_length for s in states], device=device),
+            torch.tensor([s.block for s in states], device=device), uniforms)
