@@ -1,5 +1,7 @@
 """Engine configuration for dLLM architectures, applied when vLLM builds its config."""
 
+import os
+
 from vllm.config import VllmConfig
 from vllm.config.compilation import CompilationMode, CUDAGraphMode
 from vllm.logger import init_logger
@@ -29,6 +31,9 @@ class DllmConfig(VerifyAndUpdateConfig):
         scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens,
                                                model_config.max_model_len)
         vllm_config.parallel_config.worker_cls = "vllm_dllm.engine.worker.DllmWorker"
+        # The dLLM runner builds on the V1 model runner (the one CPUs use); GPUs
+        # would otherwise pick V2. Set before workers start, which inherit it.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         # Bidirectional attention: a prompt's K/V depend on the canvas after it.
         vllm_config.cache_config.enable_prefix_caching = False
         # Query sets change shape every iteration; graphs would not be reused.
