@@ -26,4 +26,4 @@ serve: setup
 	$(VENV)/bin/vllm serve $(MODEL) --port $(PORT) --max-model-len 1024
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:logging tests

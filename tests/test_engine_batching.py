@@ -8,6 +8,7 @@ from tests.helpers import (
     random_prompt,
     reference_tokens,
     run_to_completion,
+    shutdown,
 )
 
 
@@ -38,7 +39,7 @@ def inproc_engine(model, **kwargs):
 def inproc(tiny_model):
     llm, recorder = inproc_engine(tiny_model, max_model_len=512, max_num_seqs=16)
     yield llm, recorder
-    del llm
+    shutdown(llm)
 
 
 SPECS = {
@@ -120,4 +121,4 @@ def test_preempted_request_resumes_with_same_tokens(tiny_model, reference):
         p = {k: v for k, v in p.items() if k != "ignore_eos"}
         assert done[rid] == reference_tokens(reference, tiny_model, prompt,
                                              stop_at_end=False, **p), rid
-    del llm
+    shutdown(llm)
