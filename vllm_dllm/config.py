@@ -45,5 +45,6 @@ class DllmConfig(VerifyAndUpdateConfig):
 
             if model_config.dtype != torch.float32:
                 logger.warning("dLLM on CPU runs in float32 (bfloat16 kills the spawned "
-                               "worker with SIGILL on some CPUs); was %s", model_config.dtype)
+                               "worker with SIGILL on CPUs without AVX-512 BF16); was %s",
+                               model_config.dtype)
                 model_config.dtype = torch.float32
