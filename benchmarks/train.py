@@ -60,25 +60,30 @@ class Encoder:
 
 
 def init_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """GPT-2 style init: N(0, 0.02), residual output projections shrunk by 1/sqrt(2 layers)."""
+    """The "mitchell" init LLaDA's config names: N(0, 1/fan_in), and each block's output
+    projections further shrunk by 1/sqrt(2 (layer + 1)) so deep residuals start small.
+
+    In short trials it trained faster than a flat N(0, 0.02), whose tiny q/k keep
+    attention near uniform for long.
+    """
     g = torch.Generator().manual_seed(seed)
     d, mlp, vocab = config["d_model"], config["mlp_hidden_size"], config["embedding_size"]
-    std, out_std = 0.02, 0.02 / math.sqrt(2 * config["n_layers"])
 
-    def normal(*shape: int, s: float = std) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * s
+    def normal(rows: int, fan_in: int, shrink: float = 1.0) -> torch.Tensor:
+        return torch.randn(rows, fan_in, generator=g) / math.sqrt(fan_in) / shrink
 
     state = {"model.transformer.wte.weight": normal(vocab, d)}
     for i in range(config["n_layers"]):
         p = f"model.transformer.blocks.{i}."
+        shrink = math.sqrt(2 * (i + 1))
         state[p + "attn_norm.weight"] = torch.ones(d)
         state[p + "ff_norm.weight"] = torch.ones(d)
         for name in ("q_proj", "k_proj", "v_proj"):
             state[p + f"{name}.weight"] = normal(d, d)
-        state[p + "attn_out.weight"] = normal(d, d, s=out_std)
+        state[p + "attn_out.weight"] = normal(d, d, shrink)
         state[p + "ff_proj.weight"] = normal(mlp, d)
         state[p + "up_proj.weight"] = normal(mlp, d)
-        state[p + "ff_out.weight"] = normal(d, mlp, s=out_std)
+        state[p + "ff_out.weight"] = normal(d, mlp, shrink)
     state["model.transformer.ln_f.weight"] = torch.ones(d)
     state["model.transformer.ff_out.weight"] = normal(vocab, d)
     return state
@@ -240,6 +245,8 @@ def main() -> None:
     final_loss = sum(losses[-100:]) / len(losses[-100:])
     print(f"done in {wall_s:.0f}s, final loss {final_loss:.4f}", flush=True)
 
+    if args.eval_prompts == 0:
+        return
     report = format_report(evaluate(args.out, args.eval_prompts))
     print(report, flush=True)
     write_readme(args.out, args, config, n_params, wall_s, final_loss, report)

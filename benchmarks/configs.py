@@ -1,0 +1,112 @@
+"""Decoding configurations the harness compares: each is a name plus the request's
+`SamplingParams.extra_args` (the plugin's per-request dLLM parameters), nothing else.
+
+    from benchmarks.configs import accuracy_configs, parse_config
+    accuracy_configs(gen_length=32, block_length=8)   # the default comparison
+    parse_config('thr0.7+dual={"policy": "threshold", "threshold": 0.7, "cache": "dual"}')
+
+Names used in `--configs` select from the defaults; `--config NAME=JSON` adds more.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    name: str
+    extra_args: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def describe(self) -> str:
+        """The extra_args as a compact `k=v` list (gen_length/block_length/steps first)."""
+        order = ["gen_length", "block_length", "steps"]
+        keys = [k for k in order if k in self.extra_args]
+        keys += sorted(k for k in self.extra_args if k not in order)
+        return " ".join(f"{k}={_fmt(self.extra_args[k])}" for k in keys)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# The accuracy benchmark's canvas: tasks.py answers fit in 24 characters plus <|eot_id|>.
+ACCURACY_GEN_LENGTH = 32
+# Four blocks of 8, so the prefix and dual caches differ (with a single 32-token block
+# both would only cache the prompt).
+ACCURACY_BLOCK_LENGTH = 8
+
+
+def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,
+                     block_length: int = ACCURACY_BLOCK_LENGTH) -> list[DecodeConfig]:
+    """The default comparison. The first one is the baseline the speedups refer to.
+
+    Fixed-schedule configurations leave `policy` out (its default is "fixed"), so
+    they run on a plugin that does not know the newer keys yet.
+    """
+    shape = {"gen_length": gen_length, "block_length": block_length}
+    vanilla = {**shape, "steps": gen_length, "remasking": "low_confidence", "cache": "none"}
+    return [
+        DecodeConfig("vanilla", dict(vanilla),
+                     "LLaDA: fixed schedule, 1 token per step, no cache"),
+        DecodeConfig("prefix", {**vanilla, "cache": "prefix"},
+                     "vanilla schedule + Fast-dLLM prefix cache"),
+        DecodeConfig("dual", {**vanilla, "cache": "dual"},
+                     "vanilla schedule + Fast-dLLM dual cache"),
+        DecodeConfig("threshold", {**vanilla, "policy": "threshold", "threshold": 0.9},
+                     "Fast-dLLM parallel decoding, confidence >= 0.9"),
+        DecodeConfig("threshold+dual",
+                     {**vanilla, "policy": "threshold", "threshold": 0.9, "cache": "dual"},
+                     "Fast-dLLM: threshold 0.9 + dual cache"),
+        DecodeConfig("factor", {**vanilla, "policy": "factor", "factor": 1.0},
+                     "Fast-dLLM factor rule, f = 1.0"),
+        DecodeConfig("frechet", {**vanilla, "policy": "frechet", "frechet_delta": 0.25},
+                     "Fast-dLLM++ Frechet rule, delta = 0.25"),
+        DecodeConfig("threshold+r2", {**vanilla, "policy": "threshold", "threshold": 0.9,
+                                      "r2": True},
+                     "threshold 0.9 + R2-dLLM rules (defaults)"),
+    ]
+
+
+# The cost benchmark: one schedule, three caches.
+COST_GEN_LENGTH = 256
+COST_BLOCK_LENGTH = 32
+COST_CACHES = ("none", "prefix", "dual")
+# Issue 4's acceptance targets: throughput ratio vs cache "none" at gen 256 / block 32.
+COST_TARGETS = {"prefix": 2.0, "dual": 4.0}
+
+
+def cost_configs(gen_length: int = COST_GEN_LENGTH, block_length: int = COST_BLOCK_LENGTH,
+                 steps: int | None = None) -> list[DecodeConfig]:
+    steps = gen_length if steps is None else steps
+    return [DecodeConfig(cache, {"gen_length": gen_length, "block_length": block_length,
+                                 "steps": steps, "remasking": "low_confidence",
+                                 "cache": cache},
+                         f"fixed schedule, cache {cache}")
+            for cache in COST_CACHES]
+
+
+def parse_config(spec: str) -> DecodeConfig:
+    """`NAME=JSON-object` -> DecodeConfig, e.g. `thr0.8={"policy":"threshold","threshold":0.8}`."""
+    name, sep, body = spec.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"expected NAME=JSON, got {spec!r}")
+    extra = json.loads(body)
+    if not isinstance(extra, dict):
+        raise ValueError(f"config {name!r}: extra_args must be a JSON object, got {body!r}")
+    return DecodeConfig(name.strip(), extra, "user-given")
+
+
+def select(configs: list[DecodeConfig], names: str | None) -> list[DecodeConfig]:
+    """Keep the configs named in a comma list (in the list's order); None keeps all."""
+    if not names:
+        return configs
+    by_name = {c.name: c for c in configs}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; defaults: {list(by_name)}")
+    return [by_name[n] for n in wanted]
