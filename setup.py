@@ -20,6 +20,7 @@ setup(
         "cuda": ["vllm==0.32.0"],
         "ray": ["ray"],
         "test": ["pytest", "pytest-timeout", "openai", "requests"],
+        "bench": ["matplotlib"],
     },
     entry_points={"vllm.general_plugins": ["dllm = vllm_dllm:register"]},
 )

@@ -1,9 +1,9 @@
 """Benchmark harness for vllm-dllm: decoding configurations side by side on one engine.
 
-    python -m benchmarks.harness accuracy [--model examples/llada-tasks] [--num-prompts 200]
+    python -m benchmarks.harness accuracy [--model examples/llada-tasks] [--num-prompts 1000]
                                           [--configs vanilla,dual,...] [--config NAME=JSON]
                                           [--out benchmarks/results/accuracy]
-    python -m benchmarks.harness cost [--d-model 512 --n-layers 4 ...] [--out DIR]
+    python -m benchmarks.harness cost [--d-model 768 --n-layers 4 --steps 256 ...] [--out DIR]
 
 accuracy: one in-process vLLM engine; each configuration (a dict of SamplingParams
   extra_args, see benchmarks/configs.py) decodes the same held-out prompts of
@@ -38,11 +38,10 @@ from typing import Any  # noqa: E402
 
 from benchmarks import configs as cfgs  # noqa: E402
 from benchmarks import report  # noqa: E402
-from benchmarks.configs import DecodeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "examples/llada-tasks"
-DEFAULT_NUM_PROMPTS = 200  # total, families interleaved: 50 per family
+DEFAULT_NUM_PROMPTS = 1000  # total, families interleaved: 250 per family
 
 
 def log(msg: str) -> None:
@@ -82,10 +81,15 @@ class Engine:
     """
 
     def __init__(self, model: str | Path, *, max_model_len: int, max_num_seqs: int,
-                 seed: int = 0):
+                 threads: int = 0, seed: int = 0):
         # The engine core must run in this process for the scheduler to be reachable.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
         from vllm import LLM
+
+        if threads > 0:
+            # Before the worker starts: vLLM's CPU worker forbids changing it afterwards.
+            torch.set_num_threads(threads)
 
         self.llm = LLM(model=str(model), max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, seed=seed)
@@ -111,6 +115,7 @@ class Engine:
 
         self.scheduler.schedule = schedule
         self.rows: int | None = self._count_rows()
+        self.threads = torch.get_num_threads()
 
     def _count_rows(self) -> int | None:
         try:
@@ -233,7 +238,8 @@ def run_accuracy(args) -> dict:
     max_model_len = model_max_len(model, args.max_model_len)
     log(f"model {model}, {len(problems)} prompts, {len(configs)} configurations, "
         f"max_model_len {max_model_len}")
-    engine = Engine(model, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs)
+    engine = Engine(model, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+                    threads=args.threads)
     startup_s = time.perf_counter() - t_start
     log(f"engine ready in {startup_s:.1f} s")
 
@@ -358,7 +364,7 @@ def run_accuracy(args) -> dict:
             "families": families, "gen_length": args.gen_length,
             "block_length": args.block_length, "max_model_len": max_model_len,
             "max_num_seqs": args.max_num_seqs, "temperature": 0.0,
-            "repeats": args.repeats,
+            "repeats": args.repeats, "threads": engine.threads,
             "stop_ids": sorted(stop_ids),
         },
         "engine_startup_s": startup_s,
@@ -402,7 +408,8 @@ def run_cost(args) -> dict:
                                                 cfg["mlp_hidden_size"], cfg["vocab_size"]) / 1e6
         log(f"cost model {shape}, prompt {prompt_len}, gen {gen}, block {args.block_length}, "
             f"steps {args.steps or gen}")
-        engine = Engine(model, max_model_len=max_model_len, max_num_seqs=1)
+        engine = Engine(model, max_model_len=max_model_len, max_num_seqs=1,
+                        threads=args.threads)
         startup_s = time.perf_counter() - t_start
         rng = random.Random(0)
         prompt = [rng.randrange(1, 96) for _ in range(prompt_len)]  # printable characters
@@ -477,7 +484,8 @@ def run_cost(args) -> dict:
         "settings": {"model": str(args.model or "random (temporary folder)"),
                      "model_shape": shape, "prompt_len": prompt_len, "gen_length": gen,
                      "block_length": args.block_length, "steps": args.steps or gen,
-                     "repeats": args.repeats, "max_model_len": max_model_len},
+                     "repeats": args.repeats, "max_model_len": max_model_len,
+                     "threads": engine.threads},
         "engine_startup_s": startup_s,
         "results": results,
         "total_seconds": time.perf_counter() - t_start,
@@ -485,6 +493,12 @@ def run_cost(args) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
+
+THREADS_HELP = ("torch/OpenMP threads of the engine (0: vLLM's default, all cores). Default 1: "
+                "on a CPU shared with other jobs, OpenMP threads that wait for each other at "
+                "every barrier make 2 threads up to 10x slower than 1 and the timings "
+                "erratic; pass 0 on a dedicated machine")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.harness",
@@ -505,10 +519,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="an extra configuration: name and extra_args as a JSON object "
                           "(repeatable), e.g. 'thr0.7={\"policy\":\"threshold\","
                           "\"threshold\":0.7,\"gen_length\":32,\"block_length\":8}'")
-    acc.add_argument("--repeats", type=int, default=1,
+    acc.add_argument("--repeats", type=int, default=3,
                      help="timed rounds over all configurations (median wall time reported; "
                           "answers from the first round)")
     acc.add_argument("--max-num-seqs", type=int, default=64)
+    acc.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     acc.add_argument("--max-model-len", type=int, default=None,
                      help="default: the model's max_sequence_length, at most 1024")
     acc.add_argument("--save-samples", action="store_true",
@@ -519,14 +534,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cost = sub.add_parser("cost", help="cost of the KV cache modes on a compute-bound model")
     cost.add_argument("--model", default=None,
                       help="an existing LLaDA folder instead of the random model")
-    cost.add_argument("--d-model", type=int, default=384)
+    cost.add_argument("--d-model", type=int, default=768)
     cost.add_argument("--n-layers", type=int, default=4)
     cost.add_argument("--head-dim", type=int, default=64)
-    cost.add_argument("--mlp-hidden-size", type=int, default=1024)
+    cost.add_argument("--mlp-hidden-size", type=int, default=2048)
     cost.add_argument("--prompt-len", type=int, default=64)
     cost.add_argument("--gen-length", type=int, default=cfgs.COST_GEN_LENGTH)
     cost.add_argument("--block-length", type=int, default=cfgs.COST_BLOCK_LENGTH)
     cost.add_argument("--steps", type=int, default=None, help="default: gen_length")
+    cost.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     cost.add_argument("--repeats", type=int, default=1,
                       help="requests per cache mode (median reported)")
     cost.add_argument("--out", type=Path, default=None,
