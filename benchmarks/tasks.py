@@ -27,7 +27,6 @@ from dataclasses import dataclass
 FAMILIES = ("arithmetic", "word_problem", "sort", "uppercase")
 SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 10
-MAX_ANSWER_CHARS = 24
 HELDOUT_SEED = 1234
 
 CHAT_PREFIX = "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n"
