@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_dllm.sampling.eos import eos_eot_confidence
+from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
 from vllm_dllm.sampling.noise import block_uniforms, gumbel_argmax, random_scores
 from vllm_dllm.sampling.policies import PolicyBatch, select
 from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
@@ -53,11 +53,18 @@ class Denoiser:
             torch.tensor(row_counts, device=logits.device))
         no_eos = torch.tensor([s.params.logits_eos_inf for s in states], device=logits.device)
         if bool(no_eos.any()):
-            logits[no_eos[request_of_row], special.eos] = float("-inf")
+            rows = no_eos[request_of_row]
+            logits[rows] = suppress_eos_logits(logits[rows], special.eos)
 
         top_ids = logits.argmax(-1)
         log_norm = torch.logsumexp(logits.double(), -1)
-        top_conf = (logits.gather(-1, top_ids[:, None]).squeeze(-1).double() - log_norm).exp()
+
+        def probability(rows, ids: torch.Tensor) -> torch.Tensor:
+            """float64 softmax probability of `ids` in the logits `rows`."""
+            return (logits[rows].gather(-1, ids[:, None]).squeeze(-1).double()
+                    - log_norm[rows]).exp()
+
+        top_conf = probability(slice(None), top_ids)
         x0 = top_ids.clone()
         confidence = top_conf.clone()
         rows_of = torch.split(torch.arange(logits.shape[0], device=logits.device), row_counts)
@@ -67,8 +74,7 @@ class Denoiser:
             if state.temperature > 0:
                 u = block_uniforms(state.generator, params.block_length, logits.shape[-1])
                 x0[rows] = gumbel_argmax(logits[rows], u[rel].to(logits.device), state.temperature)
-                chosen = logits[rows].gather(-1, x0[rows, None]).squeeze(-1).double()
-                confidence[rows] = (chosen - log_norm[rows]).exp()
+                confidence[rows] = probability(rows, x0[rows])
             if params.remasking == "random":
                 confidence[rows] = random_scores(state.generator, params.block_length)[rel].to(
                     logits.device)
