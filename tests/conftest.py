@@ -9,7 +9,7 @@ sys.path.insert(0, str(ROOT))
 # Keep each engine's KV cache small so several fit beside each other.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from tests.helpers import shutdown  # noqa: E402
+from tests.helpers import inproc_engine, shutdown  # noqa: E402
 from tests.models.tiny_llada import write_random_model  # noqa: E402
 
 
@@ -34,3 +34,11 @@ def llm(tiny_model):
     engine = LLM(model=str(tiny_model), max_model_len=512, max_num_seqs=64)
     yield engine
     shutdown(engine)
+
+
+@pytest.fixture(scope="session")
+def inproc(tiny_model):
+    """An in-process engine on the tiny model with a recorder of its schedules."""
+    llm, recorder = inproc_engine(tiny_model, max_model_len=512, max_num_seqs=16)
+    yield llm, recorder
+    shutdown(llm)

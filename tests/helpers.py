@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.reference.generate import generate
@@ -82,3 +83,16 @@ def run_to_completion(llm, arrivals: dict[int, list[tuple]], max_steps: int = 20
         if not engine.has_unfinished_requests() and step >= max(arrivals):
             return done
     raise AssertionError("engine did not finish")
+
+
+def inproc_engine(model, **kwargs):
+    """An LLM whose engine core runs in this process, so tests can watch its scheduler."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    try:
+        llm = LLM(model=str(model), **kwargs)
+    finally:
+        mp.undo()
+    return llm, ScheduleRecorder(llm)

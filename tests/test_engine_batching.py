@@ -3,7 +3,7 @@
 import pytest
 
 from tests.helpers import (
-    ScheduleRecorder,
+    inproc_engine,
     model_ids,
     random_prompt,
     reference_tokens,
@@ -20,26 +20,6 @@ def make_params(gen_length, block_length, steps, temperature=0.0, seed=None, ign
                           ignore_eos=ignore_eos,
                           extra_args=dict(gen_length=gen_length, block_length=block_length,
                                           steps=steps, **extra))
-
-
-def inproc_engine(model, **kwargs):
-    """An LLM whose engine core runs in this process, so tests can watch its scheduler."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-
-    try:
-        llm = LLM(model=str(model), **kwargs)
-    finally:
-        mp.undo()
-    return llm, ScheduleRecorder(llm)
-
-
-@pytest.fixture(scope="module")
-def inproc(tiny_model):
-    llm, recorder = inproc_engine(tiny_model, max_model_len=512, max_num_seqs=16)
-    yield llm, recorder
-    shutdown(llm)
 
 
 SPECS = {

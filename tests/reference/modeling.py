@@ -105,7 +105,7 @@ class ReferenceLLaDA(torch.nn.Module):
         x = _rms_norm(x, self.w("ln_f.weight"), self.eps)
         return x @ self.w("ff_out.weight").T
 
-    def forward_partial(self, tokens: torch.Tensor, query: torch.Tensor,
+    def forward_partial(self, tokens: torch.Tensor, query: torch.Tensor | list[torch.Tensor],
                         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                         ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Recompute only the positions `query` of one sequence [L].
@@ -113,15 +113,23 @@ class ReferenceLLaDA(torch.nn.Module):
         Every other position's keys and values come from `past` (per layer, post-RoPE,
         [n_kv_heads, L, head_dim]), as Fast-dLLM's approximate caches do; the queried rows
         attend bidirectionally to the whole sequence. Without `past`, `query` must cover
-        every position. Returns the logits of the queried rows and the layer K/V with the
-        queried rows fresh.
+        every position. `query` may also be one ascending position set per layer, each
+        inside the one before (token skipping): a row dropped at a layer keeps its cached
+        K/V from there on. Returns the logits of the last layer's rows and the layer K/V
+        with the computed rows fresh.
         """
         length = tokens.shape[-1]
+        per_layer = query if isinstance(query, list) else [query] * self.n_layers
+        query = per_layer[0]
         assert past is not None or len(query) == length
         x = F.embedding(tokens[query], self.w("wte.weight"))
         present = []
         for i in range(self.n_layers):
             p = f"blocks.{i}."
+            if per_layer[i] is not query:
+                keep = torch.searchsorted(query, per_layer[i])
+                assert bool((query[keep] == per_layer[i]).all()), "layer sets must be nested"
+                x, query = x[keep], per_layer[i]
             h = _rms_norm(x, self.w(p + "attn_norm.weight"), self.eps)
 
             def heads(name: str, n: int) -> torch.Tensor:

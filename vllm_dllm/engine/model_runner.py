@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from vllm.forward_context import set_forward_context
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata
+from vllm_dllm.engine.query_batch import QueryBatch, build_query_batch
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.recompute import recompute_range
 from vllm_dllm.sampling.state import DenoiseState
@@ -70,6 +71,15 @@ class DllmModelRunner(PlatformModelRunner):
                 self.dllm_requests[req_id].block_ids = block_ids[0]
                 self.dllm_requests[req_id].needs_refresh = True
 
+    def forward_query_batch(self, batch: QueryBatch) -> torch.Tensor:
+        """Runs the model over `batch`; returns the hidden states of its last segment's rows."""
+        layer_names = self.kv_cache_config.kv_cache_groups[0].layer_names
+        metadata = {name: batch.metadata_for_layer(extract_layer_index(name))
+                    for name in layer_names}
+        with set_forward_context(metadata, self.vllm_config, num_tokens=len(batch.input_ids)):
+            return self.model(input_ids=batch.input_ids, positions=batch.positions,
+                              layer_rows=batch.layer_rows())
+
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None
                       ) -> ModelRunnerOutput:
@@ -78,46 +88,21 @@ class DllmModelRunner(PlatformModelRunner):
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
         requests = [self.dllm_requests[r] for r in req_ids]
-        block_size = self.cache_config.block_size
-
-        tokens, positions, slots, query_start, seq_lens, logit_rows, canvas_positions = (
-            [], [], [], [0], [], [], [])
-        offset = self.model.dllm_logits_offset
+        sequences, plans = [], []
         for req in requests:
-            sequence = torch.cat([req.prompt, req.state.canvas])
+            sequences.append(torch.cat([req.prompt, req.state.canvas]))
             lo, hi = recompute_range(req.state, req.needs_refresh)
             req.needs_refresh = False
-            pos = torch.arange(lo, hi)
-            pages = torch.tensor(req.block_ids, dtype=torch.long)
-            tokens.append(sequence[lo:hi])
-            positions.append(pos)
-            slots.append(pages[pos // block_size] * block_size + pos % block_size)
-            masked = req.state.masked_in_block()
-            canvas_positions.append(masked)
-            logit_rows.append(query_start[-1] + req.state.prompt_len + masked - offset - lo)
-            query_start.append(query_start[-1] + hi - lo)
-            seq_lens.append(len(sequence))
-
-        max_pages = max(len(r.block_ids) for r in requests)
-        block_table = torch.zeros((len(requests), max_pages), dtype=torch.long)
-        for i, req in enumerate(requests):
-            block_table[i, : len(req.block_ids)] = torch.tensor(req.block_ids)
-        device = self.device
-        metadata = BidirectionalMetadata(
-            num_actual_tokens=query_start[-1],
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_table=block_table.to(device),
-            slot_mapping=torch.cat(slots).to(device),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
-        )
-        layer_names = self.kv_cache_config.kv_cache_groups[0].layer_names
-        with set_forward_context({name: metadata for name in layer_names}, self.vllm_config,
-                                 num_tokens=query_start[-1]):
-            hidden = self.model(input_ids=torch.cat(tokens).to(device),
-                                positions=torch.cat(positions).to(device))
-        logits = self.model.compute_logits(hidden[torch.cat(logit_rows).to(device)])
+            plans.append([(0, torch.arange(lo, hi))])
+        batch = build_query_batch(sequences, plans, [r.block_ids for r in requests],
+                                  self.cache_config.block_size, self.device)
+        hidden = self.forward_query_batch(batch)
+        # Only the masked positions of each current block need logits.
+        offset = self.model.dllm_logits_offset
+        canvas_positions = [r.state.masked_in_block() for r in requests]
+        rows = torch.cat([batch.output_rows(i, r.state.prompt_len + masked - offset)
+                          for i, (r, masked) in enumerate(zip(requests, canvas_positions))])
+        logits = self.model.compute_logits(hidden[rows.to(self.device)])
         self.denoiser.step(req_ids, [r.state for r in requests], canvas_positions, logits)
         return ModelRunnerOutput(
             req_ids=req_ids,

@@ -110,9 +110,15 @@ class LLaDAModel(nn.Module):
             for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                layer_rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """`layer_rows[i]` picks the rows layer i and later compute, out of those before it
+        (token skipping); the rows left out keep their cached K/V, and only the last
+        layer's rows come out."""
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if layer_rows and i in layer_rows:
+                x, positions = x[layer_rows[i]], positions[layer_rows[i]]
             x = layer(positions, x)
         return self.norm(x)
 
@@ -167,8 +173,9 @@ class LLaDAModelLM(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        layer_rows: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions)
+        return self.model(input_ids, positions, layer_rows)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

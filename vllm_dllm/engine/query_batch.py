@@ -1,0 +1,117 @@
+"""Lays out one forward pass: which rows each layer computes, and their attention metadata.
+
+Each request brings a plan, a list of `(first_layer, positions)`: layers from
+`first_layer` on compute the absolute `positions` (ascending) of that request. The
+first entry starts at layer 0 and each later set lies inside the one before, so a
+layer only ever drops rows. A dropped row keeps, in that layer and every later one,
+the K/V an earlier pass left in the pages; that is what token skipping (different
+subsets per layer) stands on. A plan with one entry is a plain partial recompute.
+
+The pass is cut into segments at every layer where some request's set changes;
+each segment has its own `BidirectionalMetadata` and the row gather that enters it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata
+
+Plan = list[tuple[int, torch.Tensor]]
+
+
+@dataclass
+class Segment:
+    first_layer: int
+    # Indices into the previous segment's rows that stay computed (None for the first).
+    keep: torch.Tensor | None
+    metadata: BidirectionalMetadata
+
+
+@dataclass
+class QueryBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    segments: list[Segment]
+    # Per request: the positions the last segment computes, and where its rows begin.
+    final_positions: list[torch.Tensor]
+    final_starts: list[int]
+
+    def layer_rows(self) -> dict[int, torch.Tensor]:
+        """Row gathers keyed by the layer they come before, as the model takes them."""
+        return {s.first_layer: s.keep for s in self.segments[1:]}
+
+    def metadata_for_layer(self, layer: int) -> BidirectionalMetadata:
+        return next(s.metadata for s in reversed(self.segments) if s.first_layer <= layer)
+
+    def output_rows(self, request: int, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of the model's output holding `positions` of request `request`."""
+        computed = self.final_positions[request]
+        index = torch.searchsorted(computed, positions)
+        if bool((index >= len(computed)).any()) or not bool((computed[index] == positions).all()):
+            raise ValueError("the last layer does not compute every position asked for")
+        return index + self.final_starts[request]
+
+
+def plan_positions(plan: Plan, layer: int) -> torch.Tensor:
+    """The positions `plan` computes at `layer`."""
+    return next(positions for first, positions in reversed(plan) if first <= layer)
+
+
+def build_query_batch(sequences: list[torch.Tensor], plans: list[Plan],
+                      block_ids: list[list[int]], block_size: int,
+                      device: torch.device) -> QueryBatch:
+    """The forward pass over `sequences` (full token rows, prompt + canvas) that `plans` ask for."""
+    for plan in plans:
+        if plan[0][0] != 0:
+            raise ValueError("a plan must start at layer 0")
+    boundaries = sorted({first for plan in plans for first, _ in plan})
+    max_pages = max(len(ids) for ids in block_ids)
+    block_table = torch.zeros((len(plans), max_pages), dtype=torch.long)
+    for i, ids in enumerate(block_ids):
+        block_table[i, : len(ids)] = torch.tensor(ids)
+    seq_lens = [len(s) for s in sequences]
+    seq_lens_dev = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    block_table = block_table.to(device)
+
+    segments: list[Segment] = []
+    previous: list[torch.Tensor] | None = None
+    previous_starts: list[int] = []
+    for first in boundaries:
+        sets = [plan_positions(plan, first) for plan in plans]
+        starts = [0]
+        for positions in sets:
+            starts.append(starts[-1] + len(positions))
+        keep = None
+        if previous is not None:
+            pieces = []
+            for before, now, offset in zip(previous, sets, previous_starts):
+                index = torch.searchsorted(before, now)
+                if bool((index >= len(before)).any()) or not bool((before[index] == now).all()):
+                    raise ValueError(f"the positions of layer {first} are not inside "
+                                     "those of the layer before")
+                pieces.append(index + offset)
+            keep = torch.cat(pieces).to(device)
+        positions = torch.cat(sets)
+        pages = torch.cat([torch.tensor(ids, dtype=torch.long)[s // block_size]
+                           for ids, s in zip(block_ids, sets)])
+        metadata = BidirectionalMetadata(
+            num_actual_tokens=starts[-1],
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=seq_lens_dev,
+            block_table=block_table,
+            slot_mapping=(pages * block_size + positions % block_size).to(device),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=seq_lens,
+        )
+        segments.append(Segment(first, keep, metadata))
+        previous, previous_starts = sets, starts[:-1]
+
+    first_sets = [plan[0][1] for plan in plans]
+    return QueryBatch(
+        input_ids=torch.cat([s[p] for s, p in zip(sequences, first_sets)]).to(device),
+        positions=torch.cat(first_sets).to(device),
+        segments=segments,
+        final_positions=previous,
+        final_starts=previous_starts,
+    )
