@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-MODEL ?= examples/llada-tiny
+MODEL ?= examples/llada-tasks
 PORT ?= 8000
 # vLLM's CPU KV cache size in GiB; small so several engines fit side by side.
 export VLLM_CPU_KVCACHE_SPACE ?= 1
@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py vllm_dllm_dist_alias.pth
 setup: $(VENV)/.installed
 
 serve: setup
-	$(VENV)/bin/vllm serve $(MODEL) --port $(PORT) --max-model-len 1024
+	$(VENV)/bin/vllm serve $(MODEL) --port $(PORT)
 
 test: setup
 	$(PY) -m pytest -q -p no:logging tests

@@ -10,6 +10,7 @@ is measured and a README.md recording the run goes into the output folder.
 """
 
 import argparse
+import json
 import math
 import shlex
 import shutil
@@ -27,6 +28,9 @@ from tests.reference.modeling import ReferenceLLaDA
 
 CANVAS = 32  # response tokens per example: answer + <|eot_id|> + <|endoftext|> padding
 MASK_EPS = 1e-3  # LLaDA's forward process: t ~ U(0, 1) mapped to p = (1 - eps) t + eps
+# Families drawn in this repeating order: sorting and uppercasing are learnt early,
+# so the arithmetic families get twice their share.
+TRAIN_MIX = ("arithmetic", "word_problem", "sort", "arithmetic", "word_problem", "uppercase")
 
 
 class Encoder:
@@ -130,6 +134,10 @@ def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int]) -> None:
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab)
+    # Served with the canvas it was trained on: the plugin reads these request defaults.
+    generation = json.loads((tmp / "generation_config.json").read_text())
+    generation["dllm"] = {"gen_length": CANVAS, "block_length": CANVAS}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if (out / "README.md").exists():
         shutil.copy(out / "README.md", tmp / "README.md")
     if out.exists():
@@ -172,7 +180,8 @@ Tokenizer: the character vocabulary of `tests/models/tiny_llada.py`, LLaDA's cha
 - model: d_model {config["d_model"]}, {config["n_layers"]} layers, {config["n_heads"]} heads \
 (head_dim {config["d_model"] // config["n_heads"]}), mlp_hidden_size {config["mlp_hidden_size"]}, \
 {n_params:,} parameters
-- optimisation: {args.steps} steps of {args.batch_size} examples (families balanced), AdamW \
+- optimisation: {args.steps} steps of {args.batch_size} examples (family mix \
+{", ".join(TRAIN_MIX)}), AdamW \
 lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, \
 grad clip {args.grad_clip}
 - response canvas: {CANVAS} tokens (answer, `<|eot_id|>`, `<|endoftext|>` padding)
@@ -220,7 +229,7 @@ def main() -> None:
     encoder = Encoder(vocab)
     mask_id = config["mask_token_id"]
     generator = torch.Generator().manual_seed(args.seed)
-    problems = tasks.stream("train", args.seed)
+    problems = tasks.stream("train", args.seed, TRAIN_MIX)
 
     losses: list[float] = []
     start = time.time()

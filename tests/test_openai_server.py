@@ -1,15 +1,21 @@
-"""`vllm serve <tiny LLaDA folder>` with no plugin flag, driven by the openai client."""
+"""`vllm serve examples/llada-tasks` (what `make serve` serves), driven by the openai client.
+
+The bundled model's generation_config.json sets its canvas (gen_length 32, one block);
+the server overrides the block length with `--additional-config`.
+"""
 
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-DEFAULTS = '{"dllm": {"gen_length": 64, "block_length": 16}}'
+MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-tasks"
+SERVER_DEFAULTS = '{"dllm": {"block_length": 8}}'
 
 
 def _free_port() -> int:
@@ -19,13 +25,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+def server(tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_model),
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-         "--additional-config", DEFAULTS],
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(MODEL),
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+         "--additional-config", SERVER_DEFAULTS],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
@@ -60,7 +66,11 @@ XARGS = {"gen_length": 32, "block_length": 8, "steps": 16}
 
 
 def test_completion_stream_joins_to_full_text(client, model_name):
-    kwargs = dict(model=model_name, prompt="Once upon a time", max_tokens=32, temperature=0,
+    from benchmarks.tasks import render_chat
+
+    # A raw prompt in chat form, so the trained model writes text rather than end tokens.
+    kwargs = dict(model=model_name, prompt=render_chat("Uppercase: streamed"), max_tokens=32,
+                  temperature=0,
                   extra_body={"vllm_xargs": XARGS, "ignore_eos": True})
     full = client.completions.create(**kwargs)
     pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs)]
@@ -79,14 +89,32 @@ def test_chat_stream_joins_to_full_text(client, model_name):
     assert "".join(pieces) == full.choices[0].message.content
 
 
-def test_server_defaults_apply(client, model_name):
+def test_model_and_server_defaults_apply(client, model_name):
+    # gen_length 32 comes from the model folder; block_length 8 from the server, which
+    # is why a 24-token canvas is accepted.
     out = client.completions.create(model=model_name, prompt="abc", max_tokens=200,
                                     temperature=0, extra_body={"ignore_eos": True})
-    assert out.usage.completion_tokens == 64
+    assert out.usage.completion_tokens == 32
+    out = client.completions.create(model=model_name, prompt="abc", max_tokens=200,
+                                    temperature=0, extra_body={"ignore_eos": True,
+                                                               "vllm_xargs": {"gen_length": 24}})
+    assert out.usage.completion_tokens == 24
+
+
+def test_chat_answers_held_out_tasks(client, model_name):
+    """Plain chat requests (no dLLM parameter) for held-out task prompts get their answers."""
+    from benchmarks import tasks
+
+    problems = tasks.heldout(8)
+    answers = [client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": p.prompt}], temperature=0,
+    ).choices[0].message.content for p in problems]
+    right = [tasks.score(a, p.answer) for a, p in zip(answers, problems)]
+    assert sum(right) >= 7, list(zip([p.prompt for p in problems], answers))
 
 
 @pytest.mark.parametrize("xargs, parameter", [
-    ({"gen_length": 30, "block_length": 8}, "gen_length"),
+    ({"gen_length": 30}, "gen_length"),
     ({"gen_length": 32, "block_length": 8, "steps": 6}, "steps"),
     ({"remasking": "lowest"}, "remasking"),
     ({"gen_length": 0}, "gen_length"),

@@ -1,6 +1,7 @@
 """Engine configuration for dLLM architectures, applied when vLLM builds its config."""
 
 import os
+from typing import Any
 
 from vllm.config import VllmConfig
 from vllm.config.compilation import CompilationMode, CUDAGraphMode
@@ -13,13 +14,20 @@ from vllm_dllm.params import ParamError, server_defaults
 logger = init_logger(__name__)
 
 
+def dllm_defaults(vllm_config: VllmConfig) -> dict[str, Any]:
+    """The request defaults this server applies (see `params.server_defaults`)."""
+    model_config = vllm_config.model_config
+    from_model = (model_config.try_get_generation_config() or {}).get("dllm")
+    return server_defaults((vllm_config.additional_config or {}).get("dllm"), from_model)
+
+
 class DllmConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         try:
-            server_defaults((vllm_config.additional_config or {}).get("dllm"))
+            dllm_defaults(vllm_config)
         except ParamError as e:
-            raise ValueError(f"--additional-config dllm: {e}") from e
+            raise ValueError(f"dLLM defaults ({e.parameter}): {e}") from e
 
         scheduler = vllm_config.scheduler_config
         scheduler.scheduler_cls = "vllm_dllm.engine.scheduler.DllmScheduler"

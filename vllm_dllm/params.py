@@ -156,11 +156,15 @@ def _check_known(source: str, values: dict[str, Any]) -> None:
                          f"known: {', '.join(DEFAULTS)}")
 
 
-def server_defaults(dllm_config: dict[str, Any] | None) -> dict[str, Any]:
-    """Defaults for this server: `DEFAULTS` overridden by `--additional-config`'s `dllm`."""
+def server_defaults(dllm_config: dict[str, Any] | None,
+                    model_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults for this server: `DEFAULTS`, then the model folder's own (its
+    generation_config.json `dllm` entry), then `--additional-config`'s `dllm`."""
+    from_model = dict(model_defaults or {})
+    _check_known("model generation_config dllm", from_model)
     overrides = dict(dllm_config or {})
     _check_known("dllm server", overrides)
-    return {**DEFAULTS, **overrides}
+    return {**DEFAULTS, **from_model, **overrides}
 
 
 def resolve(

@@ -13,7 +13,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.engine.input_processor import InputProcessor
 
-from vllm_dllm.params import ParamError, resolve, server_defaults
+from vllm_dllm.config import dllm_defaults
+from vllm_dllm.params import ParamError, resolve
 
 DLLM_ARCHITECTURES = ("LLaDAModelLM",)
 
@@ -51,7 +52,8 @@ def _check_supported(params: SamplingParams) -> None:
                                   parameter="top_k", value=params.top_k)
 
 
-def admit(request: EngineCoreRequest, vllm_config: VllmConfig, max_tokens_given: int | None) -> None:
+def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[str, Any],
+          max_tokens_given: int | None) -> None:
     """Resolve a request's dLLM parameters in place, or raise a validation error."""
     params = request.sampling_params
     _check_supported(params)
@@ -59,7 +61,7 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, max_tokens_given:
     try:
         resolved = resolve(
             params.extra_args,
-            server_defaults((vllm_config.additional_config or {}).get("dllm")),
+            defaults,
             max_tokens=max_tokens_given,
             prompt_len=len(request.prompt_token_ids),
             max_model_len=model_config.max_model_len,
@@ -86,7 +88,9 @@ def install() -> None:
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if request.sampling_params is not None and is_dllm(self.vllm_config):
-            admit(request, self.vllm_config, params.max_tokens)
+            if not hasattr(self, "_dllm_defaults"):
+                self._dllm_defaults = dllm_defaults(self.vllm_config)
+            admit(request, self.vllm_config, self._dllm_defaults, params.max_tokens)
         return request
 
     process_inputs._dllm_admission = True
