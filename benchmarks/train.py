@@ -179,6 +179,7 @@ Tokenizer: the character vocabulary of `tests/models/tiny_llada.py`, LLaDA's cha
 - seed: {args.seed}
 - model: d_model {config["d_model"]}, {config["n_layers"]} layers, {config["n_heads"]} heads \
 (head_dim {config["d_model"] // config["n_heads"]}), mlp_hidden_size {config["mlp_hidden_size"]}, \
+rope_theta {config["rope_theta"]:g}, \
 {n_params:,} parameters
 - optimisation: {args.steps} steps of {args.batch_size} examples (family mix \
 {", ".join(TRAIN_MIX)}), AdamW \
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--mlp-hidden-size", type=int, default=512)
+    parser.add_argument("--rope-theta", type=float, default=500000.0, help="LLaDA-8B's value by default")
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-prompts", type=int, default=400)
@@ -222,6 +224,7 @@ def main() -> None:
     config = llada_config(vocab, d_model=args.d_model, n_layers=args.n_layers,
                           n_heads=args.n_heads, mlp_hidden_size=args.mlp_hidden_size,
                           max_sequence_length=256)
+    config["rope_theta"] = args.rope_theta
     model = ReferenceLLaDA(config, init_state_dict(config, args.seed), trainable=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters", flush=True)

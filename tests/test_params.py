@@ -31,6 +31,16 @@ def test_server_defaults_override():
     assert e.value.parameter == "gen_len"
 
 
+def test_model_defaults_sit_between_plugin_and_server():
+    d = server_defaults({"block_length": 8}, {"gen_length": 32, "block_length": 32})
+    assert (d["gen_length"], d["block_length"], d["policy"]) == (32, 8, "fixed")
+    p = _resolve({"block_length": 16}, defaults=d)
+    assert (p.gen_length, p.block_length) == (32, 16)
+    with pytest.raises(ParamError) as e:
+        server_defaults(None, {"canvas": 32})
+    assert e.value.parameter == "canvas"
+
+
 @pytest.mark.parametrize("extra, parameter", [
     ({"gen_length": 30, "block_length": 8}, "gen_length"),
     ({"gen_length": 32, "block_length": 8, "steps": 6}, "steps"),

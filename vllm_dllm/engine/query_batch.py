@@ -46,11 +46,18 @@ class QueryBatch:
 
     def output_rows(self, request: int, positions: torch.Tensor) -> torch.Tensor:
         """Rows of the model's output holding `positions` of request `request`."""
-        computed = self.final_positions[request]
-        index = torch.searchsorted(computed, positions)
-        if bool((index >= len(computed)).any()) or not bool((computed[index] == positions).all()):
+        index = _index_within(self.final_positions[request], positions)
+        if index is None:
             raise ValueError("the last layer does not compute every position asked for")
         return index + self.final_starts[request]
+
+
+def _index_within(computed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """Where each of `positions` sits in the ascending `computed`; None if one is missing."""
+    index = torch.searchsorted(computed, positions)
+    if bool((index >= len(computed)).any()) or not bool((computed[index] == positions).all()):
+        return None
+    return index
 
 
 def plan_positions(plan: Plan, layer: int) -> torch.Tensor:
@@ -86,8 +93,8 @@ def build_query_batch(sequences: list[torch.Tensor], plans: list[Plan],
         if previous is not None:
             pieces = []
             for before, now, offset in zip(previous, sets, previous_starts):
-                index = torch.searchsorted(before, now)
-                if bool((index >= len(before)).any()) or not bool((before[index] == now).all()):
+                index = _index_within(before, now)
+                if index is None:
                     raise ValueError(f"the positions of layer {first} are not inside "
                                      "those of the layer before")
                 pieces.append(index + offset)
