@@ -30,7 +30,7 @@ CANVAS = 32  # response tokens per example: answer + <|eot_id|> + <|endoftext|> 
 MASK_EPS = 1e-3  # LLaDA's forward process: t ~ U(0, 1) mapped to p = (1 - eps) t + eps
 # Families drawn in this repeating order: sorting and uppercasing are learnt early,
 # so the arithmetic families get twice their share.
-TRAIN_MIX = ("arithmetic", "word_problem", "sort", "arithmetic", "word_problem", "uppercase")
+DEFAULT_MIX = "arithmetic,word_problem,sort,arithmetic,word_problem,uppercase"
 
 
 class Encoder:
@@ -167,6 +167,13 @@ def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Pro
 def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: int,
                  wall_s: float, final_loss: float, report: str) -> None:
     command = "python -m benchmarks.train " + shlex.join(sys.argv[1:])
+    earlier = ""
+    if args.init_from:
+        # Keep the whole lineage: the earlier stage's record, one heading level down.
+        record = (args.init_from / "README.md").read_text()
+        record = record[record.index("## Training record"):].split("\n## ")[0]
+        earlier = (f"- started from `{args.init_from}`, trained as follows:\n\n"
+                   + record.replace("## Training record", "### Earlier stage") + "\n")
     (out / "README.md").write_text(f"""# llada-tasks
 
 A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective on the
@@ -182,13 +189,13 @@ Tokenizer: the character vocabulary of `tests/models/tiny_llada.py`, LLaDA's cha
 rope_theta {config["rope_theta"]:g}, \
 {n_params:,} parameters
 - optimisation: {args.steps} steps of {args.batch_size} examples (family mix \
-{", ".join(TRAIN_MIX)}), AdamW \
+{args.mix.replace(",", ", ")}), AdamW \
 lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, \
 grad clip {args.grad_clip}
 - response canvas: {CANVAS} tokens (answer, `<|eot_id|>`, `<|endoftext|>` padding)
 - wall time: {wall_s / 60:.1f} min on {torch.get_num_threads()} CPU thread(s)
 - final loss (mean of the last 100 steps): {final_loss:.4f}
-
+{earlier}
 ## Held-out evaluation (`python -m benchmarks.eval_reference {out} -n {args.eval_prompts}`)
 
 ```
@@ -216,6 +223,10 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-prompts", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mix", default=DEFAULT_MIX,
+                        help="families drawn in this repeating order (repeat one to weight it)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint (a further training stage)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -225,14 +236,23 @@ def main() -> None:
                           n_heads=args.n_heads, mlp_hidden_size=args.mlp_hidden_size,
                           max_sequence_length=256)
     config["rope_theta"] = args.rope_theta
-    model = ReferenceLLaDA(config, init_state_dict(config, args.seed), trainable=True)
+    if args.init_from:
+        # A further stage: the architecture and weights of an earlier run's checkpoint.
+        model = ReferenceLLaDA.from_pretrained(args.init_from, trainable=True)
+        config = model.config
+    else:
+        model = ReferenceLLaDA(config, init_state_dict(config, args.seed), trainable=True)
+    mix = tuple(args.mix.split(","))
+    unknown = set(mix) - set(tasks.FAMILIES)
+    if unknown:
+        parser.error(f"--mix: unknown families {sorted(unknown)}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters", flush=True)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     encoder = Encoder(vocab)
     mask_id = config["mask_token_id"]
     generator = torch.Generator().manual_seed(args.seed)
-    problems = tasks.stream("train", args.seed, TRAIN_MIX)
+    problems = tasks.stream("train", args.seed, mix)
 
     losses: list[float] = []
     start = time.time()
