@@ -18,7 +18,7 @@ MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-tasks"
 SERVER_DEFAULTS = '{"dllm": {"block_length": 8}}'
 # The bundled model's held-out accuracy (examples/llada-tasks/README.md) makes more
 # than this many right answers out of 8 all but certain.
-MIN_RIGHT_OF_8 = 4
+MIN_RIGHT_OF_8 = 5
 
 
 def _free_port() -> int:
