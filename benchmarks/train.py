@@ -10,7 +10,6 @@ is measured and a README.md recording the run goes into the output folder.
 """
 
 import argparse
-import json
 import math
 import shlex
 import shutil
@@ -133,11 +132,9 @@ def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int]) -> None:
     # Written beside the target and swapped in, so a reader never sees half a checkpoint.
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab)
-    # Served with the canvas it was trained on: the plugin reads these request defaults.
-    generation = json.loads((tmp / "generation_config.json").read_text())
-    generation["dllm"] = {"gen_length": CANVAS, "block_length": CANVAS}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    # Served with the canvas it was trained on.
+    write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab,
+                     dllm_defaults={"gen_length": CANVAS, "block_length": CANVAS})
     if (out / "README.md").exists():
         shutil.copy(out / "README.md", tmp / "README.md")
     if out.exists():
@@ -228,6 +225,10 @@ def main() -> None:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint (a further training stage)")
     args = parser.parse_args()
+    mix = tuple(args.mix.split(","))
+    unknown = set(mix) - set(tasks.FAMILIES)
+    if unknown:
+        parser.error(f"--mix: unknown families {sorted(unknown)}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -242,10 +243,6 @@ def main() -> None:
         config = model.config
     else:
         model = ReferenceLLaDA(config, init_state_dict(config, args.seed), trainable=True)
-    mix = tuple(args.mix.split(","))
-    unknown = set(mix) - set(tasks.FAMILIES)
-    if unknown:
-        parser.error(f"--mix: unknown families {sorted(unknown)}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters", flush=True)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
