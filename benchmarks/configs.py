@@ -100,12 +100,17 @@ def parse_config(spec: str) -> DecodeConfig:
     return DecodeConfig(name.strip(), extra, "user-given")
 
 
-def select(configs: list[DecodeConfig], names: str | None) -> list[DecodeConfig]:
+def names(comma_list: str | None) -> list[str]:
+    """The names in a comma list, blanks dropped; None gives none."""
+    return [n.strip() for n in (comma_list or "").split(",") if n.strip()]
+
+
+def select(configs: list[DecodeConfig], comma_list: str | None) -> list[DecodeConfig]:
     """Keep the configs named in a comma list (in the list's order); None keeps all."""
-    if not names:
+    if not comma_list:
         return configs
     by_name = {c.name: c for c in configs}
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    wanted = names(comma_list)
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
         raise ValueError(f"unknown configuration(s) {unknown}; defaults: {list(by_name)}")

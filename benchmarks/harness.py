@@ -32,6 +32,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -234,6 +235,11 @@ def run_accuracy(args) -> dict:
     if duplicates:
         raise SystemExit(f"configuration names must be unique: {duplicates}")
 
+    reference_names = cfgs.names(args.reference)
+    unknown = sorted(set(reference_names) - {c.name for c in configs})
+    if unknown:
+        raise SystemExit(f"--reference names configurations that do not run: {unknown}")
+
     meta = report.run_metadata()
     max_model_len = model_max_len(model, args.max_model_len)
     log(f"model {model}, {len(problems)} prompts, {len(configs)} configurations, "
@@ -353,6 +359,10 @@ def run_accuracy(args) -> dict:
         entry["samples"] = samples if args.save_samples else samples[: len(families) * 2]
         log(f"{c.name}: acc {entry['accuracy_avg']:.1%}, {entry['tokens_per_s']:.1f} tok/s, "
             f"{entry['iterations_per_request']:.2f} iters/req")
+        if c.name in reference_names:
+            entry["reference"] = check_against_reference(
+                model, prompts, problems, answers, entry["resolved_extra_args"],
+                lambda tokens: answer_text(tokenizer, tokens, stop_ids))
         results.append(entry)
 
     return {
@@ -372,6 +382,36 @@ def run_accuracy(args) -> dict:
         "results": results,
         "total_seconds": time.perf_counter() - t_start,
     }
+
+
+def check_against_reference(model: Path, prompts: list[list[int]], problems: list,
+                            answers: list[str], resolved: dict[str, Any],
+                            answer_of: Callable[[list[int]], str]) -> dict[str, Any]:
+    """Decodes the prompts with the reference under the configuration's resolved
+    parameters: its accuracy, and how many of the plugin's answers it gives too."""
+    from benchmarks import tasks
+    from benchmarks.reference_check import reference_settings, reference_tokens
+
+    try:
+        settings = reference_settings(resolved)
+    except ValueError as e:
+        return {"status": "skipped", "error": str(e)}
+    log(f"reference decode of {len(prompts)} prompts: {settings}")
+    t0 = time.perf_counter()
+    reference = [answer_of(tokens) for tokens in reference_tokens(model, prompts, settings)]
+    correct: Counter[str] = Counter(p.family for p, a in zip(problems, reference)
+                                    if tasks.score(a, p.answer))
+    count = Counter(p.family for p in problems)
+    accuracy = {f: correct[f] / n for f, n in count.items()}
+    same = sum(a == b for a, b in zip(answers, reference))
+    log(f"reference: acc {sum(accuracy.values()) / len(accuracy):.1%}, "
+        f"{same}/{len(prompts)} answers identical to the plugin's")
+    return {"status": "ok", "settings": settings, "accuracy": accuracy,
+            "accuracy_avg": sum(accuracy.values()) / len(accuracy),
+            "identical_answers": same / len(prompts),
+            "differing": [{"prompt": p.prompt, "plugin": a, "reference": b}
+                          for p, a, b in zip(problems, answers, reference) if a != b][:10],
+            "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- cost
@@ -528,6 +568,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="default: the model's max_sequence_length, at most 1024")
     acc.add_argument("--save-samples", action="store_true",
                      help="keep every prompt's answer in the JSON (default: a few)")
+    acc.add_argument("--reference", metavar="NAMES",
+                     help="comma list of fixed-schedule configurations to decode again with "
+                          "the reference (tests/reference, one prompt at a time): its accuracy "
+                          "and the share of identical answers")
     acc.add_argument("--out", type=Path, default=None,
                      help="output folder (default benchmarks/results/accuracy-<date>)")
 

@@ -188,6 +188,19 @@ def accuracy_markdown(data: dict) -> str:
     for r in data["results"]:
         lines.append(f"- `{r['name']}`: {r['description']}"
                      + (f" — {r['note']}" if r.get("note") else ""))
+    checked = [r for r in data["results"] if "reference" in r]
+    if checked:
+        lines += ["", "Checked against the reference decoder (tests/reference, same prompts "
+                  "and resolved parameters):", ""]
+        for r in checked:
+            ref = r["reference"]
+            if ref["status"] != "ok":
+                lines.append(f"- `{r['name']}`: not checked: {ref['error']}")
+                continue
+            lines.append(f"- `{r['name']}`: reference accuracy "
+                         + ", ".join(f"{f} {_pct(ref['accuracy'][f])}" for f in families)
+                         + f", avg {_pct(ref['accuracy_avg'])}; identical answers "
+                         f"{_pct(ref['identical_answers'])} ({ref['seconds']:.0f} s)")
     if skipped:
         lines += ["", "Skipped or failed:", ""]
         for r in skipped:
