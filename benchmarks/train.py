@@ -27,9 +27,10 @@ from tests.reference.modeling import ReferenceLLaDA
 
 CANVAS = 32  # response tokens per example: answer + <|eot_id|> + <|endoftext|> padding
 MASK_EPS = 1e-3  # LLaDA's forward process: t ~ U(0, 1) mapped to p = (1 - eps) t + eps
-# Families drawn in this repeating order: sorting and uppercasing are learnt early,
-# so the arithmetic families get twice their share.
-DEFAULT_MIX = "arithmetic,word_problem,sort,arithmetic,word_problem,uppercase"
+# Families drawn in this repeating order. Sorting and uppercasing are learnt early and
+# arithmetic next; word problems are learnt last, so they get half of all examples.
+DEFAULT_MIX = ("arithmetic,word_problem,sort,word_problem,"
+               "arithmetic,word_problem,uppercase,word_problem")
 
 
 class Encoder:
