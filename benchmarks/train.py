@@ -6,7 +6,8 @@ The model is tests/reference/modeling.py's ReferenceLLaDA with trainable weights
 tokenizer is tests/models/tiny_llada.py's character vocabulary, and the checkpoint is
 written in LLaDA's original format (so the plugin and the reference load it alike). A
 partial checkpoint is saved every `--save-every` steps; at the end the held-out accuracy
-is measured and a README.md recording the run goes into the output folder.
+is measured and a README.md recording the run goes into the output folder. The defaults
+are the recipe of the bundled examples/llada-tasks.
 """
 
 import argparse
@@ -206,19 +207,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=14000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--n-heads", type=int, default=2)
+    parser.add_argument("--n-heads", type=int, default=4)
     parser.add_argument("--mlp-hidden-size", type=int, default=512)
     parser.add_argument("--rope-theta", type=float, default=500000.0, help="LLaDA-8B's value by default")
-    parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--save-every", type=int, default=1000)
+    parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mix", default=DEFAULT_MIX,
