@@ -390,7 +390,7 @@ def check_against_reference(model: Path, prompts: list[list[int]], problems: lis
     """Decodes the prompts with the reference under the configuration's resolved
     parameters: its accuracy, and how many of the plugin's answers it gives too."""
     from benchmarks import tasks
-    from benchmarks.reference_check import reference_settings, reference_tokens
+    from benchmarks.reference_check import decode_with_reference, reference_settings
 
     try:
         settings = reference_settings(resolved)
@@ -398,16 +398,17 @@ def check_against_reference(model: Path, prompts: list[list[int]], problems: lis
         return {"status": "skipped", "error": str(e)}
     log(f"reference decode of {len(prompts)} prompts: {settings}")
     t0 = time.perf_counter()
-    reference = [answer_of(tokens) for tokens in reference_tokens(model, prompts, settings)]
+    reference = [answer_of(tokens) for tokens in decode_with_reference(model, prompts, settings)]
     correct: Counter[str] = Counter(p.family for p, a in zip(problems, reference)
                                     if tasks.score(a, p.answer))
     count = Counter(p.family for p in problems)
     accuracy = {f: correct[f] / n for f, n in count.items()}
+    accuracy_avg = sum(accuracy.values()) / len(accuracy)
     same = sum(a == b for a, b in zip(answers, reference))
-    log(f"reference: acc {sum(accuracy.values()) / len(accuracy):.1%}, "
-        f"{same}/{len(prompts)} answers identical to the plugin's")
+    log(f"reference: acc {accuracy_avg:.1%}, {same}/{len(prompts)} answers identical "
+        "to the plugin's")
     return {"status": "ok", "settings": settings, "accuracy": accuracy,
-            "accuracy_avg": sum(accuracy.values()) / len(accuracy),
+            "accuracy_avg": accuracy_avg,
             "identical_answers": same / len(prompts),
             "differing": [{"prompt": p.prompt, "plugin": a, "reference": b}
                           for p, a, b in zip(problems, answers, reference) if a != b][:10],

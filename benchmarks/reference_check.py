@@ -35,9 +35,10 @@ def reference_settings(resolved: dict[str, Any]) -> dict[str, Any]:
     return {key: resolved[key] for key in _SCHEDULE_KEYS}
 
 
-def reference_tokens(model_path: str | Path, prompts: list[list[int]],
+def decode_with_reference(model_path: str | Path, prompts: list[list[int]],
                      settings: dict[str, Any]) -> list[list[int]]:
-    """Greedy canvases of the reference model for `prompts` under `settings`."""
+    """Greedy canvases (whole, not cut at the end token) of the reference model for
+    `prompts` under `settings`."""
     model = ReferenceLLaDA.from_pretrained(Path(model_path)).eval()
     mask_id = model.config["mask_token_id"]
     with torch.inference_mode():
