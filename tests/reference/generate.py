@@ -1,14 +1,17 @@
 """Reference LLaDA decoding (algorithms.md §1.3), one request at a time, full recompute.
 
 Conventions shared with the plugin so that seeded runs can be compared token for
-token: each request owns a `torch.Generator` seeded with its `seed`; at every
-iteration it draws Gumbel uniforms for all `block_length` rows of the current
-block (shape [K, V], float64) when temperature > 0, then the random-remasking
-scores (shape [K], float64) when remasking is `random`. Confidence is the float64
-softmax probability of the chosen token; ties go to the lower position.
+token: randomness is the counter-based definition of `vllm_dllm.sampling.noise`
+(a uniform per (seed, iteration, canvas position, stream), the iteration counting
+the request's denoising iterations from 0); at temperature > 0 a position's token
+is drawn from softmax(logits / T) at its sampling uniform, and `random` remasking
+scores a position with its remasking uniform. Confidence is the float64 softmax
+probability of the chosen token; ties go to the lower position.
 """
 
 import torch
+
+from vllm_dllm.sampling import noise
 
 
 def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
@@ -42,11 +45,8 @@ def generate(
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0
     steps_per_block = steps // num_blocks
-    generator = torch.Generator()
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
     prompt_len = len(prompt)
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     forwards = 0
@@ -69,17 +69,22 @@ def generate(
             rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
             # Never predict the mask itself (the untrained models here can).
             rows[:, mask_id] = float("-inf")
+            canvas_pos = torch.arange(start, start + block_length) - prompt_len
+
+            def draw(stream: int) -> torch.Tensor:
+                return noise.uniforms(torch.tensor(seed), torch.tensor(forwards - 1), canvas_pos,
+                                      stream)
+
             if temperature > 0:
-                u = torch.rand(rows.shape, generator=generator, dtype=torch.float64)
-                noisy = rows.double().exp() / (-u.log()) ** temperature
-                x0 = noisy.argmax(-1)
+                x0 = noise.sample(rows, torch.full((block_length,), temperature),
+                                  draw(noise.STREAM_SAMPLE))
             else:
                 x0 = rows.argmax(-1)
             if remasking == "low_confidence":
                 probs = torch.softmax(rows.double(), -1)
                 conf = probs.gather(-1, x0[:, None]).squeeze(-1)
             elif remasking == "random":
-                conf = torch.rand(block_length, generator=generator, dtype=torch.float64)
+                conf = draw(noise.STREAM_REMASK)
             else:
                 raise ValueError(remasking)
             masked = x[block] == mask_id

@@ -25,11 +25,7 @@ class DenoiseState:
         self.mask_id = mask_id
         self.temperature = temperature
         self.canvas = torch.full((params.gen_length,), mask_id, dtype=torch.long)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
         self.block = 0
         self.step_in_block = 0
         self.block_start_masked = params.block_length

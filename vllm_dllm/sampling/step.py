@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
-from vllm_dllm.sampling.noise import block_uniforms, gumbel_argmax, random_scores
+from vllm_dllm.sampling import noise
 from vllm_dllm.sampling.policies import PolicyBatch, select
 from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
 from vllm_dllm.sampling.schedule import transfer_counts
@@ -71,13 +71,13 @@ class Denoiser:
         for state, pos, rows in zip(states, positions, rows_of):
             rel = pos - state.block_start
             params = state.params
+            seed, it = torch.tensor(state.seed), torch.tensor(state.iterations)
             if state.temperature > 0:
-                u = block_uniforms(state.generator, params.block_length, logits.shape[-1])
-                x0[rows] = gumbel_argmax(logits[rows], u[rel].to(logits.device), state.temperature)
+                u = noise.uniforms(seed, it, pos, noise.STREAM_SAMPLE)
+                x0[rows] = noise.sample(logits[rows], torch.full_like(u, state.temperature), u)
                 confidence[rows] = probability(rows, x0[rows])
             if params.remasking == "random":
-                confidence[rows] = random_scores(state.generator, params.block_length)[rel].to(
-                    logits.device)
+                confidence[rows] = noise.uniforms(seed, it, pos, noise.STREAM_REMASK)
             elif params.confidence_eos_eot_inf and special.eot is not None:
                 confidence[rows] = eos_eot_confidence(logits[rows], x0[rows], special.eos,
                                                       special.eot)
@@ -126,8 +126,9 @@ class Denoiser:
             uniforms = torch.zeros((len(states), width), dtype=torch.float64)
             for b, (state, drawn) in enumerate(zip(states, random_mode)):
                 if drawn:
-                    uniforms[b, : state.params.block_length] = random_scores(
-                        state.generator, state.params.block_length)
+                    uniforms[b, : state.params.block_length] = noise.uniforms(
+                        torch.tensor(state.seed), torch.tensor(state.iterations),
+                        torch.arange(state.block_start, state.block_end), noise.STREAM_TOKEN_CLUSTER)
             uniforms = uniforms.to(device)
         return apply_r2(
             R2Batch.build(settings, device), self.streaks, commit, tokens, conf_matrix,
