@@ -1,6 +1,8 @@
-"""The decoding core (no vLLM) driven by the reference model equals reference decoding."""
+"""The decoding core (no vLLM), driven by the reference model, equals reference decoding;
+it runs on any device and never synchronises with the host inside an iteration."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -8,9 +10,12 @@ import torch
 from tests.helpers import model_ids, random_prompt
 from tests.reference.generate import generate
 from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling import noise
+from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
 from vllm_dllm.sampling.schedule import transfer_counts
-from vllm_dllm.sampling.state import DenoiseState
-from vllm_dllm.sampling.step import Denoiser, SpecialTokens
+from vllm_dllm.sampling.state import RequestState
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def test_transfer_counts_front_load_remainder():
@@ -19,32 +24,171 @@ def test_transfer_counts_front_load_remainder():
     assert counts == [3, 3, 2, 2]
 
 
-def decode_batch(model, mask_id, prompts, params, temperature, seeds):
-    states = [DenoiseState(len(p), params, mask_id, temperature, s) for p, s in zip(prompts, seeds)]
-    denoiser = Denoiser(SpecialTokens(mask_id, eos=-1, eot=None))
-    while not all(s.finished for s in states):
-        active = [(str(i), s, p) for i, (s, p) in enumerate(zip(states, prompts)) if not s.finished]
-        positions, rows = [], []
-        for _, state, prompt in active:
-            logits = model(torch.cat([torch.tensor(prompt), state.canvas]))
-            masked = state.masked_in_block()
-            positions.append(masked)
-            rows.append(logits[len(prompt) + masked])
-        denoiser.step([k for k, _, _ in active], [s for _, s, _ in active], positions,
-                      torch.cat(rows))
-    return [s.canvas.tolist() for s in states]
+class CoreDriver:
+    """Runs the core the way the model runner does, with the reference model's logits."""
+
+    def __init__(self, model, mask_id: int, device: str, max_rows: int = 2):
+        self.model, self.mask_id, self.device = model, mask_id, device
+        self.batch = DenoiseBatch(max_rows, 256, SpecialTokens(mask_id, eos=-1, eot=None), device)
+        self.states: dict[str, tuple[RequestState, list[int]]] = {}
+
+    def add(self, key: str, prompt: list[int], params: DllmParams, temperature: float, seed: int):
+        row = self.batch.add(prompt, params, temperature, seed)
+        self.states[key] = (RequestState(len(prompt), params, self.mask_id, row), prompt)
+
+    def iterate(self, keys: list[str]) -> None:
+        states = [self.states[k][0] for k in keys]
+        masked = [s.masked_columns() for s in states]
+        request = torch.repeat_interleave(torch.arange(len(keys)),
+                                          torch.tensor([len(m) for m in masked]))
+        column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
+        rows = []
+        for (state, prompt), cols in zip((self.states[k] for k in keys), masked):
+            logits = self.model(torch.tensor(prompt + state.canvas))
+            rows.append(logits[[state.prompt_len + state.block_start + c for c in cols]])
+        plan = self.batch.plan([s.row for s in states], request, column)
+        packed = self.batch.step(plan, torch.cat(rows).to(self.device)).tolist()
+        for state, p in zip(states, packed):
+            state.apply(p)
+        for key, state in zip(keys, states):
+            if state.finished:
+                self.batch.remove(state.row)
+
+    def run(self, arrivals: dict[int, list[tuple]] | None = None) -> dict[str, list[int]]:
+        """Decode until every request finished; `arrivals[i]` join before iteration i."""
+        arrivals = arrivals or {}
+        for i in itertools.count():
+            for args in arrivals.get(i, []):
+                self.add(*args)
+            active = [k for k, (s, _) in self.states.items() if not s.finished]
+            if not active and i >= max(arrivals, default=0):
+                return {k: s.canvas for k, (s, _) in self.states.items()}
+            if active:
+                self.iterate(active)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape, remasking, temperature", list(itertools.product(
     [(32, 8, 16), (32, 32, 8), (16, 8, 32)], ["low_confidence", "random"], [0.0, 0.7])))
-def test_batched_core_matches_reference(reference, tiny_model, shape, remasking, temperature):
+def test_batched_core_matches_reference(reference, tiny_model, device, shape, remasking,
+                                        temperature):
     mask_id = model_ids(tiny_model)["mask"]
     prompts = [random_prompt(i, 3 + 11 * i) for i in range(3)]
     seeds = [11, 12, 13]
     params = DllmParams(*shape, remasking)
-    got = decode_batch(reference, mask_id, prompts, params, temperature, seeds)
-    for prompt, seed, tokens in zip(prompts, seeds, got):
+    driver = CoreDriver(reference, mask_id, device)
+    # Three requests on two rows to start with: the batch grows; the last joins late.
+    got = driver.run({0: [(str(i), prompts[i], params, temperature, seeds[i]) for i in range(2)],
+                      3: [("2", prompts[2], params, temperature, seeds[2])]})
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
         want = generate(reference, prompt, mask_id=mask_id, gen_length=shape[0],
                         block_length=shape[1], steps=shape[2], remasking=remasking,
                         temperature=temperature, seed=seed)["tokens"]
-        assert tokens == want
+        assert got[str(i)] == want
+
+
+def test_requests_with_different_settings_decode_as_alone(reference, tiny_model):
+    """Policies, R², block lengths and temperatures mixed in one batch; rows are reused."""
+    mask_id = model_ids(tiny_model)["mask"]
+    settings = [
+        (DllmParams(32, 8, 32, policy="threshold", threshold=0.05), 0.0),
+        (DllmParams(32, 16, 16, policy="frechet", frechet_delta=0.01, r2=True,
+                    r2_spatial_threshold=0.05, r2_temporal_threshold=0.05,
+                    r2_token_cluster="random"), 0.9),
+        (DllmParams(16, 16, 8, remasking="random", r2=True, r2_temporal_threshold=0.01), 0.5),
+        (DllmParams(32, 8, 8, policy="factor", factor=3.0), 0.0),
+    ]
+    prompts = [random_prompt(40 + i, 5 + 7 * i) for i in range(len(settings))]
+    args = [(str(i), prompts[i], p, t, 100 + i) for i, (p, t) in enumerate(settings)]
+    together = CoreDriver(reference, mask_id, "cpu").run({0: args[:2], 2: args[2:]})
+    for a in args:
+        alone = CoreDriver(reference, mask_id, "cpu").run({0: [a]})
+        assert together[a[0]] == alone[a[0]], a
+
+
+class SyncCounter:
+    """Counts calls that read a tensor's value back to the host."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__",
+             "__index__")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def wrapper(t, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+        original_nonzero = torch.nonzero
+        monkeypatch.setattr(torch, "nonzero", lambda *a, **k: (self.calls.append("nonzero"),
+                                                                original_nonzero(*a, **k))[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_iteration_reads_nothing_back(monkeypatch, device):
+    """DenoiseBatch.step, with every optional rule on, never synchronises with the host."""
+    vocab, mask = 50, 49
+    batch = DenoiseBatch(4, 64, SpecialTokens(mask, eos=47, eot=48), device)
+    kinds = [dict(policy="threshold", r2=True, r2_token_cluster="random", logits_eos_inf=True),
+             dict(policy="fixed", remasking="random", confidence_eos_eot_inf=True),
+             dict(policy="frechet"), dict(policy="factor")]
+    rows = [batch.add([1, 2, 3], DllmParams(16, 8, 8, **k), t, 5 + i)
+            for i, (k, t) in enumerate(zip(kinds, [0.0, 0.8, 1.0, 0.0]))]
+    request = torch.arange(4).repeat_interleave(8)
+    column = torch.arange(8).repeat(4)
+    plan = batch.plan(rows, request, column)
+    logits = torch.randn(32, vocab, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    counter = SyncCounter(monkeypatch)
+    try:
+        packed = batch.step(plan, logits)
+        assert counter.calls == []
+        packed.tolist()  # the caller's one transfer: the counter sees it
+        assert counter.calls == ["tolist"]
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+        monkeypatch.undo()
+    assert packed.shape == (4, 9) and packed.device.type == torch.device(device).type
+
+
+def test_noise_is_a_function_of_its_counters():
+    seed, it, pos = torch.tensor([3, 3, 4]), torch.tensor([0, 1, 0]), torch.tensor([5, 5, 5])
+    u = noise.uniforms(seed, it, pos, noise.STREAM_SAMPLE)
+    assert torch.equal(u, noise.uniforms(seed, it, pos, noise.STREAM_SAMPLE))
+    assert len(set(u.tolist())) == 3 and ((u > 0) & (u < 1)).all()
+    assert not torch.equal(u, noise.uniforms(seed, it, pos, noise.STREAM_REMASK))
+    # Large seeds use all their bits.
+    assert noise.uniforms(torch.tensor(2**40), it[:1], pos[:1], 0) != noise.uniforms(
+        torch.tensor(2**41), it[:1], pos[:1], 0)
+
+
+def test_uniforms_look_uniform():
+    u = noise.uniforms(torch.tensor(7), torch.arange(200)[:, None], torch.arange(500)[None, :], 0)
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert (counts - u.numel() / 10).abs().max() < 5 * math.sqrt(u.numel() / 10)
+
+
+def test_sampling_follows_softmax_over_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).expand(40000, 4)
+    u = noise.uniforms(torch.tensor(1), torch.tensor(0), torch.arange(40000), 0)
+    for t in (0.5, 1.0, 2.0):
+        tokens = noise.sample(logits, torch.full((40000,), t), u)
+        freq = torch.bincount(tokens, minlength=4).double() / 40000
+        want = torch.softmax(logits[0].double() / t, -1)
+        assert freq[3] == 0
+        assert torch.allclose(freq, want, atol=0.01), (t, freq, want)
+
+
+def test_sampling_in_chunks_equals_one_pass(monkeypatch):
+    logits = torch.randn(37, 101)
+    u = noise.uniforms(torch.tensor(9), torch.tensor(2), torch.arange(37), 0)
+    whole = noise.sample(logits, torch.full((37,), 0.7), u)
+    monkeypatch.setattr(noise, "SAMPLE_CHUNK_ELEMENTS", 101 * 5)
+    assert torch.equal(noise.sample(logits, torch.full((37,), 0.7), u), whole)

@@ -237,11 +237,12 @@ class TestEos:
     # Probabilities 0.5, 0.25, 0.125 (EOS), 0.125 (EoT).
     LOGITS = torch.tensor([[0.5, 0.25, 0.125, 0.125]] * 4, dtype=torch.float64).log()
 
-    def test_logits_eos_inf_is_a_copy_with_eos_column_at_minus_inf(self):
-        out = suppress_eos_logits(self.LOGITS.float(), self.EOS)
-        assert torch.isinf(out[:, self.EOS]).all() and (out[:, self.EOS] < 0).all()
+    def test_logits_eos_inf_sets_the_chosen_rows_eos_column_to_minus_inf(self):
+        rows = torch.tensor([True, False, True, False])
+        out = suppress_eos_logits(self.LOGITS.float(), self.EOS, rows)
+        assert torch.isinf(out[rows, self.EOS]).all() and (out[rows, self.EOS] < 0).all()
+        assert torch.equal(out[~rows], self.LOGITS.float()[~rows])
         assert torch.equal(out[:, [0, 1, 3]], self.LOGITS.float()[:, [0, 1, 3]])
-        assert torch.isfinite(self.LOGITS).all()
         assert out.argmax(-1).tolist() == [0, 0, 0, 0]
 
     def test_eos_and_eot_get_zero_others_renormalised(self):

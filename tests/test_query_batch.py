@@ -18,7 +18,7 @@ def test_one_query_set_is_one_segment():
     assert len(b.segments) == 1 and b.layer_rows() == {}
     assert b.input_ids.tolist() == [104, 105, 106, 107, 108, 109, 110, 111, 200, 205, 209]
     m = b.metadata_for_layer(3)
-    assert m.query_start_loc_cpu == [0, 8, 11] and m.seq_lens_cpu == [12, 10]
+    assert m.query_start_loc.tolist() == [0, 8, 11] and m.seq_lens.tolist() == [12, 10]
     # position 5 of request 1 is page 9, offset 1; position 9 is page 3, offset 1
     assert m.slot_mapping[-2:].tolist() == [9 * BLOCK + 1, 3 * BLOCK + 1]
 
@@ -33,8 +33,8 @@ def test_segments_cut_where_any_request_changes_its_set():
     assert rows[1].tolist() == list(range(10)) + [11, 12]
     # layer 2: request 0 keeps positions 3, 8, 11 of its 10 rows; request 1 keeps position 2
     assert rows[2].tolist() == [1, 6, 9, 11]
-    assert b.metadata_for_layer(1).query_start_loc_cpu == [0, 10, 12]
-    assert b.metadata_for_layer(5).query_start_loc_cpu == [0, 3, 4]
+    assert b.metadata_for_layer(1).query_start_loc.tolist() == [0, 10, 12]
+    assert b.metadata_for_layer(5).query_start_loc.tolist() == [0, 3, 4]
     assert b.output_rows(0, torch.tensor([8, 11])).tolist() == [1, 2]
     assert b.output_rows(1, torch.tensor([2])).tolist() == [3]
     with pytest.raises(ValueError, match="does not compute"):

@@ -1,21 +1,22 @@
 """Which positions each cache mode recomputes, iteration by iteration."""
 
-import torch
-
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.recompute import recompute_range
-from vllm_dllm.sampling.state import DenoiseState
+from vllm_dllm.sampling.state import RequestState
 
 
 def ranges(cache: str, refresh_at: int | None = None) -> list[tuple[int, int]]:
     """Recompute ranges of a 10-token prompt, gen 16 in blocks of 8, 4 steps per block."""
-    state = DenoiseState(10, DllmParams(16, 8, 8, cache=cache), mask_id=99, temperature=0.0,
-                         seed=0)
+    state = RequestState(10, DllmParams(16, 8, 8, cache=cache), mask_id=99, row=0)
+    state.needs_refresh = False
     out = []
     for i in range(8):
-        out.append(recompute_range(state, refresh=(i == refresh_at)))
-        masked = state.masked_in_block()
-        state.commit(masked[:2], torch.zeros(2, dtype=torch.long))
+        state.needs_refresh = i == refresh_at
+        out.append(state.recompute_range())
+        block = state.canvas[state.block_start: state.block_start + 8]
+        masked = [c for c, t in enumerate(block) if t == 99]
+        for c in masked[:2]:
+            block[c] = 0
+        state.apply(block + [int(99 not in block and state.step_in_block == 3)])
     assert state.finished
     return out
 
@@ -34,3 +35,17 @@ def test_dual_refreshes_at_block_start_then_block_only():
 
 def test_lost_cache_forces_a_full_pass():
     assert ranges("dual", refresh_at=2)[2] == (0, 26)
+
+
+def test_next_rows_is_what_the_scheduler_is_charged():
+    state = RequestState(10, DllmParams(16, 8, 8, cache="dual"), mask_id=99, row=0)
+    assert state.next_rows() == 26
+    state.apply([0] * 2 + [99] * 6 + [0])
+    assert state.next_rows() == 8
+
+
+def test_apply_hands_out_the_committed_prefix_once():
+    state = RequestState(3, DllmParams(8, 4, 8, policy="threshold"), mask_id=99, row=0)
+    assert state.apply([5, 99, 6, 99, 0]) == [5]
+    assert state.apply([5, 7, 6, 8, 1]) == [7, 6, 8]
+    assert (state.block, state.step_in_block) == (1, 0)

@@ -43,8 +43,8 @@ class BidirectionalMetadata:
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
 
 
 class BidirectionalAttentionBackend(AttentionBackend):
@@ -100,8 +100,8 @@ class BidirectionalMetadataBuilder(AttentionMetadataBuilder[BidirectionalMetadat
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
-            query_start_loc_cpu=m.query_start_loc_cpu.tolist(),
-            seq_lens_cpu=m.seq_lens.cpu().tolist(),
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
         )
 
 
@@ -166,9 +166,9 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
         n = attn_metadata.num_actual_tokens
         write_kv(kv_cache, attn_metadata.slot_mapping[:n], key[:n].to(kv_cache.dtype),
                  value[:n].to(kv_cache.dtype))
-        starts = attn_metadata.query_start_loc_cpu
+        starts = attn_metadata.query_start_loc.tolist()
         group = self.num_heads // self.num_kv_heads
-        for b, seq_len in enumerate(attn_metadata.seq_lens_cpu):
+        for b, seq_len in enumerate(attn_metadata.seq_lens.tolist()):
             lo, hi = starts[b], starts[b + 1]
             if hi == lo:
                 continue

@@ -1,14 +1,19 @@
 """Runs one denoising iteration per engine step on vLLM's model runner.
 
 Loading, KV cache allocation and binding come from the platform's V1 runner;
-`execute_model` is replaced: it rebuilds each scheduled request's sequence
-(prompt + canvas), runs the model with bidirectional paged attention, computes
-logits only for the masked positions of each request's current block, and lets
-the decoding core commit tokens. It returns, per request, the canvas tokens
-that became final in this iteration.
+`execute_model` is replaced. Each request gets, when it joins, a host record
+(`RequestState`: parameters parsed once, the mirror the host lays iterations out
+from) and a persistent row of `DenoiseBatch` on the device (its tokens, schedule
+position, parameters as tensors, R² streaks) plus a row of the runner's block
+table. An iteration then is: lay out every request's recomputed positions with
+batched tensor operations, one forward pass (one attention call per layer over
+vLLM's pages), logits for the masked positions of each request's current block,
+one batched decoding step, and one copy of its packed result to the host, from
+which each record takes the tokens that became final.
 """
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,11 +23,10 @@ from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from vllm_dllm.engine.query_batch import QueryBatch, build_query_batch
+from vllm_dllm.engine.query_batch import QueryBatch, range_query_batch
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.recompute import recompute_range
-from vllm_dllm.sampling.state import DenoiseState
-from vllm_dllm.sampling.step import Denoiser, SpecialTokens
+from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
+from vllm_dllm.sampling.state import RequestState
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner as PlatformModelRunner
@@ -31,45 +35,54 @@ else:
 
 
 @dataclass
-class DllmRequest:
-    prompt: torch.Tensor
-    state: DenoiseState
-    block_ids: list[int]
-    # The pages hold none of this request's K/V (new or resumed request).
-    needs_refresh: bool = True
+class DllmRunnerOutput(ModelRunnerOutput):
+    # Rows each request will recompute in its next iteration, for the scheduler's budget.
+    dllm_next_rows: dict[str, int] = field(default_factory=dict)
 
 
 class DllmModelRunner(PlatformModelRunner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.dllm_requests: dict[str, DllmRequest] = {}
         hf_config = self.model_config.hf_config
         self.mask_token_id = hf_config.mask_token_id
-        self.denoiser = Denoiser(SpecialTokens(
+        self.requests: dict[str, RequestState] = {}
+        max_rows = self.scheduler_config.max_num_seqs
+        max_len = self.model_config.max_model_len
+        self.batch = DenoiseBatch(max_rows, max_len, SpecialTokens(
             mask=hf_config.mask_token_id, eos=hf_config.eos_token_id,
-            eot=getattr(hf_config, "eot_token_id", None)))
+            eot=getattr(hf_config, "eot_token_id", None)), self.device)
+        self.block_size = self.cache_config.block_size
+        self.block_table = torch.zeros((max_rows, -(-max_len // self.block_size)),
+                                       dtype=torch.int32, device=self.device)
+
+    def _set_pages(self, row: int, block_ids: list[int]) -> None:
+        if row >= self.block_table.shape[0]:
+            grown = torch.zeros((len(self.batch.params), self.block_table.shape[1]),
+                                dtype=torch.int32, device=self.device)
+            grown[: self.block_table.shape[0]] = self.block_table
+            self.block_table = grown
+        self.block_table[row, : len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
 
     def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
-            self.dllm_requests.pop(req_id, None)
-            self.denoiser.forget(req_id)
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self.batch.remove(state.row)
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
-            state = DenoiseState(
-                prompt_len=len(new.prompt_token_ids),
-                params=DllmParams.from_resolved(sp.extra_args),
-                mask_id=self.mask_token_id,
-                temperature=sp.temperature,
-                seed=sp.seed,
-            )
-            self.dllm_requests[new.req_id] = DllmRequest(
-                torch.tensor(new.prompt_token_ids, dtype=torch.long), state, new.block_ids[0])
+            params = DllmParams.from_resolved(sp.extra_args)
+            seed = sp.seed if sp.seed is not None else random.getrandbits(62)
+            row = self.batch.add(new.prompt_token_ids, params, sp.temperature, seed)
+            self.requests[new.req_id] = RequestState(len(new.prompt_token_ids), params,
+                                                     self.mask_token_id, row)
+            self._set_pages(row, new.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, block_ids in zip(cached.req_ids, cached.new_block_ids):
             if block_ids is not None:
                 # A resumed request gets fresh pages; its canvas survived preemption.
-                self.dllm_requests[req_id].block_ids = block_ids[0]
-                self.dllm_requests[req_id].needs_refresh = True
+                state = self.requests[req_id]
+                self._set_pages(state.row, block_ids[0])
+                state.needs_refresh = True
 
     def forward_query_batch(self, batch: QueryBatch) -> torch.Tensor:
         """Runs the model over `batch`; returns the hidden states of its last segment's rows."""
@@ -87,25 +100,28 @@ class DllmModelRunner(PlatformModelRunner):
         req_ids = list(scheduler_output.num_scheduled_tokens)
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        requests = [self.dllm_requests[r] for r in req_ids]
-        sequences, plans = [], []
-        for req in requests:
-            sequences.append(torch.cat([req.prompt, req.state.canvas]))
-            lo, hi = recompute_range(req.state, req.needs_refresh)
-            req.needs_refresh = False
-            plans.append([(0, torch.arange(lo, hi))])
-        batch = build_query_batch(sequences, plans, [r.block_ids for r in requests],
-                                  self.cache_config.block_size, self.device)
-        hidden = self.forward_query_batch(batch)
-        # Only the masked positions of each current block need logits.
-        offset = self.model.dllm_logits_offset
-        canvas_positions = [r.state.masked_in_block() for r in requests]
-        rows = torch.cat([batch.output_rows(i, r.state.prompt_len + masked - offset)
-                          for i, (r, masked) in enumerate(zip(requests, canvas_positions))])
-        logits = self.model.compute_logits(hidden[rows.to(self.device)])
-        self.denoiser.step(req_ids, [r.state for r in requests], canvas_positions, logits)
-        return ModelRunnerOutput(
+        states = [self.requests[r] for r in req_ids]
+        ranges = torch.tensor([s.recompute_range() for s in states], dtype=torch.long)
+        masked = [s.masked_columns() for s in states]
+        logit_request = torch.repeat_interleave(
+            torch.arange(len(states)), torch.tensor([len(m) for m in masked], dtype=torch.long))
+        logit_column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
+        plan = self.batch.plan([s.row for s in states], logit_request, logit_column)
+        query = range_query_batch(
+            self.batch.tokens, plan.rows, ranges[:, 0], ranges[:, 1],
+            torch.tensor([s.sequence_length for s in states]), self.block_table[plan.rows],
+            self.block_size)
+        hidden = self.forward_query_batch(query)
+        # Row p of the logits predicts position p + offset; only masked block positions need them.
+        block_starts = torch.tensor([s.prompt_len + s.block_start for s in states])
+        positions = block_starts[logit_request] + logit_column - self.model.dllm_logits_offset
+        rows = query.range_rows(logit_request, positions).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden[rows])
+        # The iteration's one device-to-host transfer.
+        packed = self.batch.step(plan, logits).tolist()
+        return DllmRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=[r.state.take_new_tokens() for r in requests],
+            sampled_token_ids=[s.apply(p) for s, p in zip(states, packed)],
+            dllm_next_rows={r: s.next_rows() for r, s in zip(req_ids, states)},
         )

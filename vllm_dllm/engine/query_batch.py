@@ -33,9 +33,15 @@ class QueryBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
     segments: list[Segment]
-    # Per request: the positions the last segment computes, and where its rows begin.
-    final_positions: list[torch.Tensor]
-    final_starts: list[int]
+    # Per request: the positions the last segment computes, and where its rows begin
+    # (`final_positions` is None for a range batch, where `range_rows` finds rows).
+    final_positions: list[torch.Tensor] | None
+    final_starts: torch.Tensor
+    range_lo: torch.Tensor | None = None
+
+    def range_rows(self, request: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Output rows of a range batch holding `positions` of `request` (host tensors)."""
+        return self.final_starts[request] + positions - self.range_lo[request]
 
     def layer_rows(self) -> dict[int, torch.Tensor]:
         """Row gathers keyed by the layer they come before, as the model takes them."""
@@ -50,6 +56,51 @@ class QueryBatch:
         if index is None:
             raise ValueError("the last layer does not compute every position asked for")
         return index + self.final_starts[request]
+
+
+def _metadata(starts: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+              slot_mapping: torch.Tensor, device: torch.device) -> BidirectionalMetadata:
+    """Attention metadata of one segment; `starts` [B+1] and `seq_lens` [B] are host tensors."""
+    return BidirectionalMetadata(
+        num_actual_tokens=int(starts[-1]),
+        query_start_loc=starts.to(device, torch.int32, non_blocking=True),
+        seq_lens=seq_lens.to(device, torch.int32, non_blocking=True),
+        block_table=block_table,
+        slot_mapping=slot_mapping,
+        max_query_len=int((starts[1:] - starts[:-1]).max()) if len(seq_lens) else 0,
+        max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+    )
+
+
+def range_query_batch(tokens: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int
+                      ) -> QueryBatch:
+    """The pass where request b computes the absolute positions [lo[b], hi[b]) in every layer.
+
+    `tokens` [R, L] are the batch's token rows on the device and `rows` [B] the
+    scheduled requests' rows (device); `lo`, `hi`, `seq_lens` [B] are host tensors;
+    `block_table` [B, pages] is on the device. Everything is laid out with batched
+    tensor operations: no per-request loop.
+    """
+    device = tokens.device
+    lengths = hi - lo
+    starts = torch.zeros(len(lo) + 1, dtype=torch.long)
+    torch.cumsum(lengths, 0, out=starts[1:])
+    request = torch.repeat_interleave(torch.arange(len(lo)), lengths)
+    positions = lo[request] + torch.arange(int(starts[-1])) - starts[:-1][request]
+    positions_dev = positions.to(device, non_blocking=True)
+    request_dev = request.to(device, non_blocking=True)
+    pages = block_table[request_dev, positions_dev // block_size].long()
+    metadata = _metadata(starts, seq_lens, block_table,
+                         pages * block_size + positions_dev % block_size, device)
+    return QueryBatch(
+        input_ids=tokens[rows[request_dev], positions_dev],
+        positions=positions_dev,
+        segments=[Segment(0, None, metadata)],
+        final_positions=None,
+        final_starts=starts[:-1],
+        range_lo=lo,
+    )
 
 
 def _index_within(computed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -78,8 +129,7 @@ def build_query_batch(sequences: list[torch.Tensor], plans: list[Plan],
     for i, ids in enumerate(block_ids):
         block_table[i, : len(ids)] = torch.tensor(ids)
     seq_lens = [len(s) for s in sequences]
-    seq_lens_dev = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    block_table = block_table.to(device)
+    block_table = block_table.to(device, torch.int32)
 
     segments: list[Segment] = []
     previous: list[torch.Tensor] | None = None
@@ -102,15 +152,8 @@ def build_query_batch(sequences: list[torch.Tensor], plans: list[Plan],
         positions = torch.cat(sets)
         pages = torch.cat([torch.tensor(ids, dtype=torch.long)[s // block_size]
                            for ids, s in zip(block_ids, sets)])
-        metadata = BidirectionalMetadata(
-            num_actual_tokens=starts[-1],
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=seq_lens_dev,
-            block_table=block_table,
-            slot_mapping=(pages * block_size + positions % block_size).to(device),
-            query_start_loc_cpu=starts,
-            seq_lens_cpu=seq_lens,
-        )
+        metadata = _metadata(torch.tensor(starts), torch.tensor(seq_lens), block_table,
+                             (pages * block_size + positions % block_size).to(device), device)
         segments.append(Segment(first, keep, metadata))
         previous, previous_starts = sets, starts[:-1]
 
@@ -120,5 +163,5 @@ def build_query_batch(sequences: list[torch.Tensor], plans: list[Plan],
         positions=torch.cat(first_sets).to(device),
         segments=segments,
         final_positions=previous,
-        final_starts=previous_starts,
+        final_starts=torch.tensor(previous_starts),
     )

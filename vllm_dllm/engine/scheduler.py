@@ -6,6 +6,11 @@ sequence (prompt + canvas); it keeps them until it finishes, is aborted or is
 preempted. Requests join and leave between iterations, each at its own block
 and step. Stop checks, outputs and stats are vLLM's own (`update_from_output`):
 the worker reports, each iteration, the canvas tokens that became final.
+
+The token budget (`max_num_batched_tokens`) is charged with the rows each
+request really recomputes: its whole sequence when it joins or resumes, then
+what the runner reported for its next iteration (a block or block + suffix
+under the prefix and dual caches). vLLM's token statistics then count real work.
 """
 
 import time
@@ -14,18 +19,33 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dllm.params import DllmParams
 
 
-def sequence_length(request: Request) -> int:
-    """Prompt + canvas: the positions one vanilla iteration recomputes."""
-    params = DllmParams.from_resolved(request.sampling_params.extra_args)
-    return request.num_prompt_tokens + params.gen_length
-
-
 class DllmScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Per request id: its whole sequence (parsed once, when it arrives), and the
+        # rows its next iteration recomputes, once the runner has said.
+        self._sequence_length: dict[str, int] = {}
+        self._next_rows: dict[str, int] = {}
+
+    def add_request(self, request: Request) -> None:
+        params = DllmParams.from_resolved(request.sampling_params.extra_args)
+        self._sequence_length[request.request_id] = request.num_prompt_tokens + params.gen_length
+        super().add_request(request)
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        self._sequence_length.pop(request.request_id, None)
+        self._next_rows.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+    def _rows(self, request: Request) -> int:
+        return self._next_rows.get(request.request_id, self._sequence_length[request.request_id])
+
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         budget = self.max_num_scheduled_tokens
         now = time.monotonic()
@@ -33,7 +53,7 @@ class DllmScheduler(Scheduler):
         scheduled: list[Request] = []
         skipped: list[Request] = []
         for request in self.running:
-            rows = sequence_length(request)
+            rows = self._rows(request)
             if rows <= budget:
                 num_scheduled[request.request_id] = rows
                 scheduled.append(request)
@@ -44,7 +64,8 @@ class DllmScheduler(Scheduler):
         admitted: list[Request] = []
         while self.waiting and len(self.running) < self.max_num_running_reqs:
             request = self.waiting.peek_request()
-            rows = sequence_length(request)
+            # A new or resumed request recomputes its whole sequence first.
+            rows = self._sequence_length[request.request_id]
             if rows > budget:
                 break
             if self.kv_cache_manager.allocate_slots(request, rows) is None:
@@ -56,6 +77,7 @@ class DllmScheduler(Scheduler):
                     budget += num_scheduled.pop(victim.request_id)
                     scheduled.remove(victim)
                 skipped = [r for r in skipped if r is not victim]
+                self._next_rows.pop(victim.request_id, None)
                 self._preempt_request(victim, now)
                 continue
             self.waiting.pop_request()
@@ -108,6 +130,11 @@ class DllmScheduler(Scheduler):
         self.finished_req_ids = set()
         self.reset_preempted_req_ids = set()
         return output
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_runner_output: ModelRunnerOutput):
+        self._next_rows.update(getattr(model_runner_output, "dllm_next_rows", {}))
+        return super().update_from_output(scheduler_output, model_runner_output)
 
     def _lower_priority_victim(self, request: Request) -> Request | None:
         """The running request to preempt so that `request` fits, if policy allows."""

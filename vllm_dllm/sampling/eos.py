@@ -7,13 +7,15 @@ from ending, or from ending early, by changing what the rules see.
 import torch
 
 
-def suppress_eos_logits(logits: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """`logits_eos_inf`: a copy of `logits` [..., V] whose EOS column is -inf.
+def suppress_eos_logits(logits: torch.Tensor, eos_id: int, rows: torch.Tensor) -> torch.Tensor:
+    """`logits_eos_inf`: set the EOS column of the `rows` ([N] bool) of `logits` [N, V]
+    to -inf, in place, and return `logits`.
 
-    Apply before tokens are chosen (argmax or Gumbel) and before confidence is
-    computed: EOS then is never predicted.
+    Apply before tokens are chosen (argmax or sampling) and before confidence is
+    computed: EOS then is never predicted in those rows.
     """
-    return logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), float("-inf"))
+    logits[:, eos_id] = logits[:, eos_id].masked_fill(rows, float("-inf"))
+    return logits
 
 
 def eos_eot_confidence(logits: torch.Tensor, tokens: torch.Tensor, eos_id: int, eot_id: int) -> torch.Tensor:
@@ -38,7 +40,8 @@ def eos_eot_confidence(logits: torch.Tensor, tokens: torch.Tensor, eos_id: int, 
     -inf: -inf marks a non-candidate for the rules in `policies`, and a block
     whose last masks all predict EOS could then never be finished.
     """
-    ids = torch.tensor([eos_id, eot_id], device=logits.device)
-    dropped = logits.to(torch.float64, copy=True).index_fill_(-1, ids, float("-inf"))
+    dropped = logits.to(torch.float64, copy=True)
+    dropped[..., eos_id] = float("-inf")
+    dropped[..., eot_id] = float("-inf")
     chosen = dropped.gather(-1, tokens[:, None]).squeeze(-1)
     return (chosen - torch.logsumexp(dropped, dim=-1)).exp()

@@ -4,10 +4,9 @@ Positions are absolute (prompt first). Everything outside the range keeps the
 K/V an earlier iteration left in the cache.
 """
 
-from vllm_dllm.sampling.state import DenoiseState
 
-
-def recompute_range(state: DenoiseState, refresh: bool = False) -> tuple[int, int]:
+def recompute_range(cache: str, prompt_len: int, gen_length: int, block_start: int,
+                    block_length: int, step_in_block: int, refresh: bool = False) -> tuple[int, int]:
     """[lo, hi) of the positions to recompute in this iteration.
 
     `none` recomputes the whole sequence every time. `prefix` and `dual` do so at
@@ -15,10 +14,9 @@ def recompute_range(state: DenoiseState, refresh: bool = False) -> tuple[int, in
     longer holds the request (`refresh`, e.g. after preemption); in between,
     `prefix` recomputes the block and everything after it, `dual` the block only.
     """
-    prompt_len, params = state.prompt_len, state.params
-    length = prompt_len + params.gen_length
-    if params.cache == "none" or refresh or state.step_in_block == 0:
+    length = prompt_len + gen_length
+    if cache == "none" or refresh or step_in_block == 0:
         return 0, length
-    if params.cache == "prefix":
-        return prompt_len + state.block_start, length
-    return prompt_len + state.block_start, prompt_len + state.block_end
+    if cache == "prefix":
+        return prompt_len + block_start, length
+    return prompt_len + block_start, prompt_len + block_start + block_length

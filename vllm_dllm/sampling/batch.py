@@ -1,0 +1,293 @@
+"""The decoding state of every running request, in persistent rows on the model's device.
+
+A request gets a row when it joins (`add`) and gives it back when it leaves
+(`remove`); its parameters are written into the row once, and everything that
+changes per iteration (its tokens, block, step, iteration counter, R² streaks)
+stays in the row. An iteration (`step`) reads the rows of the scheduled requests
+as they are, turns their logits into commits with batched tensor operations
+(no per-request loop, no host synchronisation), writes the commits back into the
+rows and returns one packed tensor that the caller copies to the host once.
+
+Layout of `tokens`: row r holds the request's prompt followed by its canvas; the
+last column is scratch, where padding columns of a narrower block read and write.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling import noise
+from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
+from vllm_dllm.sampling.policies import POLICIES, PolicyBatch, select
+from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
+from vllm_dllm.sampling.schedule import transfer_counts
+
+_STREAK_FIELDS = ("ids", "count", "conf_sum", "conf_max")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    mask: int
+    eos: int
+    eot: int | None
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one iteration decodes, laid out by the caller from its host-side mirror.
+
+    `rows` [B] are the batch rows of the scheduled requests; logits row i belongs
+    to request `logit_request[i]` (0..B-1) at block column `logit_column[i]`; the
+    logits cover exactly the masked columns of each request's current block.
+    `sampled` lists the logits rows decoded at temperature > 0. The host-side
+    fields say which optional rules any of these requests uses.
+    """
+
+    rows: torch.Tensor
+    logit_request: torch.Tensor
+    logit_column: torch.Tensor
+    sampled: torch.Tensor | None
+    width: int
+    policies: frozenset[str]
+    random_remasking: bool
+    logits_eos_inf: bool
+    confidence_eos_eot_inf: bool
+    r2: R2Batch | None
+
+
+class DenoiseBatch:
+    def __init__(self, max_rows: int, max_len: int, special: SpecialTokens,
+                 device: torch.device | str = "cpu"):
+        self.special = special
+        self.device = torch.device(device)
+        self.max_len = max_len
+        self.width = 1
+        # Host copies of the parameters, to lay out iterations without reading the device.
+        self.params: list[DllmParams | None] = [None] * max_rows
+        self.temperatures: list[float] = [0.0] * max_rows
+        self._free = list(range(max_rows - 1, -1, -1))
+
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(max_rows, dtype=dtype, device=self.device)
+
+        self.tokens = torch.full((max_rows, max_len + 1), special.mask, dtype=torch.long,
+                                 device=self.device)
+        self.prompt_len = zeros(torch.long)
+        self.block_length = zeros(torch.long)
+        self.steps_per_block = zeros(torch.long)
+        self.policy = zeros(torch.long)
+        self.threshold = zeros(torch.float64)
+        self.factor = zeros(torch.float64)
+        self.frechet_delta = zeros(torch.float64)
+        self.temperature = zeros(torch.float64)
+        self.seed = zeros(torch.long)
+        self.random_remasking = zeros(torch.bool)
+        self.logits_eos_inf = zeros(torch.bool)
+        self.confidence_eos_eot_inf = zeros(torch.bool)
+        self.block = zeros(torch.long)
+        self.step_in_block = zeros(torch.long)
+        self.iteration = zeros(torch.long)
+        self.r2 = R2Batch.build([None] * max_rows, self.device)
+        self._composition: tuple[tuple[int, ...], dict] | None = None
+        self.streaks = StreakState(max_rows, self.width, self.device)
+
+    def add(self, prompt: list[int], params: DllmParams, temperature: float, seed: int) -> int:
+        """Give a joining request a row and write its parameters; returns the row."""
+        if not self._free:
+            self._grow()
+        if len(prompt) + params.gen_length > self.max_len:
+            raise ValueError("prompt + gen_length exceeds the batch's max_len")
+        row = self._free.pop()
+        self.params[row] = params
+        self.temperatures[row] = temperature
+        self._composition = None
+        if params.block_length > self.width:
+            self.width = params.block_length
+            self.streaks.reorder(torch.arange(len(self.params), device=self.device), self.width)
+        self.tokens[row] = self.special.mask
+        self.tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        for name, value in (
+            ("prompt_len", len(prompt)), ("block_length", params.block_length),
+            ("steps_per_block", params.steps_per_block),
+            ("policy", POLICIES.index(params.policy)), ("threshold", params.threshold),
+            ("factor", params.factor), ("frechet_delta", params.frechet_delta),
+            ("temperature", temperature), ("seed", seed),
+            ("random_remasking", params.remasking == "random"),
+            ("logits_eos_inf", params.logits_eos_inf),
+            ("confidence_eos_eot_inf", params.confidence_eos_eot_inf),
+            ("block", 0), ("step_in_block", 0), ("iteration", 0),
+        ):
+            getattr(self, name)[row] = value
+        one = R2Batch.build([params.r2_settings], self.device)
+        for f in fields(R2Batch):
+            if isinstance(getattr(one, f.name), torch.Tensor):
+                getattr(self.r2, f.name)[row] = getattr(one, f.name)[0]
+        self.streaks.block[row] = -1
+        for name in _STREAK_FIELDS:
+            getattr(self.streaks, name)[row] = -1 if name == "ids" else 0
+        return row
+
+    def _grow(self) -> None:
+        """Double the rows: preempted requests keep theirs, so more than max_num_seqs
+        requests can hold one."""
+        old = len(self.params)
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, torch.zeros_like(t)]) if t.dim() and t.shape[0] == old else t
+
+        for holder in (self, self.streaks):
+            for name, value in list(vars(holder).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(holder, name, grown(value))
+        self.r2 = replace(self.r2, **{f.name: grown(getattr(self.r2, f.name))
+                                      for f in fields(R2Batch)
+                                      if isinstance(getattr(self.r2, f.name), torch.Tensor)})
+        self.params += [None] * old
+        self.temperatures += [0.0] * old
+        self._free = list(range(2 * old - 1, old - 1, -1))
+
+    def remove(self, row: int) -> None:
+        self.params[row] = None
+        self._composition = None
+        self._free.append(row)
+
+    def plan(self, rows: list[int], logit_request: torch.Tensor,
+             logit_column: torch.Tensor) -> BatchPlan:
+        """The plan of an iteration over `rows`; `logit_request` and `logit_column` are
+        host tensors. What depends only on which requests run is kept until that changes."""
+        key = tuple(rows)
+        if self._composition is None or self._composition[0] != key:
+            self._composition = (key, self._compose(rows))
+        fixed = self._composition[1]
+        sampled = None
+        if fixed["hot"] is not None:
+            sampled = torch.nonzero(fixed["hot"][logit_request]).flatten().to(
+                self.device, non_blocking=True)
+        return BatchPlan(
+            logit_request=logit_request.to(self.device, non_blocking=True),
+            logit_column=logit_column.to(self.device, non_blocking=True),
+            sampled=sampled,
+            **{k: v for k, v in fixed.items() if k != "hot"},
+        )
+
+    def _compose(self, rows: list[int]) -> dict:
+        params = [self.params[r] for r in rows]
+        hot = torch.tensor([self.temperatures[r] > 0 for r in rows])
+        settings = [p.r2_settings for p in params]
+        rows_dev = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        r2 = None
+        if any(settings):
+            host = R2Batch.build(settings)
+            r2 = replace(host, **{f.name: getattr(self.r2, f.name)[rows_dev]
+                                  for f in fields(R2Batch)
+                                  if isinstance(getattr(host, f.name), torch.Tensor)})
+        return dict(
+            rows=rows_dev,
+            hot=hot if bool(hot.any()) else None,
+            width=max(p.block_length for p in params),
+            policies=frozenset(p.policy for p in params),
+            random_remasking=any(p.remasking == "random" for p in params),
+            logits_eos_inf=any(p.logits_eos_inf for p in params),
+            confidence_eos_eot_inf=any(p.confidence_eos_eot_inf for p in params),
+            r2=r2,
+        )
+
+    def block_positions(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns of `tokens` holding each row's current block ([B, width]; padding
+        goes to the scratch column) and which of them are real."""
+        col = torch.arange(width, device=self.device)
+        length = self.block_length[rows][:, None]
+        start = self.prompt_len[rows][:, None] + self.block[rows][:, None] * length
+        valid = col < length
+        return torch.where(valid, start + col, self.max_len), valid
+
+    def step(self, plan: BatchPlan, logits: torch.Tensor) -> torch.Tensor:
+        """Decode one iteration from `logits` [M, V] laid out as `plan` says.
+
+        Returns [B, width + 1] long: each request's block after this iteration's
+        commits, then 1 where the request moved on to its next block.
+        """
+        special, rows, b, k = self.special, plan.rows, len(plan.rows), plan.width
+        req, col = plan.logit_request, plan.logit_column
+        cells, valid = self.block_positions(rows, k)
+        current = self.tokens[rows[:, None], cells]
+
+        # A committed mask would stay masked: the mask id is never a prediction.
+        logits = logits.float()
+        logits[:, special.mask] = float("-inf")
+        if plan.logits_eos_inf:
+            suppress_eos_logits(logits, special.eos, self.logits_eos_inf[rows][req])
+        top_ids = logits.argmax(-1)
+        log_norm = torch.logsumexp(logits.double(), -1)
+
+        def probability(ids: torch.Tensor) -> torch.Tensor:
+            return (logits.gather(-1, ids[:, None]).squeeze(-1).double() - log_norm).exp()
+
+        top_conf = probability(top_ids)
+        seed = self.seed[rows][req]
+        iteration = self.iteration[rows][req]
+        position = self.block[rows][req] * self.block_length[rows][req] + col
+        x0, confidence = top_ids, top_conf
+        if plan.sampled is not None:
+            s = plan.sampled
+            u = noise.uniforms(seed[s], iteration[s], position[s], noise.STREAM_SAMPLE)
+            x0 = top_ids.index_copy(0, s, noise.sample(logits[s], self.temperature[rows][req][s], u))
+            confidence = probability(x0)
+        if plan.confidence_eos_eot_inf and special.eot is not None:
+            use = self.confidence_eos_eot_inf[rows][req]
+            confidence = torch.where(use, eos_eot_confidence(logits, x0, special.eos, special.eot),
+                                     confidence)
+        if plan.random_remasking:
+            scores = noise.uniforms(seed, iteration, position, noise.STREAM_REMASK)
+            confidence = torch.where(self.random_remasking[rows][req], scores, confidence)
+
+        def scatter(values: torch.Tensor, fill) -> torch.Tensor:
+            out = torch.full((b, k), fill, dtype=values.dtype, device=values.device)
+            return out.index_put_((req, col), values)
+
+        conf_matrix = scatter(confidence, float("-inf"))
+        tokens = scatter(x0, 0)
+        length = self.block_length[rows]
+        step = self.step_in_block[rows]
+        counts = transfer_counts(length, self.steps_per_block[rows], step)
+        commit = select(conf_matrix, PolicyBatch(
+            policy=self.policy[rows], counts=counts, threshold=self.threshold[rows],
+            factor=self.factor[rows], frechet_delta=self.frechet_delta[rows],
+            used=plan.policies))
+        if plan.r2 is not None:
+            commit, tokens = self._apply_r2(plan, commit, tokens, conf_matrix,
+                                            scatter(top_ids, 0), scatter(top_conf, 0.0))
+
+        after = torch.where(commit & valid, tokens, current)
+        self.tokens[rows[:, None], cells] = after
+        clean = ~((after == special.mask) & valid).any(-1)
+        step = step + 1
+        fixed = self.policy[rows] == POLICIES.index("fixed")
+        min_steps = torch.where(fixed, self.steps_per_block[rows], torch.ones_like(step))
+        advance = clean & (step >= min_steps)
+        self.block[rows] = self.block[rows] + advance.long()
+        self.step_in_block[rows] = torch.where(advance, torch.zeros_like(step), step)
+        self.iteration[rows] = self.iteration[rows] + 1
+        return torch.cat([after, advance.long()[:, None]], dim=1)
+
+    def _apply_r2(self, plan: BatchPlan, commit: torch.Tensor, tokens: torch.Tensor,
+                  conf_matrix: torch.Tensor, top_ids: torch.Tensor, top_conf: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, k = plan.rows, plan.width
+        streaks = StreakState(0, k, self.device)
+        for name in _STREAK_FIELDS:
+            setattr(streaks, name, getattr(self.streaks, name)[rows, :k])
+        streaks.block = self.streaks.block[rows]
+        uniforms = None
+        if "random" in plan.r2.token_modes:
+            position = (self.block[rows][:, None] * self.block_length[rows][:, None]
+                        + torch.arange(k, device=self.device))
+            uniforms = noise.uniforms(self.seed[rows][:, None], self.iteration[rows][:, None],
+                                      position, noise.STREAM_TOKEN_CLUSTER)
+        out = apply_r2(plan.r2, streaks, commit, tokens, conf_matrix, top_ids, top_conf,
+                       self.block_length[rows], self.block[rows], uniforms)
+        for name in _STREAK_FIELDS:
+            getattr(self.streaks, name)[rows, :k] = getattr(streaks, name)
+        self.streaks.block[rows] = streaks.block
+        return out
