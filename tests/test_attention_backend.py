@@ -64,7 +64,7 @@ def test_random_query_subsets_match_dense(num_heads, num_kv_heads, block_size):
         seq_lens=torch.tensor(lengths), block_table=block_table,
         slot_mapping=torch.cat([torch.stack([slot(b, int(p)) for p in s])
                                 for b, s in enumerate(subsets)]),
-        query_start_loc_cpu=starts, seq_lens_cpu=lengths)
+        max_query_len=max(len(s) for s in subsets), max_seq_len=max(lengths))
     output = torch.empty_like(query)
     impl.forward(None, query, key, value, kv_cache, metadata, output)
 

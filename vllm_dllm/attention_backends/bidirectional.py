@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -25,6 +24,8 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+
+from vllm_dllm.attention_backends.paged_attention import paged_attention, write_kv
 
 BACKEND_NAME = "DLLM_BIDIRECTIONAL"
 
@@ -105,23 +106,6 @@ class BidirectionalMetadataBuilder(AttentionMetadataBuilder[BidirectionalMetadat
         )
 
 
-def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Store K/V rows at their cache slots."""
-    block_size, head_size = kv_cache.shape[2], key.shape[-1]
-    blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[blocks, :, offsets, :head_size] = key
-    kv_cache[blocks, :, offsets, head_size:] = value
-
-
-def read_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All K/V of one request: two [num_kv_heads, seq_len, head_size] tensors."""
-    num_kv_heads, block_size, width = kv_cache.shape[1:]
-    num_blocks = -(-seq_len // block_size)
-    pages = kv_cache[block_ids[:num_blocks]]
-    kv = pages.transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, width)[:, :seq_len]
-    return kv[..., : width // 2], kv[..., width // 2 :]
-
-
 class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
     def __init__(
         self,
@@ -166,17 +150,6 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
         n = attn_metadata.num_actual_tokens
         write_kv(kv_cache, attn_metadata.slot_mapping[:n], key[:n].to(kv_cache.dtype),
                  value[:n].to(kv_cache.dtype))
-        starts = attn_metadata.query_start_loc.tolist()
-        group = self.num_heads // self.num_kv_heads
-        for b, seq_len in enumerate(attn_metadata.seq_lens.tolist()):
-            lo, hi = starts[b], starts[b + 1]
-            if hi == lo:
-                continue
-            k, v = read_kv(kv_cache, attn_metadata.block_table[b], seq_len)
-            if group > 1:
-                k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-            q = query[lo:hi].transpose(0, 1)
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                                 scale=self.scale, is_causal=False)
-            output[lo:hi] = out.transpose(0, 1).to(output.dtype)
-        return output
+        return paged_attention(query[:n], kv_cache, attn_metadata.query_start_loc,
+                               attn_metadata.seq_lens, attn_metadata.block_table, self.scale,
+                               attn_metadata.max_query_len, attn_metadata.max_seq_len, output)
