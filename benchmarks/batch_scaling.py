@@ -51,18 +51,34 @@ def in_process(model: Path, batch_sizes: list[int], repeats: int) -> list[dict]:
         return out
 
     runner.forward_query_batch = timed
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    work = {"iterations": 0, "rows": 0}
+    schedule = scheduler.schedule
+
+    def counted(*a, **k):
+        out = schedule(*a, **k)
+        if out.total_num_scheduled_tokens:
+            work["iterations"] += 1
+            work["rows"] += out.total_num_scheduled_tokens
+        return out
+
+    scheduler.schedule = counted
     llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up
     rows = []
     for n in batch_sizes:
         best = None
         for _ in range(repeats):
             forward_time[0] = 0.0
+            work.update(iterations=0, rows=0)
             start = time.perf_counter()
             outs = llm.generate(prompts[:n], params, use_tqdm=False)
             elapsed = time.perf_counter() - start
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             run = {"batch": n, "seconds": elapsed, "output_tokens": tokens,
-                   "tokens_per_s": tokens / elapsed, "forward_share": forward_time[0] / elapsed}
+                   "tokens_per_s": tokens / elapsed, "forward_share": forward_time[0] / elapsed,
+                   "iterations": work["iterations"], "rows": work["rows"],
+                   "ms_per_iteration": 1e3 * elapsed / work["iterations"],
+                   "forward_us_per_row": 1e6 * forward_time[0] / work["rows"]}
             if best is None or run["tokens_per_s"] > best["tokens_per_s"]:
                 best = run
         rows.append(best)
@@ -126,10 +142,13 @@ def markdown(report: dict) -> str:
     lines = [f"# Batch scaling ({report['model']})", "",
              f"Settings: {json.dumps(SETTINGS)}, ignore_eos, temperature 0; "
              f"torch threads {report['threads']}.", "",
-             "| batch | output tok/s | x batch 1 | forward share |", "|---|---|---|---|"]
+             "| batch | output tok/s | x batch 1 | iterations | rows/iteration | ms/iteration "
+             "| forward share | forward us/row |", "|---|---|---|---|---|---|---|---|"]
     for r in report["in_process"]:
         lines.append(f"| {r['batch']} | {r['tokens_per_s']:.1f} | {r['ratio_to_batch_1']:.2f} | "
-                     f"{r['forward_share']:.0%} |")
+                     f"{r['iterations']} | {r['rows'] / r['iterations']:.0f} | "
+                     f"{r['ms_per_iteration']:.2f} | {r['forward_share']:.0%} | "
+                     f"{r['forward_us_per_row']:.1f} |")
     if report.get("served"):
         lines += ["", "| concurrency | output tok/s | x concurrency 1 |", "|---|---|---|"]
         for r in report["served"]:
