@@ -105,6 +105,8 @@ class Engine:
             out = original(*args, **kwargs)
             if out.num_scheduled_tokens:
                 self.steps += 1
+            # The scheduler charges each request the rows it recomputes.
+            self.rows += out.total_num_scheduled_tokens
             for request_id in out.num_scheduled_tokens:
                 external = request_id.rsplit("-", 1)[0]  # vLLM appends "-<8 chars>"
                 self.iterations[external] += 1
@@ -115,24 +117,8 @@ class Engine:
             return out
 
         self.scheduler.schedule = schedule
-        self.rows: int | None = self._count_rows()
+        self.rows = 0
         self.threads = torch.get_num_threads()
-
-    def _count_rows(self) -> int | None:
-        try:
-            from vllm_dllm.engine import model_runner
-
-            original = model_runner.recompute_range
-        except (ImportError, AttributeError):
-            return None
-
-        def recompute_range(*args, **kwargs):
-            lo, hi = original(*args, **kwargs)
-            self.rows += hi - lo
-            return lo, hi
-
-        model_runner.recompute_range = recompute_range
-        return 0
 
     def run(self, requests: list[tuple[str, list[int], Any]]) -> BatchResult:
         """Submit every (request_id, prompt_token_ids, SamplingParams) at once and step
@@ -168,7 +154,7 @@ class Engine:
         result.wall_s = time.perf_counter() - start
         result.cpu_s = time.process_time() - cpu_start
         result.engine_steps = self.steps - steps_before
-        if self.rows is not None and self.rows > rows_before:
+        if self.rows > rows_before:
             result.model_rows = self.rows - rows_before
         for request_id, r in result.requests.items():
             r.iterations = self.iterations[request_id]
