@@ -58,8 +58,9 @@ def paged_attention(
     q = query.new_zeros(batch, max_query_len, num_heads, head_size)
     q[request, slot] = query
     pages = -(-max_seq_len // block_size)
-    kv = kv_cache[block_table[:, :pages].long()]  # [B, pages, H_kv, block, 2D]
-    kv = kv.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, pages * block_size, 2 * head_size)
+    # One gather, heads first, so that the per-request view below needs no second copy.
+    kv = kv_cache.transpose(0, 1)[:, block_table[:, :pages].long()]  # [H_kv, B, pages, block, 2D]
+    kv = kv.view(num_kv_heads, batch, pages * block_size, 2 * head_size).transpose(0, 1)
     k, v = kv[..., :max_seq_len, :head_size], kv[..., :max_seq_len, head_size:]
     if num_heads != num_kv_heads:
         group = num_heads // num_kv_heads
