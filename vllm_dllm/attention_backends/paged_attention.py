@@ -60,7 +60,7 @@ def paged_attention(
     pages = -(-max_seq_len // block_size)
     # One gather, heads first, so that the per-request view below needs no second copy.
     kv = kv_cache.transpose(0, 1)[:, block_table[:, :pages].long()]  # [H_kv, B, pages, block, 2D]
-    kv = kv.view(num_kv_heads, batch, pages * block_size, 2 * head_size).transpose(0, 1)
+    kv = kv.reshape(num_kv_heads, batch, pages * block_size, 2 * head_size).transpose(0, 1)
     k, v = kv[..., :max_seq_len, :head_size], kv[..., :max_seq_len, head_size:]
     if num_heads != num_kv_heads:
         group = num_heads // num_kv_heads
