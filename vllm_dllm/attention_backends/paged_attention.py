@@ -1,12 +1,25 @@
 """Non-causal attention of arbitrary query rows over paged K/V, one call for a whole batch.
 
 No vLLM imports: this module is what runs on the model's device, and it can be
-tested and timed on its own. Page layout: [num_blocks, num_kv_heads, block_size,
-2 * head_size], K in the first half of the last axis and V in the second.
+tested and timed on a machine with only torch (and triton for the GPU kernel).
+Page layout: [num_blocks, num_kv_heads, block_size, 2 * head_size], K in the
+first half of the last axis and V in the second (any strides).
+
+Two implementations of the same call:
+- `paged_attention_torch`: one padded scaled-dot-product call (CPU and fallback);
+- `paged_attention_triton`: a Triton kernel that reads K/V in place through the
+  block table with an online softmax (CUDA; also runs under TRITON_INTERPRET=1).
+`paged_attention` picks the kernel for CUDA tensors and the torch path otherwise.
 """
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: the torch path still works
+    triton = None
 
 
 def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -21,12 +34,12 @@ def read_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tu
     """All K/V of one request: two [num_kv_heads, seq_len, head_size] tensors."""
     num_kv_heads, block_size, width = kv_cache.shape[1:]
     num_blocks = -(-seq_len // block_size)
-    pages = kv_cache[block_ids[:num_blocks]]
+    pages = kv_cache[block_ids[:num_blocks].long()]
     kv = pages.transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, width)[:, :seq_len]
     return kv[..., : width // 2], kv[..., width // 2 :]
 
 
-def paged_attention(
+def paged_attention_torch(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -45,7 +58,7 @@ def paged_attention(
     [B, H_kv, max_seq_len, D] and the padding keys masked out.
     """
     n, num_heads, head_size = query.shape
-    batch = len(seq_lens)
+    batch = seq_lens.shape[0]
     if n == 0 or batch == 0:
         return out
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
@@ -67,8 +80,137 @@ def paged_attention(
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     keys = torch.arange(max_seq_len, device=device)
-    mask = (keys[None, :] < seq_lens[:, None].long())[:, None, None, :]
+    mask = (keys[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
     attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
-                                              attn_mask=mask, scale=scale)
+                                              attn_mask=mask, scale=scale)  # [B, H, M, D]
     out[:n] = attended.transpose(1, 2)[request, slot].reshape(out[:n].shape).to(out.dtype)
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr, stride_qt, stride_qh,
+        kv_ptr, stride_kb, stride_kh, stride_ks, stride_kd,
+        out_ptr, stride_ot, stride_oh,
+        query_start_loc_ptr, seq_lens_ptr, block_table_ptr, stride_bt,
+        scale, block_size, group,
+        HEAD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """One program: BLOCK_M query rows of one request, one head, all its keys."""
+        tile = tl.program_id(0)
+        req = tl.program_id(1)
+        head = tl.program_id(2)
+        kv_head = head // group
+        q_start = tl.load(query_start_loc_ptr + req)
+        q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+        if tile * BLOCK_M >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + req)
+
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_SIZE)
+        row_ok = offs_m < q_len
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
+        table = block_table_ptr + req.to(tl.int64) * stride_bt
+        for start in range(0, seq_len, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < seq_len
+            page = tl.load(table + offs_n // block_size, mask=key_ok, other=0).to(tl.int64)
+            base = kv_ptr + page * stride_kb + kv_head * stride_kh + (offs_n % block_size) * stride_ks
+            k = tl.load(base[None, :] + offs_d[:, None] * stride_kd, mask=key_ok[None, :], other=0.0)
+            v = tl.load(base[:, None] + (HEAD_SIZE + offs_d[None, :]) * stride_kd,
+                        mask=key_ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
+            else:
+                s = tl.dot(q, k.to(q.dtype))
+            s = tl.where(key_ok[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_attention_triton(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as `paged_attention_torch`, one Triton launch that reads K/V in place.
+
+    Grid: (query tiles of `max_query_len`, requests, heads); each program runs an
+    online softmax over its request's keys, a tile of keys at a time, each key's
+    page looked up in the block table. fp32 inputs use IEEE dot products.
+    """
+    if triton is None:
+        raise RuntimeError("paged_attention_triton needs triton")
+    n, num_heads, head_size = query.shape
+    batch = seq_lens.shape[0]
+    assert head_size >= 16 and head_size & (head_size - 1) == 0, \
+        f"the Triton kernel needs a power-of-two head size >= 16, got {head_size}"
+    num_kv_heads = kv_cache.shape[1]
+    assert num_heads % num_kv_heads == 0 and kv_cache.shape[3] == 2 * head_size
+    if n == 0 or batch == 0 or max_query_len == 0:
+        return out
+    assert query.stride(-1) == 1
+    o = out[:n].view(n, num_heads, head_size)
+    assert o.stride(-1) == 1
+    block_m = 16 if max_query_len <= 16 else (32 if max_query_len <= 32 else 64)
+    block_n = 64 if head_size <= 64 else 32
+    grid = (triton.cdiv(max_query_len, block_m), batch, num_heads)
+    _paged_attention_kernel[grid](
+        query, query.stride(0), query.stride(1),
+        kv_cache, *kv_cache.stride(),
+        o, o.stride(0), o.stride(1),
+        query_start_loc, seq_lens, block_table, block_table.stride(0),
+        float(scale), kv_cache.shape[2], num_heads // num_kv_heads,
+        HEAD_SIZE=head_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE=query.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """The Triton kernel for CUDA tensors (power-of-two head sizes), the torch path otherwise."""
+    head_size = query.shape[-1]
+    if (query.is_cuda and triton is not None and head_size >= 16
+            and head_size & (head_size - 1) == 0):
+        return paged_attention_triton(query, kv_cache, query_start_loc, seq_lens, block_table,
+                                      scale, max_query_len, max_seq_len, out)
+    return paged_attention_torch(query, kv_cache, query_start_loc, seq_lens, block_table, scale,
+                                 max_query_len, max_seq_len, out)
