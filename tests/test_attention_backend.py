@@ -1,4 +1,5 @@
-"""The paged bidirectional attention against dense masked attention."""
+"""The paged bidirectional attention backend against dense attention, on whichever kernel
+the layer's shapes select (vLLM's CPU kernel or `paged_attention`)."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from vllm_dllm.attention_backends.bidirectional import (
     BidirectionalAttentionImpl,
     BidirectionalMetadata,
+    _cpu_kernel_isa,
 )
 
 
@@ -18,58 +20,85 @@ def dense_attention(q, k, v, scale):
                                           v.transpose(0, 1), scale=scale).transpose(0, 1)
 
 
-@pytest.mark.parametrize("num_heads, num_kv_heads, block_size", [(4, 4, 16), (8, 2, 8), (2, 1, 32)])
-def test_random_query_subsets_match_dense(num_heads, num_kv_heads, block_size):
-    g = torch.Generator().manual_seed(num_heads * 100 + block_size)
-    head = 16
+def qkv_views(rows: int, num_heads: int, num_kv_heads: int, head: int, g):
+    """q, k, v as the model hands them over: strided views into one packed projection."""
+    qkv = torch.randn(rows, (num_heads + 2 * num_kv_heads) * head, generator=g)
+    q, k, v = qkv.split([num_heads * head, num_kv_heads * head, num_kv_heads * head], -1)
+    return (q.view(rows, num_heads, head), k.view(rows, num_kv_heads, head),
+            v.view(rows, num_kv_heads, head))
+
+
+# (heads, kv heads, head size, page size, kernel the shapes select on x86)
+CASES = [(4, 4, 16, 16, None), (8, 2, 16, 8, None), (2, 1, 16, 32, None),
+         (4, 4, 32, 32, "vec"), (8, 2, 64, 32, "vec"), (4, 2, 32, 16, "vec16"),
+         (4, 4, 128, 64, "vec"), (4, 2, 32, 8, None)]
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head, block_size, isa", CASES)
+def test_random_query_subsets_match_dense(num_heads, num_kv_heads, head, block_size, isa):
+    g = torch.Generator().manual_seed(num_heads * 100 + block_size + head)
     num_blocks = 64
     kv_cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head)
+    assert _cpu_kernel_isa("cpu", head, kv_cache.dtype, tuple(kv_cache.shape),
+                           tuple(kv_cache.stride())) == isa
     free_pages = torch.randperm(num_blocks - 1, generator=g) + 1
     impl = BidirectionalAttentionImpl(num_heads, head, head**-0.5, num_kv_heads)
+    scale = head**-0.5
 
     lengths = [37, 5, 64, 100]
-    keys = [torch.randn(n, num_kv_heads, head, generator=g) for n in lengths]
-    values = [torch.randn(n, num_kv_heads, head, generator=g) for n in lengths]
     tables, used = [], 0
     for n in lengths:  # non-contiguous, shuffled pages per request
         pages = -(-n // block_size)
         tables.append(free_pages[used : used + pages])
         used += pages
-    block_table = torch.zeros(len(lengths), max(len(t) for t in tables), dtype=torch.long)
+    block_table = torch.zeros(len(lengths), max(len(t) for t in tables), dtype=torch.int32)
     for i, t in enumerate(tables):
         block_table[i, : len(t)] = t
 
     def slot(b, p):
         return tables[b][p // block_size] * block_size + p % block_size
 
-    # Stale entries first: every position holds an older K/V.
-    stale_k = [torch.randn_like(k) for k in keys]
-    stale_v = [torch.randn_like(v) for v in values]
-    for b, n in enumerate(lengths):
-        for p in range(n):
-            s = slot(b, p)
-            kv_cache[s // block_size, :, s % block_size] = torch.cat([stale_k[b][p], stale_v[b][p]], -1)
+    def run(subsets):
+        """One pass computing rows `subsets[b]` of each request; returns q, k, v, output."""
+        starts = [0]
+        for s in subsets:
+            starts.append(starts[-1] + len(s))
+        query, key, value = qkv_views(starts[-1], num_heads, num_kv_heads, head, g)
+        metadata = BidirectionalMetadata(
+            num_actual_tokens=starts[-1],
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32), block_table=block_table,
+            slot_mapping=torch.cat([torch.stack([slot(b, int(p)) for p in s]).long()
+                                    if len(s) else torch.zeros(0, dtype=torch.long)
+                                    for b, s in enumerate(subsets)]),
+            max_query_len=max(len(s) for s in subsets), max_seq_len=max(lengths))
+        output = torch.empty(starts[-1], num_heads * head)
+        impl.forward(None, query, key, value, kv_cache, metadata, output)
+        split = [starts[b + 1] - starts[b] for b in range(len(subsets))]
+        return (query.split(split), key.split(split), value.split(split),
+                output.view(-1, num_heads, head).split(split))
 
-    # This pass recomputes a random, non-contiguous subset of each request.
+    # Pass 1 computes every position: what it writes is the stale K/V of pass 2.
+    q, stale_k, stale_v, out = run([torch.arange(n) for n in lengths])
+    for b in range(len(lengths)):
+        want = dense_attention(q[b], stale_k[b], stale_v[b], scale)
+        torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
+
+    # Pass 2 recomputes a random, non-contiguous subset of each request (none of one).
     subsets = [torch.sort(torch.randperm(n, generator=g)[: max(1, n // 3)]).values for n in lengths]
-    q = [torch.randn(len(s), num_heads, head, generator=g) for s in subsets]
-    query = torch.cat(q)
-    key = torch.cat([keys[b][s] for b, s in enumerate(subsets)])
-    value = torch.cat([values[b][s] for b, s in enumerate(subsets)])
-    starts = [0]
-    for s in subsets:
-        starts.append(starts[-1] + len(s))
-    metadata = BidirectionalMetadata(
-        num_actual_tokens=starts[-1], query_start_loc=torch.tensor(starts),
-        seq_lens=torch.tensor(lengths), block_table=block_table,
-        slot_mapping=torch.cat([torch.stack([slot(b, int(p)) for p in s])
-                                for b, s in enumerate(subsets)]),
-        max_query_len=max(len(s) for s in subsets), max_seq_len=max(lengths))
-    output = torch.empty_like(query)
-    impl.forward(None, query, key, value, kv_cache, metadata, output)
-
+    subsets[1] = subsets[1][:0]
+    q, fresh_k, fresh_v, out = run(subsets)
     for b, s in enumerate(subsets):
+        if not len(s):
+            continue
         k_now, v_now = stale_k[b].clone(), stale_v[b].clone()
-        k_now[s], v_now[s] = keys[b][s], values[b][s]  # fresh where recomputed
-        want = dense_attention(q[b], k_now, v_now, head**-0.5)
-        torch.testing.assert_close(output[starts[b] : starts[b + 1]], want, rtol=1e-5, atol=1e-5)
+        k_now[s], v_now[s] = fresh_k[b], fresh_v[b]  # fresh where recomputed
+        want = dense_attention(q[b], k_now, v_now, scale)
+        torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_needs_packed_blocks():
+    """A cache whose heads are not outside its slots (vLLM's NHD default) uses paged_attention."""
+    nhd = torch.zeros(8, 32, 4, 64).transpose(1, 2)  # logical [blocks, heads, slots, 2D]
+    assert _cpu_kernel_isa("cpu", 32, nhd.dtype, tuple(nhd.shape), tuple(nhd.stride())) is None
+    assert _cpu_kernel_isa("cuda", 32, torch.float32, (8, 4, 32, 64), (8192, 2048, 64, 1)) is None

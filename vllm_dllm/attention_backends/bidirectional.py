@@ -6,10 +6,18 @@ each query row attends, with no causal mask, to every position the request has
 in the cache, fresh or stale. Positions not recomputed keep the K/V an earlier
 pass left there, which is what approximate KV caching and token skipping reuse.
 
-Per-layer KV cache view: [num_blocks, num_kv_heads, block_size, 2 * head_size],
-K in the first half of the last axis and V in the second.
+Per-layer KV cache view: [num_blocks, num_kv_heads, block_size, 2 * head_size].
+Two kernels, each with its own in-page layout (a layer always uses the same one):
+- on x86 CPUs, vLLM's own CPU attention ops (`cpu_attn_reshape_and_cache`,
+  `cpu_attention_with_kv_cache`, non-causal) when the shapes suit them: head size
+  a multiple of 16 in vLLM's list, pages a multiple of 16 (32 for the `vec` ISA),
+  blocks with [heads, slots, 2D] contiguous. Each page of a head holds K transposed
+  ([D, block]) then V ([block, D]);
+- otherwise `paged_attention.py` (Triton on CUDA, one padded SDPA call elsewhere):
+  K in the first half of the last axis and V in the second.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +32,10 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.platforms import CpuArchEnum, current_platform
+from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_dllm.attention_backends.paged_attention import paged_attention, write_kv
 
@@ -71,6 +83,11 @@ class BidirectionalAttentionBackend(AttentionBackend):
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return []
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...] | None:
+        # vLLM's CPU kernel views a page as [heads, 2 * slots, D]: heads outside slots.
+        return (KVCacheLayout.LBHNC,) if current_platform.is_cpu() else None
 
     @classmethod
     def supports_non_causal(cls) -> bool:
@@ -147,9 +164,67 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
     ) -> torch.Tensor:
         if attn_metadata is None:  # profiling pass without pages
             return output.fill_(0)
-        n = attn_metadata.num_actual_tokens
-        write_kv(kv_cache, attn_metadata.slot_mapping[:n], key[:n].to(kv_cache.dtype),
+        m = attn_metadata
+        n = m.num_actual_tokens
+        isa = _cpu_kernel_isa(kv_cache.device.type, self.head_size, kv_cache.dtype,
+                              tuple(kv_cache.shape), tuple(kv_cache.stride()))
+        if isa is not None:
+            return self._forward_cpu_kernel(isa, query[:n], key[:n], value[:n], kv_cache, m,
+                                            output)
+        write_kv(kv_cache, m.slot_mapping[:n], key[:n].to(kv_cache.dtype),
                  value[:n].to(kv_cache.dtype))
-        return paged_attention(query[:n], kv_cache, attn_metadata.query_start_loc,
-                               attn_metadata.seq_lens, attn_metadata.block_table, self.scale,
-                               attn_metadata.max_query_len, attn_metadata.max_seq_len, output)
+        return paged_attention(query[:n], kv_cache, m.query_start_loc, m.seq_lens,
+                               m.block_table, self.scale, m.max_query_len, m.max_seq_len, output)
+
+    def _forward_cpu_kernel(self, isa: str, query, key, value, kv_cache: torch.Tensor,
+                            m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:
+        """vLLM's CPU kernel: write through its cache op, one non-causal attention call."""
+        n = query.shape[0]
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size,
+                                               self.head_size).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key.to(kv_cache.dtype), value.to(kv_cache.dtype),
+                                       key_cache, value_cache, m.slot_mapping[:n], isa)
+        query_start_loc = m.query_start_loc.to(torch.int32)
+        seq_lens = m.seq_lens.to(torch.int32)
+        scheduler = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.shape[0], num_heads=self.num_heads, num_kv_heads=num_kv_heads,
+            head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype,
+            query_start_loc=query_start_loc, causal=False, sliding_window_size=-1, isa=isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache,
+            output=output[:n].view(n, self.num_heads, self.head_size),
+            query_start_loc=query_start_loc, seq_lens=seq_lens, scale=self.scale, causal=False,
+            alibi_slopes=None, sliding_window=-1, block_table=m.block_table.to(torch.int32),
+            softcap=0.0, scheduler_metadata=scheduler, s_aux=None)
+        return output
+
+
+@functools.cache
+def _cpu_kernel_isa(device_type: str, head_size: int, dtype: torch.dtype,
+                    shape: tuple[int, ...], stride: tuple[int, ...]) -> str | None:
+    """The ISA to run vLLM's CPU attention kernel with, or None to use `paged_attention`.
+
+    Only the portable x86 ISAs (`vec`, `vec16`) are used: `amx`, which vLLM picks for
+    bf16, stops with SIGILL on machines that report AMX without enabling it.
+    """
+    if device_type != "cpu" or current_platform.get_cpu_architecture() != CpuArchEnum.X86:
+        return None
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    if not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
+        return None
+    _, num_kv_heads, block_size, width = shape
+    if head_size not in CPUAttentionBackend.get_supported_head_sizes() or width != 2 * head_size:
+        return None
+    # The kernel reads each block as [heads, slots, 2D] packed.
+    if stride[3] != 1 or stride[2] != width or stride[1] != block_size * width:
+        return None
+    if head_size % 32 == 0 and block_size % 32 == 0:
+        return "vec"
+    if head_size % 16 == 0 and block_size % 16 == 0:
+        return "vec16"
+    return None
