@@ -1,22 +1,89 @@
-"""Reference LLaDA decoding (algorithms.md §1.3), one request at a time, full recompute.
+"""Reference LLaDA decoding (algorithms.md §1.3, §3, §4), one request at a time.
 
-Conventions shared with the plugin so that seeded runs can be compared token for
-token: randomness is the counter-based definition of `vllm_dllm.sampling.noise`
-(a uniform per (seed, iteration, canvas position, stream), the iteration counting
-the request's denoising iterations from 0); at temperature > 0 a position's token
-is drawn from softmax(logits / T) at its sampling uniform, and `random` remasking
-scores a position with its remasking uniform. Confidence is the float64 softmax
-probability of the chosen token; ties go to the lower position.
+The oracle the plugin is checked against; it shares no decoding code with the
+plugin (only the noise definition below), and chooses commits with a plain loop
+over one request's sorted candidates.
+
+Conventions shared with the plugin so that runs can be compared token for token:
+
+* Randomness is the counter-based definition of `vllm_dllm.sampling.noise`: a
+  uniform per (seed, iteration, canvas position, stream), the iteration counting
+  every forward of the request from 0 (under every policy and cache mode);
+  `seed=None` draws a fresh seed, so only seeded runs are reproducible. At
+  temperature > 0 a position's token is drawn from softmax(logits / T) at its
+  sampling uniform; `random` remasking scores a position with its remasking
+  uniform, and that score is the "confidence" every policy then reads.
+* The mask id is never a prediction (its logit is -inf).
+* Confidence (`low_confidence`) is the float64 softmax probability, under the
+  raw (untempered) logits, of the chosen token. Candidates are the masked
+  positions of the current block, sorted by descending confidence with ties
+  going to the lower position.
+* Policies (which candidates an iteration commits):
+  - `fixed`: LLaDA's `get_num_transfer_tokens` schedule, computed once per block
+    from its masks: the block's masks split evenly over steps / num_blocks
+    iterations, remainder first; exactly that many iterations per block.
+  - `threshold` (Fast-dLLM, §3.2b): every candidate with confidence >= tau, and
+    always the top-1 candidate.
+  - `factor` (Fast-dLLM, §3.2c): the largest n >= 1 such that the sorted
+    candidates satisfy c(k) >= 1 - f / (k + 1) (float64, equality accepted) for
+    every 2 <= k <= n (k = 1 always passes). Fast-dLLM v1's loop also commits the
+    first failing candidate when it is the last one; like the plugin, we do not.
+  - `frechet` (Fast-dLLM++, §4): n* = the number of n with
+    G_n = (sum_{j<=n} c(j) - (n - 1)) - (1 - c(n)) > delta, at least 1; the
+    prefix sum is accumulated in float64 in rank order. The max(0, .) of the
+    lower bound is left out as in Fast-dLLM++'s code (it changes no decision for
+    delta >= 0).
+  Non-fixed policies leave a block as soon as it has no mask left (at least one
+  iteration each, no fixed number: `steps` is then unused).
+* Caches (§3.1): with `prefix` / `dual` the first iteration of every block is a
+  full forward (which also decodes); later ones recompute block + suffix
+  (`prefix`) or the block only (`dual`) against the K/V that forward left.
 """
 
 import torch
 
 from vllm_dllm.sampling import noise
 
+POLICIES = ("fixed", "threshold", "factor", "frechet")
+
 
 def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
     base, rem = divmod(num_masked, steps)
     return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def commit_count(policy: str, conf: list[float], *, count: int = 0, threshold: float = 0.9,
+                 factor: float = 1.0, frechet_delta: float = 0.25) -> int:
+    """How many of the sorted candidate confidences `conf` (descending) a policy commits.
+
+    `count` is the fixed schedule's number for this iteration. Every rule commits
+    a prefix of the sorted candidates: for `threshold` the candidates >= tau come
+    first, and the forced top-1 makes the count at least 1.
+    """
+    m = len(conf)
+    if m == 0:
+        return 0
+    if policy == "fixed":
+        return min(count, m)
+    if policy == "threshold":
+        return max(1, sum(1 for c in conf if c >= threshold))
+    if policy == "factor":
+        n = 1
+        for k in range(2, m + 1):
+            if conf[k - 1] >= 1 - factor / (k + 1):
+                n = k
+            else:
+                break
+        return n
+    if policy == "frechet":
+        total, passing = 0.0, 0
+        for n in range(1, m + 1):
+            total += conf[n - 1]
+            gap = (total - (n - 1)) - (1 - conf[n - 1])
+            if gap > frechet_delta:
+                passing += 1
+        return max(1, passing)
+    raise ValueError(f"unknown policy {policy!r}")
 
 
 def generate(
@@ -32,29 +99,36 @@ def generate(
     seed: int | None = None,
     logits_offset: int = 0,
     cache: str = "none",
+    policy: str = "fixed",
+    threshold: float = 0.9,
+    factor: float = 1.0,
+    frechet_delta: float = 0.25,
 ) -> dict:
-    """Decode one request; returns the canvas and the number of forward passes.
+    """Decode one request under `policy` (with its `threshold`, `factor` or
+    `frechet_delta`) and `cache`; `steps` is used by the `fixed` policy only.
 
-    `cache` is Fast-dLLM's approximate KV cache (spec §3.1): `prefix` and `dual`
-    run one full forward at each block start (which also decodes) and keep its
-    K/V; later steps of the block recompute block + suffix (`prefix`) or the block
-    only (`dual`) against those cached K/V.
+    Returns the canvas (`tokens`), the number of forward passes (`forwards`) and
+    how many tokens each forward committed (`commits`, one entry per forward).
     """
     assert cache in ("none", "prefix", "dual")
+    assert policy in POLICIES, policy
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0
-    steps_per_block = steps // num_blocks
+    if policy == "fixed":
+        assert steps % num_blocks == 0
+        steps_per_block = steps // num_blocks
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     prompt_len = len(prompt)
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
-    forwards = 0
+    commits: list[int] = []
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         block = slice(start, start + block_length)
-        schedule = num_transfer_tokens(int((x[block] == mask_id).sum()), steps_per_block)
-        for i in range(steps_per_block):
+        if policy == "fixed":
+            schedule = num_transfer_tokens(int((x[block] == mask_id).sum()), steps_per_block)
+        i = 0
+        while i < steps_per_block if policy == "fixed" else bool((x[block] == mask_id).any()):
             if cache == "none":
                 logits = model(x).float()
             elif i == 0:
@@ -65,14 +139,14 @@ def generate(
                 logits = torch.zeros(len(x), window.shape[-1])
                 logits[start:stop] = window
             logits = logits.float()
-            forwards += 1
+            iteration = len(commits)  # forwards of this request before this one
             rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
             # Never predict the mask itself (the untrained models here can).
             rows[:, mask_id] = float("-inf")
             canvas_pos = torch.arange(start, start + block_length) - prompt_len
 
             def draw(stream: int) -> torch.Tensor:
-                return noise.uniforms(torch.tensor(seed), torch.tensor(forwards - 1), canvas_pos,
+                return noise.uniforms(torch.tensor(seed), torch.tensor(iteration), canvas_pos,
                                       stream)
 
             if temperature > 0:
@@ -87,11 +161,15 @@ def generate(
                 conf = draw(noise.STREAM_REMASK)
             else:
                 raise ValueError(remasking)
-            masked = x[block] == mask_id
-            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-            order = torch.sort(conf, descending=True, stable=True).indices
-            chosen = order[: schedule[i]]
-            blk = x[block].clone()
-            blk[chosen] = x0[chosen]
-            x[block] = blk
-    return {"tokens": x[prompt_len:].tolist(), "forwards": forwards}
+            conf = conf.tolist()
+            candidates = [p for p in range(block_length) if int(x[start + p]) == mask_id]
+            candidates.sort(key=lambda p: (-conf[p], p))
+            n = commit_count(policy, [conf[p] for p in candidates],
+                             count=schedule[i] if policy == "fixed" else 0,
+                             threshold=threshold, factor=factor, frechet_delta=frechet_delta)
+            chosen = candidates[:n]
+            for p in chosen:
+                x[start + p] = x0[p]
+            commits.append(len(chosen))
+            i += 1
+    return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}
