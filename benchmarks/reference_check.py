@@ -1,9 +1,9 @@
 """The reference decoder's answers for a harness configuration, to check the plugin by.
 
-At temperature 0 the plugin's fixed schedule (any remasking, any cache mode) must give
-the answers of tests/reference/generate.py for the same prompts; `harness accuracy
---reference NAMES` reports how many do, and the reference's own accuracy. The reference
-runs here on the CPU, one prompt at a time.
+At temperature 0 the plugin must give the answers of tests/reference/generate.py for
+the same prompts under any policy (fixed, threshold, factor, frechet), remasking and
+cache mode; `harness accuracy --reference NAMES` reports how many do, and the
+reference's own accuracy. The reference runs here on the CPU, one prompt at a time.
 """
 
 from pathlib import Path
@@ -14,25 +14,30 @@ import torch
 from tests.reference.generate import generate
 from tests.reference.modeling import ReferenceLLaDA
 
-# The resolved request parameters that shape a fixed-schedule decode, all of which the
-# reference's generate() takes under the same names.
-_SCHEDULE_KEYS = ("gen_length", "block_length", "steps", "remasking", "cache")
+# The resolved request parameters that shape a decode, all of which the reference's
+# generate() takes under the same names.
+_SCHEDULE_KEYS = ("gen_length", "block_length", "steps", "remasking", "cache", "policy")
+# Each parallel policy's own parameter (same name in generate()).
+_POLICY_PARAMETER = {"threshold": "threshold", "factor": "factor", "frechet": "frechet_delta"}
 # Parameters the reference has no equivalent for, with the value that makes them inert.
-_INERT = {"policy": "fixed", "r2": False, "logits_eos_inf": False,
-          "confidence_eos_eot_inf": False}
+_INERT = {"r2": False, "logits_eos_inf": False, "confidence_eos_eot_inf": False}
 
 
 def reference_settings(resolved: dict[str, Any]) -> dict[str, Any]:
     """generate() keywords for a configuration's resolved extra_args.
 
-    Raises ValueError for a configuration the reference cannot decode (a parallel
-    policy, R2 rules or EOS rules), naming the parameter.
+    Raises ValueError for a configuration the reference cannot decode (R2 rules or
+    EOS rules), naming the parameter.
     """
     for key, inert in _INERT.items():
         if resolved.get(key, inert) != inert:
             raise ValueError(f"the reference decodes only {key}={inert!r}, "
                              f"not {resolved[key]!r}")
-    return {key: resolved[key] for key in _SCHEDULE_KEYS}
+    settings = {key: resolved[key] for key in _SCHEDULE_KEYS}
+    parameter = _POLICY_PARAMETER.get(settings["policy"])
+    if parameter is not None:
+        settings[parameter] = resolved[parameter]
+    return settings
 
 
 def decode_with_reference(model_path: str | Path, prompts: list[list[int]],
