@@ -14,12 +14,12 @@ vLLM is imported only for the CPU kernel's rows, so the GPU part runs with torch
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.timing import timed
 
 from vllm_dllm.attention_backends.paged_attention import (
     paged_attention_torch,
@@ -52,21 +52,6 @@ def vllm_cpu_ops():
     if not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
         return None
     return ops, envs
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn` in ms, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def problem(requests: int, page: int, device: torch.device, dtype: torch.dtype):
