@@ -96,3 +96,14 @@ def inproc_engine(model, **kwargs):
     finally:
         mp.undo()
     return llm, ScheduleRecorder(llm)
+
+
+def plugin_tokens(llm, cases: list[dict], params_of, *, batched: bool) -> list[list[int]]:
+    """The plugin's tokens for each case: all in one `generate` call, or one call per case."""
+    prompts = [{"prompt_token_ids": c["prompt"]} for c in cases]
+    params = [params_of(c) for c in cases]
+    if batched:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        outputs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    return [list(o.outputs[0].token_ids) for o in outputs]

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from tests.helpers import random_prompt, reference_tokens
+from tests.helpers import plugin_tokens, random_prompt, reference_tokens
 from tests.test_token_exact import sampling_params
 
 SHAPES = [(32, 8, 32), (64, 16, 32), (64, 32, 64), (32, 32, 8)]
@@ -34,14 +34,11 @@ def test_cache_modes_change_the_computation(reference, tiny_model):
 
 
 def test_batched(llm, expected):
-    outputs = llm.generate([{"prompt_token_ids": c["prompt"]} for c in CASES],
-                           [sampling_params(c) for c in CASES], use_tqdm=False)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
+    got = plugin_tokens(llm, CASES, sampling_params, batched=True)
     assert [i for i in range(len(CASES)) if got[i] != expected[i]] == []
 
 
 def test_alone(llm, expected):
-    for case, want in zip(CASES, expected):
-        (out,) = llm.generate([{"prompt_token_ids": case["prompt"]}], sampling_params(case),
-                              use_tqdm=False)
-        assert list(out.outputs[0].token_ids) == want, case
+    got = plugin_tokens(llm, CASES, sampling_params, batched=False)
+    for case, tokens, want in zip(CASES, got, expected):
+        assert tokens == want, case

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from tests.helpers import model_ids, random_prompt, reference_tokens
+from tests.helpers import model_ids, plugin_tokens, random_prompt, reference_tokens
 from tests.reference.generate import commit_count, generate
 
 # Chosen on the tiny random model (its confidences are mostly 0.2-0.95) so that most
@@ -94,17 +94,10 @@ def test_reference_decodes_in_parallel_and_caches_matter(reference, tiny_model):
 
 
 def test_batched(llm, expected):
-    outputs = llm.generate([{"prompt_token_ids": c["prompt"]} for c in CASES],
-                           [sampling_params(c) for c in CASES], use_tqdm=False)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
+    got = plugin_tokens(llm, CASES, sampling_params, batched=True)
     assert [i for i in range(len(CASES)) if got[i] != expected[i]] == []
 
 
 def test_alone(llm, expected):
-    wrong = []
-    for i, (case, want) in enumerate(zip(CASES, expected)):
-        (out,) = llm.generate([{"prompt_token_ids": case["prompt"]}], sampling_params(case),
-                              use_tqdm=False)
-        if list(out.outputs[0].token_ids) != want:
-            wrong.append(i)
-    assert wrong == []
+    got = plugin_tokens(llm, CASES, sampling_params, batched=False)
+    assert [i for i in range(len(CASES)) if got[i] != expected[i]] == []

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from tests.helpers import random_prompt, reference_tokens
+from tests.helpers import plugin_tokens, random_prompt, reference_tokens
 
 SHAPES = [  # (gen_length, block_length, steps)
     (32, 8, 32), (32, 8, 16), (32, 32, 8), (32, 8, 8),
@@ -44,16 +44,13 @@ def test_enough_cases():
 
 
 def test_all_in_one_call(llm, expected):
-    outputs = llm.generate([{"prompt_token_ids": c["prompt"]} for c in CASES],
-                           [sampling_params(c) for c in CASES], use_tqdm=False)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
+    got = plugin_tokens(llm, CASES, sampling_params, batched=True)
     mismatches = [(i, CASES[i], got[i], expected[i]) for i in range(len(CASES))
                   if got[i] != expected[i]]
     assert not mismatches
 
 
 def test_one_request_at_a_time(llm, expected):
-    for case, want in zip(CASES, expected):
-        (out,) = llm.generate([{"prompt_token_ids": case["prompt"]}], sampling_params(case),
-                              use_tqdm=False)
-        assert list(out.outputs[0].token_ids) == want, case
+    got = plugin_tokens(llm, CASES, sampling_params, batched=False)
+    for case, tokens, want in zip(CASES, got, expected):
+        assert tokens == want, case
