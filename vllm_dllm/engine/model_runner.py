@@ -91,7 +91,7 @@ class DllmModelRunner(PlatformModelRunner):
                     for name in layer_names}
         with set_forward_context(metadata, self.vllm_config, num_tokens=len(batch.input_ids)):
             return self.model(input_ids=batch.input_ids, positions=batch.positions,
-                              layer_rows=batch.layer_rows())
+                              rows=batch)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None

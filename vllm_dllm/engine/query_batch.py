@@ -44,8 +44,17 @@ class QueryBatch:
         return self.final_starts[request] + positions - self.range_lo[request]
 
     def layer_rows(self) -> dict[int, torch.Tensor]:
-        """Row gathers keyed by the layer they come before, as the model takes them."""
+        """Row gathers keyed by the layer they come before."""
         return {s.first_layer: s.keep for s in self.segments[1:]}
+
+    def run(self, layers, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Row controller of a pass whose sets are all fixed before it starts."""
+        gathers = self.layer_rows()
+        for i, layer in enumerate(layers):
+            if i in gathers:
+                x, positions = x[gathers[i]], positions[gathers[i]]
+            x = layer(positions, x)
+        return x
 
     def metadata_for_layer(self, layer: int) -> BidirectionalMetadata:
         return next(s.metadata for s in reversed(self.segments) if s.first_layer <= layer)

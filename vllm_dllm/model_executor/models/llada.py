@@ -33,6 +33,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
 from vllm_dllm.configs.llada import LLaDAConfig
+from vllm_dllm.model_executor.decoder import RowController, run_layers
 
 
 class LLaDAMLP(nn.Module):
@@ -78,12 +79,15 @@ class LLaDAAttention(nn.Module):
             num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.attn", attn_backend=BidirectionalAttentionBackend)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, hidden_states: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q32, k32 = self.rotary_emb(positions, q.float(), k.float())
-        out = self.attn(q32.to(q.dtype), k32.to(k.dtype), v)
-        out, _ = self.o_proj(out)
+        return q32.to(q.dtype), k32.to(k.dtype), v
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        out, _ = self.o_proj(self.attn(*self.project(positions, hidden_states)))
         return out
 
 
@@ -111,16 +115,8 @@ class LLaDAModel(nn.Module):
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                layer_rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """`layer_rows[i]` picks the rows layer i and later compute, out of those before it
-        (token skipping); the rows left out keep their cached K/V, and only the last
-        layer's rows come out."""
-        x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            if layer_rows and i in layer_rows:
-                x, positions = x[layer_rows[i]], positions[layer_rows[i]]
-            x = layer(positions, x)
-        return self.norm(x)
+                rows: RowController | None = None) -> torch.Tensor:
+        return self.norm(run_layers(self.layers, self.embed_tokens(input_ids), positions, rows))
 
 
 def _checkpoint_to_module_name(name: str) -> str:
@@ -173,9 +169,9 @@ class LLaDAModelLM(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        layer_rows: dict[int, torch.Tensor] | None = None,
+        rows: RowController | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, layer_rows)
+        return self.model(input_ids, positions, rows)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
