@@ -12,9 +12,11 @@ from typing import Any, Callable
 
 from vllm_dllm.sampling import policies
 from vllm_dllm.sampling import r2 as r2_rules
+from vllm_dllm.skipping import dyllm, es
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
+SKIP_MODES = ("none", "es", "dyllm")
 
 
 class ParamError(ValueError):
@@ -56,6 +58,27 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def _unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ParamError(name, f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _fractions(low_open: bool) -> Callable[[str, Any], str]:
+    """A comma-separated list (or JSON list) of numbers in (0, 1] / [0, 1], kept as text."""
+    def check(name: str, value: Any) -> str:
+        text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+        try:
+            values = es.parse_fractions(text)
+        except (TypeError, ValueError):
+            raise ParamError(name, f"{name} must be comma-separated numbers, got {value!r}")
+        if any(not (0 < v <= 1 if low_open else 0 <= v <= 1) for v in values):
+            raise ParamError(name, f"{name} values must lie in {'(0, 1]' if low_open else '[0, 1]'}"
+                             f", got {value!r}")
+        return ",".join(repr(v) for v in values)
+    return check
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in options:
@@ -93,6 +116,16 @@ _SPEC: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "r2_temporal_aggregation": (r2_rules.DEFAULT_AGGREGATION, _choice(r2_rules.AGGREGATIONS)),
     "logits_eos_inf": (False, _flag),
     "confidence_eos_eot_inf": (False, _flag),
+    "delay_eos_generation": (False, _flag),
+    "skip": ("none", _choice(SKIP_MODES)),
+    "es_keep": (es.DEFAULT_KEEP, _fractions(low_open=True)),
+    "es_depth": (es.DEFAULT_DEPTH, _fractions(low_open=False)),
+    "es_alpha": (es.DEFAULT_ALPHA, _unit),
+    "es_block_update_freq": (es.DEFAULT_BLOCK_UPDATE_FREQ, _non_negative_int),
+    "es_prompt_update_freq": (es.DEFAULT_PROMPT_UPDATE_FREQ, _non_negative_int),
+    "dyllm_threshold": (dyllm.DEFAULT_THRESHOLD, _probability),
+    "dyllm_full_steps": (dyllm.DEFAULT_FULL_STEPS, _non_negative_int),
+    "dyllm_query_period": (dyllm.DEFAULT_QUERY_PERIOD, _positive_int),
 }
 DEFAULTS: dict[str, Any] = {name: default for name, (default, _) in _SPEC.items()}
 
@@ -118,6 +151,16 @@ class DllmParams:
     r2_temporal_aggregation: str = r2_rules.DEFAULT_AGGREGATION
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
+    delay_eos_generation: bool = False
+    skip: str = "none"
+    es_keep: str = es.DEFAULT_KEEP
+    es_depth: str = es.DEFAULT_DEPTH
+    es_alpha: float = es.DEFAULT_ALPHA
+    es_block_update_freq: int = es.DEFAULT_BLOCK_UPDATE_FREQ
+    es_prompt_update_freq: int = es.DEFAULT_PROMPT_UPDATE_FREQ
+    dyllm_threshold: float = dyllm.DEFAULT_THRESHOLD
+    dyllm_full_steps: int = dyllm.DEFAULT_FULL_STEPS
+    dyllm_query_period: int = dyllm.DEFAULT_QUERY_PERIOD
 
     @property
     def num_blocks(self) -> int:
@@ -141,6 +184,10 @@ class DllmParams:
             aggregation=self.r2_temporal_aggregation,
         )
 
+    def es_fractions(self, n_layers: int) -> list[float]:
+        return es.layer_fractions(es.parse_fractions(self.es_keep),
+                                  es.parse_fractions(self.es_depth), n_layers)
+
     @classmethod
     def from_resolved(cls, extra_args: dict[str, Any]) -> "DllmParams":
         return cls(**{name: extra_args[name] for name in DEFAULTS})
@@ -154,6 +201,21 @@ def _check_known(source: str, values: dict[str, Any]) -> None:
     if unknown:
         raise ParamError(unknown[0], f"unknown {source} parameter {unknown[0]!r}; "
                          f"known: {', '.join(DEFAULTS)}")
+
+
+def _check_skip(given: dict[str, Any], values: dict[str, Any]) -> None:
+    """Refuse a method's own parameters without that method, and what skipping cannot follow."""
+    skip = values["skip"]
+    for name in given:
+        for method in ("es", "dyllm"):
+            if name.startswith(method + "_") and skip != method:
+                raise ParamError(name, f"{name} applies to skip={method}, but skip is {skip!r}")
+    if len(es.parse_fractions(values["es_keep"])) != len(es.parse_fractions(values["es_depth"])):
+        raise ParamError("es_keep", "es_keep and es_depth must list as many values")
+    if skip == "es" and values["r2"]:
+        # R²'s temporal streaks follow every masked position's prediction each
+        # iteration; ES leaves some of them without logits.
+        raise ParamError("r2", "r2 cannot be combined with skip=es")
 
 
 def server_defaults(dllm_config: dict[str, Any] | None,
@@ -199,6 +261,7 @@ def resolve(
         raise ParamError("steps", f"steps ({steps}) must split evenly over the "
                          f"{num_blocks} blocks of gen_length {gen_length} / "
                          f"block_length {block_length}")
+    _check_skip(given, values)
     if prompt_len + gen_length > max_model_len:
         raise ParamError("gen_length", f"prompt ({prompt_len} tokens) + gen_length "
                          f"({gen_length}) exceeds max_model_len ({max_model_len})")

@@ -23,6 +23,7 @@ from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
+from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
 from vllm_dllm.engine.query_batch import QueryBatch, range_query_batch
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
@@ -54,6 +55,10 @@ class DllmModelRunner(PlatformModelRunner):
         self.block_size = self.cache_config.block_size
         self.block_table = torch.zeros((max_rows, -(-max_len // self.block_size)),
                                        dtype=torch.int32, device=self.device)
+        self.n_layers = hf_config.num_hidden_layers
+        self.slot_caches: SlotCaches | None = None
+        # Rows computed per layer by the last pass (benchmarks read it).
+        self.last_rows_per_layer: list[int] = []
 
     def _set_pages(self, row: int, block_ids: list[int]) -> None:
         if row >= self.block_table.shape[0]:
@@ -84,14 +89,41 @@ class DllmModelRunner(PlatformModelRunner):
                 self._set_pages(state.row, block_ids[0])
                 state.needs_refresh = True
 
-    def forward_query_batch(self, batch: QueryBatch) -> torch.Tensor:
-        """Runs the model over `batch`; returns the hidden states of its last segment's rows."""
+    def forward_query_batch(self, batch: QueryBatch, rows=None) -> torch.Tensor:
+        """Runs the model over `batch`; returns the hidden states of the rows its last
+        layer computed. `rows` (a `PassRows`) rewrites the one metadata object all
+        layers share; without it each layer reads its segment's."""
         layer_names = self.kv_cache_config.kv_cache_groups[0].layer_names
         metadata = {name: batch.metadata_for_layer(extract_layer_index(name))
                     for name in layer_names}
         with set_forward_context(metadata, self.vllm_config, num_tokens=len(batch.input_ids)):
             return self.model(input_ids=batch.input_ids, positions=batch.positions,
-                              rows=batch)
+                              rows=rows or batch)
+
+    def _slot_caches(self) -> SlotCaches:
+        if self.slot_caches is None:
+            num_slots = self.kv_cache_config.num_blocks * self.block_size
+            self.slot_caches = SlotCaches(num_slots, self.device, self.model_config.dtype)
+        return self.slot_caches
+
+    def _pass_rows(self, states: list[RequestState], query: QueryBatch, counts: list[int],
+                   rows: torch.Tensor) -> PassRows:
+        """The controller of a pass where some request skips tokens."""
+        metadata = query.segments[0].metadata
+        positions = query.positions
+        request = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
+                                          torch.tensor(counts, device=self.device),
+                                          output_size=len(positions))
+        batch_rows = rows[request]
+        starts = torch.tensor([s.prompt_len + s.block_start for s in states], device=self.device)
+        leftmost = self.batch.leftmost_mask(rows, starts)
+        return PassRows(
+            metadata, counts, positions, metadata.slot_mapping,
+            [s.skip_plan(self.n_layers, c) for s, c in zip(states, counts)],
+            self._slot_caches(),
+            last_conf=self.batch.last_conf[batch_rows, positions],
+            fresh=self.batch.fresh[batch_rows, positions],
+            leftmost=positions == leftmost[request])
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None
@@ -105,18 +137,39 @@ class DllmModelRunner(PlatformModelRunner):
         masked = [s.masked_columns() for s in states]
         logit_request = torch.repeat_interleave(
             torch.arange(len(states)), torch.tensor([len(m) for m in masked], dtype=torch.long))
-        logit_column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
-        plan = self.batch.plan([s.row for s in states], logit_request, logit_column)
         query = range_query_batch(
-            self.batch.tokens, plan.rows, ranges[:, 0], ranges[:, 1],
-            torch.tensor([s.sequence_length for s in states]), self.block_table[plan.rows],
-            self.block_size)
-        hidden = self.forward_query_batch(query)
-        # Row p of the logits predicts position p + offset; only masked block positions need them.
+            self.batch.tokens, self.batch.rows_tensor([s.row for s in states]), ranges[:, 0],
+            ranges[:, 1], torch.tensor([s.sequence_length for s in states]),
+            self.block_table[self.batch.rows_tensor([s.row for s in states])], self.block_size)
         block_starts = torch.tensor([s.prompt_len + s.block_start for s in states])
-        positions = block_starts[logit_request] + logit_column - self.model.dllm_logits_offset
-        rows = query.range_rows(logit_request, positions).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[rows])
+        offset = self.model.dllm_logits_offset
+        if any(s.params.skip != "none" for s in states):
+            counts = (ranges[:, 1] - ranges[:, 0]).tolist()
+            rows = self._pass_rows(states, query, counts,
+                                   self.batch.rows_tensor([s.row for s in states]))
+            hidden = self.forward_query_batch(query, rows)
+            self.last_rows_per_layer = rows.rows_per_layer
+            batch_rows = self.batch.rows_tensor([s.row for s in states])
+            final = rows.positions + offset
+            is_mask = self.batch.tokens[batch_rows[rows.request],
+                                        final.clamp(max=self.batch.max_len)] == self.mask_token_id
+            out_rows, columns, valid, logit_request = rows.logit_rows(
+                block_starts.to(self.device),
+                torch.tensor([s.params.block_length for s in states], device=self.device),
+                is_mask & (final < self.batch.max_len), [len(m) for m in masked], offset)
+            plan = self.batch.plan([s.row for s in states], logit_request, columns, valid)
+            logits = self.model.compute_logits(hidden[out_rows])
+        else:
+            logit_column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
+            plan = self.batch.plan([s.row for s in states], logit_request, logit_column)
+            hidden = self.forward_query_batch(query)
+            self.last_rows_per_layer = [len(query.input_ids)] * self.n_layers
+            # Row p of the logits predicts position p + offset; only masked block
+            # positions need them.
+            positions = block_starts[logit_request] + logit_column - offset
+            out_rows = query.range_rows(logit_request, positions).to(self.device,
+                                                                     non_blocking=True)
+            logits = self.model.compute_logits(hidden[out_rows])
         # The iteration's one device-to-host transfer.
         packed = self.batch.step(plan, logits).tolist()
         return DllmRunnerOutput(

@@ -40,8 +40,10 @@ class BatchPlan:
     `rows` [B] are the batch rows of the scheduled requests; logits row i belongs
     to request `logit_request[i]` (0..B-1) at block column `logit_column[i]`; the
     logits cover exactly the masked columns of each request's current block.
-    `sampled` lists the logits rows decoded at temperature > 0. The host-side
-    fields say which optional rules any of these requests uses.
+    `sampled` lists the logits rows decoded at temperature > 0. `logit_valid`
+    (None: all) marks the logits rows that hold a prediction: a pass that skipped
+    a masked position gives it a placeholder row, which is never committed. The
+    host-side fields say which optional rules any of these requests uses.
     """
 
     rows: torch.Tensor
@@ -53,7 +55,10 @@ class BatchPlan:
     random_remasking: bool
     logits_eos_inf: bool
     confidence_eos_eot_inf: bool
+    delay_eos_generation: bool
+    tracks_positions: bool
     r2: R2Batch | None
+    logit_valid: torch.Tensor | None = None
 
 
 class DenoiseBatch:
@@ -73,6 +78,12 @@ class DenoiseBatch:
 
         self.tokens = torch.full((max_rows, max_len + 1), special.mask, dtype=torch.long,
                                  device=self.device)
+        # Per position, what token skipping scores rows by: the probability of its
+        # top prediction when it last had logits (0 once committed), and whether
+        # the last iteration committed it.
+        self.last_conf = torch.zeros((max_rows, max_len + 1), dtype=torch.float32,
+                                     device=self.device)
+        self.fresh = torch.zeros((max_rows, max_len + 1), dtype=torch.bool, device=self.device)
         self.prompt_len = zeros(torch.long)
         self.block_length = zeros(torch.long)
         self.steps_per_block = zeros(torch.long)
@@ -85,6 +96,7 @@ class DenoiseBatch:
         self.random_remasking = zeros(torch.bool)
         self.logits_eos_inf = zeros(torch.bool)
         self.confidence_eos_eot_inf = zeros(torch.bool)
+        self.delay_eos_generation = zeros(torch.bool)
         self.block = zeros(torch.long)
         self.step_in_block = zeros(torch.long)
         self.iteration = zeros(torch.long)
@@ -107,6 +119,8 @@ class DenoiseBatch:
             self.streaks.reorder(torch.arange(len(self.params), device=self.device), self.width)
         self.tokens[row] = self.special.mask
         self.tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        self.last_conf[row] = 0
+        self.fresh[row] = False
         for name, value in (
             ("prompt_len", len(prompt)), ("block_length", params.block_length),
             ("steps_per_block", params.steps_per_block),
@@ -116,6 +130,7 @@ class DenoiseBatch:
             ("random_remasking", params.remasking == "random"),
             ("logits_eos_inf", params.logits_eos_inf),
             ("confidence_eos_eot_inf", params.confidence_eos_eot_inf),
+            ("delay_eos_generation", params.delay_eos_generation),
             ("block", 0), ("step_in_block", 0), ("iteration", 0),
         ):
             getattr(self, name)[row] = value
@@ -152,13 +167,12 @@ class DenoiseBatch:
         self._composition = None
         self._free.append(row)
 
-    def plan(self, rows: list[int], logit_request: torch.Tensor,
-             logit_column: torch.Tensor) -> BatchPlan:
-        """The plan of an iteration over `rows`; `logit_request` and `logit_column` are
-        host tensors. What depends only on which requests run is kept until that changes."""
-        key = tuple(rows)
-        if self._composition is None or self._composition[0] != key:
-            self._composition = (key, self._compose(rows))
+    def plan(self, rows: list[int], logit_request: torch.Tensor, logit_column: torch.Tensor,
+             logit_valid: torch.Tensor | None = None) -> BatchPlan:
+        """The plan of an iteration over `rows`; `logit_request` is a host tensor,
+        `logit_column` and `logit_valid` host or device tensors. What depends only on
+        which requests run is kept until that changes."""
+        self.rows_tensor(rows)
         fixed = self._composition[1]
         sampled = None
         if fixed["hot"] is not None:
@@ -168,8 +182,24 @@ class DenoiseBatch:
             logit_request=logit_request.to(self.device, non_blocking=True),
             logit_column=logit_column.to(self.device, non_blocking=True),
             sampled=sampled,
+            logit_valid=logit_valid,
             **{k: v for k, v in fixed.items() if k != "hot"},
         )
+
+    def rows_tensor(self, rows: list[int]) -> torch.Tensor:
+        """`rows` as a device tensor, kept with the batch's composition."""
+        key = tuple(rows)
+        if self._composition is None or self._composition[0] != key:
+            self._composition = (key, self._compose(rows))
+        return self._composition[1]["rows"]
+
+    def leftmost_mask(self, rows: torch.Tensor, block_start: torch.Tensor) -> torch.Tensor:
+        """Absolute position of the first mask of each row's current block (-1 if none);
+        `block_start` [B] are the blocks' absolute starts."""
+        cells, valid = self.block_positions(rows, self.width)
+        masked = (self.tokens[rows[:, None], cells] == self.special.mask) & valid
+        first = block_start + masked.int().argmax(-1)
+        return torch.where(masked.any(-1), first, torch.full_like(first, -1))
 
     def _compose(self, rows: list[int]) -> dict:
         params = [self.params[r] for r in rows]
@@ -190,6 +220,8 @@ class DenoiseBatch:
             random_remasking=any(p.remasking == "random" for p in params),
             logits_eos_inf=any(p.logits_eos_inf for p in params),
             confidence_eos_eot_inf=any(p.confidence_eos_eot_inf for p in params),
+            delay_eos_generation=any(p.delay_eos_generation for p in params),
+            tracks_positions=any(p.skip != "none" for p in params),
             r2=r2,
         )
 
@@ -212,6 +244,9 @@ class DenoiseBatch:
         req, col = plan.logit_request, plan.logit_column
         cells, valid = self.block_positions(rows, k)
         current = self.tokens[rows[:, None], cells]
+        if plan.logit_valid is not None:
+            # Placeholder rows land in a scratch column that is dropped below.
+            col = torch.where(plan.logit_valid, col, k)
 
         # A committed mask would stay masked: the mask id is never a prediction.
         logits = logits.float()
@@ -238,19 +273,24 @@ class DenoiseBatch:
             use = self.confidence_eos_eot_inf[rows][req]
             confidence = torch.where(use, eos_eot_confidence(logits, x0, special.eos, special.eot),
                                      confidence)
+        if plan.delay_eos_generation:
+            confidence = self._delay_eos(rows, req, position, x0, confidence)
         if plan.random_remasking:
             scores = noise.uniforms(seed, iteration, position, noise.STREAM_REMASK)
             confidence = torch.where(self.random_remasking[rows][req], scores, confidence)
 
         def scatter(values: torch.Tensor, fill) -> torch.Tensor:
-            out = torch.full((b, k), fill, dtype=values.dtype, device=values.device)
-            return out.index_put_((req, col), values)
+            out = torch.full((b, k + 1), fill, dtype=values.dtype, device=values.device)
+            return out.index_put_((req, col), values)[:, :k]
 
         conf_matrix = scatter(confidence, float("-inf"))
         tokens = scatter(x0, 0)
         length = self.block_length[rows]
         step = self.step_in_block[rows]
         counts = transfer_counts(length, self.steps_per_block[rows], step)
+        # A block that token skipping left unfinished after its steps goes on, one
+        # token (at least) an iteration.
+        counts = torch.where(step >= self.steps_per_block[rows], counts.clamp(min=1), counts)
         commit = select(conf_matrix, PolicyBatch(
             policy=self.policy[rows], counts=counts, threshold=self.threshold[rows],
             factor=self.factor[rows], frechet_delta=self.frechet_delta[rows],
@@ -261,6 +301,8 @@ class DenoiseBatch:
 
         after = torch.where(commit & valid, tokens, current)
         self.tokens[rows[:, None], cells] = after
+        if plan.tracks_positions:
+            self._track_positions(rows, cells, scatter(top_conf.float(), -1.0), after != current)
         clean = ~((after == special.mask) & valid).any(-1)
         step = step + 1
         fixed = self.policy[rows] == POLICIES.index("fixed")
@@ -270,6 +312,30 @@ class DenoiseBatch:
         self.step_in_block[rows] = torch.where(advance, torch.zeros_like(step), step)
         self.iteration[rows] = self.iteration[rows] + 1
         return torch.cat([after, advance.long()[:, None]], dim=1)
+
+    def _delay_eos(self, rows: torch.Tensor, req: torch.Tensor, position: torch.Tensor,
+                   x0: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """ES-dLLM's `delay_eos_generation`: an EOS prediction gets confidence 0 while the
+        canvas has no EOS yet and the position before it is still a mask."""
+        eos, mask = self.special.eos, self.special.mask
+        prompt_len = self.prompt_len[rows]
+        column = torch.arange(self.tokens.shape[1], device=self.device)
+        in_canvas = (column >= prompt_len[:, None]) & (column < self.max_len)
+        has_eos = ((self.tokens[rows] == eos) & in_canvas).any(-1)
+        before = self.tokens[rows[req], (prompt_len[req] + position - 1).clamp(max=self.max_len)]
+        delay = (self.delay_eos_generation[rows][req] & (x0 == eos) & ~has_eos[req]
+                 & (before == mask))
+        return torch.where(delay, torch.zeros_like(confidence), confidence)
+
+    def _track_positions(self, rows: torch.Tensor, cells: torch.Tensor, top_conf: torch.Tensor,
+                         committed: torch.Tensor) -> None:
+        """Update what token skipping reads: `top_conf` [B, width] is -1 where a block
+        position had no logits this iteration (it keeps its last value)."""
+        last = self.last_conf[rows[:, None], cells]
+        last = torch.where(top_conf >= 0, top_conf, last)
+        self.last_conf[rows[:, None], cells] = torch.where(committed, torch.zeros_like(last), last)
+        self.fresh[rows] = False
+        self.fresh[rows[:, None], cells] = committed
 
     def _apply_r2(self, plan: BatchPlan, commit: torch.Tensor, tokens: torch.Tensor,
                   conf_matrix: torch.Tensor, top_ids: torch.Tensor, top_conf: torch.Tensor

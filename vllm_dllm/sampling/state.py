@@ -9,6 +9,8 @@ updated from the one packed transfer each iteration returns.
 
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.recompute import recompute_range
+from vllm_dllm.skipping import es
+from vllm_dllm.skipping.plan import RequestSkip
 
 
 class RequestState:
@@ -23,6 +25,9 @@ class RequestState:
         self.emitted = 0
         # The pages hold none of this request's K/V (new or resumed request).
         self.needs_refresh = True
+        # Forwards so far, and how many tokens the last one committed.
+        self.iterations = 0
+        self.last_commits = 0
 
     @property
     def block_start(self) -> int:
@@ -36,16 +41,53 @@ class RequestState:
     def sequence_length(self) -> int:
         return self.prompt_len + self.params.gen_length
 
+    def _full(self, refresh: bool) -> bool:
+        """Whether this iteration recomputes its whole window in every layer."""
+        p = self.params
+        if refresh or (p.cache != "none" and self.step_in_block == 0):
+            return True
+        if p.skip == "es":
+            return bool(p.es_block_update_freq) and self.iterations % p.es_block_update_freq == 0
+        if p.skip == "dyllm":
+            return self.iterations < p.dyllm_full_steps
+        return True
+
+    def _window(self, refresh: bool, iterations: int) -> tuple[int, int]:
+        p = self.params
+        lo, hi = recompute_range(p.cache, self.prompt_len, p.gen_length, self.block_start,
+                                 p.block_length, self.step_in_block, refresh)
+        if lo == 0 or refresh:
+            return lo, hi
+        if p.skip == "es" and p.es_prompt_update_freq and iterations % p.es_prompt_update_freq == 0:
+            return 0, hi
+        return lo, hi
+
     def recompute_range(self) -> tuple[int, int]:
-        """Absolute [lo, hi) this iteration recomputes."""
-        return recompute_range(self.params.cache, self.prompt_len, self.params.gen_length,
-                               self.block_start, self.params.block_length, self.step_in_block,
-                               self.needs_refresh)
+        """Absolute [lo, hi) this iteration's first layer computes."""
+        lo, hi = self._window(self.needs_refresh, self.iterations)
+        p = self.params
+        if (p.skip == "dyllm" and p.cache == "none" and not self._full(self.needs_refresh)
+                and self.iterations % p.dyllm_query_period):
+            # DyLLM queries the canvas only, and the whole sequence periodically.
+            lo = self.prompt_len
+        return lo, hi
+
+    def skip_plan(self, n_layers: int, window: int) -> RequestSkip:
+        p = self.params
+        if p.skip == "none":
+            return RequestSkip()
+        sparse = not self._full(self.needs_refresh)
+        if p.skip == "dyllm":
+            return RequestSkip("dyllm", sparse, dyllm_threshold=p.dyllm_threshold)
+        fractions = p.es_fractions(n_layers)
+        layers = tuple(i for i in range(1, n_layers) if fractions[i] < fractions[i - 1])
+        counts = es.keep_counts(fractions, window, self.last_commits,
+                                p.block_length) if sparse else {}
+        return RequestSkip("es", sparse, counts, layers, es_alpha=p.es_alpha)
 
     def next_rows(self) -> int:
-        """Rows the next iteration recomputes, if the cache still holds the request."""
-        lo, hi = recompute_range(self.params.cache, self.prompt_len, self.params.gen_length,
-                                 self.block_start, self.params.block_length, self.step_in_block)
+        """Rows the next iteration's first layer computes, if the cache still holds the request."""
+        lo, hi = self._window(False, self.iterations)
         return hi - lo
 
     def masked_columns(self) -> list[int]:
@@ -59,8 +101,11 @@ class RequestState:
         request moved to its next block); returns the tokens that became final."""
         length = self.params.block_length
         start = self.block_start
+        before = self.canvas[start : start + length]
+        self.last_commits = sum(a != b for a, b in zip(before, packed[:length]))
         self.canvas[start : start + length] = packed[:length]
         self.needs_refresh = False
+        self.iterations += 1
         if packed[-1]:
             self.block += 1
             self.step_in_block = 0

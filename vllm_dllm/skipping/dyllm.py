@@ -1,0 +1,30 @@
+"""DyLLM salient-token recompute (spec §6): which rows a layer really computes.
+
+After the first `full_steps` iterations of a request, a layer computes K/V only
+for its salient rows, every query row attends (exactly, over the pages), and
+the rows whose attention context moved (cosine similarity to the context they
+had when last computed below tau) are the salient set of the layer's FFN and of
+the next layer's K/V. The other rows add their cached FFN output. The first
+layer's salient rows are the positions the previous iteration committed: only
+their input changed.
+
+Choices where the spec says NOT VERIFIED: the rows of a layer's salient set are
+not forced into the next one (the similarity test decides alone), and the
+non-salient queries get exact attention over the current pages rather than a
+rank-|S| correction of their cached context (same order of cost, no error of
+its own). tau >= 1 makes every row salient: the pass is then exactly the plain one.
+"""
+
+import torch
+
+DEFAULT_THRESHOLD = 0.99  # DyLLM's Config.threshold (spec §6.3)
+DEFAULT_FULL_STEPS = 4  # run.py and the GSM8K script
+# Without a cache mode, three iterations in four query only the canvas.
+DEFAULT_QUERY_PERIOD = 4
+
+
+def salient(context: torch.Tensor, cached: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Rows [N] whose context [N, D] has cosine similarity below `tau` [N] to `cached`."""
+    c, old = context.float(), cached.float()
+    cos = (c * old).sum(-1) / (c.norm(dim=-1) * old.norm(dim=-1)).clamp(min=1e-12)
+    return (cos < tau) | (tau >= 1)
