@@ -42,6 +42,7 @@ Conventions shared with the plugin so that runs can be compared token for token:
 
 import torch
 
+from tests.reference import skipping
 from vllm_dllm.sampling import noise
 
 POLICIES = ("fixed", "threshold", "factor", "frechet")
@@ -103,9 +104,20 @@ def generate(
     threshold: float = 0.9,
     factor: float = 1.0,
     frechet_delta: float = 0.25,
+    skip: str = "none",
+    es_keep: tuple[float, ...] = (1.0, 0.5, 0.25),
+    es_depth: tuple[float, ...] = (0.0, 0.125, 0.25),
+    es_alpha: float = 0.5,
+    es_block_update_freq: int = 16,
+    es_prompt_update_freq: int = 0,
+    dyllm_threshold: float = 0.99,
+    dyllm_full_steps: int = 4,
+    dyllm_query_period: int = 4,
 ) -> dict:
     """Decode one request under `policy` (with its `threshold`, `factor` or
-    `frechet_delta`) and `cache`; `steps` is used by the `fixed` policy only.
+    `frechet_delta`), `cache` and `skip` (see `skipping`); `steps` is used by the
+    `fixed` policy only. A fixed-schedule block that skipping left unfinished after
+    its steps goes on committing max(1, schedule) tokens an iteration.
 
     Returns the canvas (`tokens`), the number of forward passes (`forwards`) and
     how many tokens each forward committed (`commits`, one entry per forward).
@@ -121,15 +133,62 @@ def generate(
         seed = int(torch.randint(0, 2**62, ()))
     prompt_len = len(prompt)
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
+    length = len(x)
     commits: list[int] = []
+    # Token skipping's state: K/V of every layer, its caches, what it scores by.
+    kv = None
+    hidden: dict = {}
+    contexts: dict = {}
+    ffns: dict = {}
+    last_conf = torch.zeros(length)
+    fresh = torch.zeros(length, dtype=torch.bool)
+    fractions = skipping.es_layer_fractions(list(es_keep), list(es_depth), model.n_layers)
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         block = slice(start, start + block_length)
         if policy == "fixed":
             schedule = num_transfer_tokens(int((x[block] == mask_id).sum()), steps_per_block)
         i = 0
-        while i < steps_per_block if policy == "fixed" else bool((x[block] == mask_id).any()):
-            if cache == "none":
+        while (bool((x[block] == mask_id).any()) or (policy == "fixed" and i < steps_per_block)
+               if skip != "none" or policy != "fixed" else i < steps_per_block):
+            iteration = len(commits)  # forwards of this request before this one
+            candidates_with_logits = None
+            if skip != "none":
+                refresh = iteration == 0 or (cache != "none" and i == 0)
+                if refresh or cache == "none":
+                    lo, hi = 0, length
+                else:
+                    lo, hi = start, (length if cache == "prefix" else start + block_length)
+                    if skip == "es" and es_prompt_update_freq and iteration % es_prompt_update_freq == 0:
+                        lo = 0
+                if skip == "es":
+                    full = refresh or bool(es_block_update_freq
+                                           and iteration % es_block_update_freq == 0)
+                else:
+                    full = refresh or iteration < dyllm_full_steps
+                    if not full and cache == "none" and iteration % dyllm_query_period:
+                        lo = prompt_len
+                if kv is None:
+                    kv = [(torch.zeros(model.n_kv_heads, length, model.head_dim),
+                           torch.zeros(model.n_kv_heads, length, model.head_dim))
+                          for _ in range(model.n_layers)]
+                window = torch.arange(lo, hi)
+                if skip == "es":
+                    masks = [p for p in range(start, start + block_length) if int(x[p]) == mask_id]
+                    out_rows, out = skipping.es_forward(
+                        model, x, window, kv, hidden, fractions=fractions, sparse=not full,
+                        alpha=es_alpha, last_conf=last_conf, fresh=fresh,
+                        leftmost=masks[0] if masks else -1,
+                        last_commits=commits[-1] if commits else 0, block_length=block_length)
+                else:
+                    out_rows = window
+                    out = skipping.dyllm_forward(model, x, window, kv, contexts, ffns,
+                                                 sparse=not full, tau=dyllm_threshold, fresh=fresh)
+                logits = torch.zeros(length, out.shape[-1])
+                logits[out_rows] = out.float()
+                candidates_with_logits = {int(p) - start for p in out_rows
+                                          if start <= int(p) + logits_offset < start + block_length}
+            elif cache == "none":
                 logits = model(x).float()
             elif i == 0:
                 logits, kv = model.forward_partial(x, torch.arange(len(x)))
@@ -139,7 +198,6 @@ def generate(
                 logits = torch.zeros(len(x), window.shape[-1])
                 logits[start:stop] = window
             logits = logits.float()
-            iteration = len(commits)  # forwards of this request before this one
             rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
             # Never predict the mask itself (the untrained models here can).
             rows[:, mask_id] = float("-inf")
@@ -154,22 +212,33 @@ def generate(
                                   draw(noise.STREAM_SAMPLE))
             else:
                 x0 = rows.argmax(-1)
+            probs = torch.softmax(rows.double(), -1)
             if remasking == "low_confidence":
-                probs = torch.softmax(rows.double(), -1)
                 conf = probs.gather(-1, x0[:, None]).squeeze(-1)
             elif remasking == "random":
                 conf = draw(noise.STREAM_REMASK)
             else:
                 raise ValueError(remasking)
             conf = conf.tolist()
-            candidates = [p for p in range(block_length) if int(x[start + p]) == mask_id]
+            candidates = [p for p in range(block_length) if int(x[start + p]) == mask_id
+                          and (candidates_with_logits is None or p in candidates_with_logits)]
+            if skip != "none":
+                top = probs.max(-1).values.float()
+                for p in candidates:
+                    last_conf[start + p] = top[p]
             candidates.sort(key=lambda p: (-conf[p], p))
+            if policy == "fixed":
+                count = schedule[i] if i < steps_per_block else max(1, schedule[-1])
             n = commit_count(policy, [conf[p] for p in candidates],
-                             count=schedule[i] if policy == "fixed" else 0,
+                             count=count if policy == "fixed" else 0,
                              threshold=threshold, factor=factor, frechet_delta=frechet_delta)
             chosen = candidates[:n]
             for p in chosen:
                 x[start + p] = x0[p]
+            fresh[:] = False
+            for p in chosen:
+                fresh[start + p] = True
+                last_conf[start + p] = 0.0
             commits.append(len(chosen))
             i += 1
     return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}
