@@ -48,7 +48,9 @@ class BidirectionalMetadata:
 
     Rows of request b are `query_start_loc[b]:query_start_loc[b+1]`; the request
     has `seq_lens[b]` positions in the pages listed by `block_table[b]`;
-    `slot_mapping[t]` is the cache slot that row t's K/V are written to.
+    `slot_mapping[t]` is the cache slot that K/V row t is written to (negative:
+    not written). There are as many K/V rows as query rows unless `num_kv_tokens`
+    says otherwise (a pass that refreshes K/V for some of its queries only).
     """
 
     num_actual_tokens: int
@@ -58,6 +60,7 @@ class BidirectionalMetadata:
     slot_mapping: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    num_kv_tokens: int | None = None
 
 
 class BidirectionalAttentionBackend(AttentionBackend):
@@ -166,25 +169,26 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
+        nk = n if m.num_kv_tokens is None else m.num_kv_tokens
         isa = _cpu_kernel_isa(kv_cache.device.type, self.head_size, kv_cache.dtype,
                               tuple(kv_cache.shape), tuple(kv_cache.stride()))
         if isa is not None:
-            return self._forward_cpu_kernel(isa, query[:n], key[:n], value[:n], kv_cache, m,
+            return self._forward_cpu_kernel(isa, query[:n], key[:nk], value[:nk], kv_cache, m,
                                             output)
-        write_kv(kv_cache, m.slot_mapping[:n], key[:n].to(kv_cache.dtype),
-                 value[:n].to(kv_cache.dtype))
+        write_kv(kv_cache, m.slot_mapping[:nk], key[:nk].to(kv_cache.dtype),
+                 value[:nk].to(kv_cache.dtype))
         return paged_attention(query[:n], kv_cache, m.query_start_loc, m.seq_lens,
                                m.block_table, self.scale, m.max_query_len, m.max_seq_len, output)
 
     def _forward_cpu_kernel(self, isa: str, query, key, value, kv_cache: torch.Tensor,
                             m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:
         """vLLM's CPU kernel: write through its cache op, one non-causal attention call."""
-        n = query.shape[0]
+        n, nk = query.shape[0], key.shape[0]
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size,
                                                self.head_size).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(key.to(kv_cache.dtype), value.to(kv_cache.dtype),
-                                       key_cache, value_cache, m.slot_mapping[:n], isa)
+                                       key_cache, value_cache, m.slot_mapping[:nk], isa)
         query_start_loc = m.query_start_loc.to(torch.int32)
         seq_lens = m.seq_lens.to(torch.int32)
         scheduler = ops.cpu_attn_get_scheduler_metadata(

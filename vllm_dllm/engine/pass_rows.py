@@ -17,7 +17,7 @@ All requests of the pass share one attention call per layer: the controller
 rewrites the one `BidirectionalMetadata` object that every layer's name points
 to (rows, slots, query starts) when the rows change. Row counts of ES are known
 on the host before the pass (so are query starts); DyLLM's FFN rows are counted
-once per layer, its only read-back.
+once per layer (its K/V rows and FFN rows), its only read-backs.
 
 Per-token caches (hidden states for ES; contexts and FFN outputs for DyLLM) are
 indexed by KV-cache slot, so a request owns exactly the cache rows of its pages:
@@ -131,9 +131,14 @@ class PassRows:
         rows = self.rows
         slots, dy_row, dy_sparse = rows["slots"], rows["dy_row"], rows["dy_sparse"]
         attn = layer.self_attn
-        q, k, v = attn.project(positions, layer.input_layernorm(x))
         # Only salient rows refresh their K/V; the others keep what the pages hold.
-        self.metadata.slot_mapping = torch.where(rows["kv"], slots, torch.full_like(slots, -1))
+        kv_index = rows["kv"].nonzero().squeeze(1)
+        # The fused QKV projection runs for every row: vLLM's CPU linears keep their
+        # weights packed, so no K/V-only slice of it exists to run on a subset.
+        q, k, v = attn.project(positions, layer.input_layernorm(x))
+        k, v = k[kv_index], v[kv_index]
+        self.metadata.slot_mapping = slots[kv_index]
+        self.metadata.num_kv_tokens = len(kv_index)
         context = attn.attn(q, k, v)
         cached = self.caches.get("context", i, context.shape[-1])
         old = cached[slots]
@@ -144,12 +149,14 @@ class PassRows:
         ffn_cache = self.caches.get("ffn", i, x.shape[-1])
         ffn_old = ffn_cache[slots]
         ffn = torch.where(dy_sparse[:, None], ffn_old, torch.zeros_like(ffn_old))
+        # The pass's one read-back per layer: how many rows run the FFN.
         index = salient.nonzero().squeeze(1)
         if len(index):
             ffn[index] = layer.mlp(layer.post_attention_layernorm(x[index]))
         ffn_cache[slots] = torch.where(dy_row[:, None], ffn, ffn_old)
         rows["kv"] = salient
         self.metadata.slot_mapping = slots
+        self.metadata.num_kv_tokens = None
         return x + ffn
 
     def _es_after(self, i: int, x: torch.Tensor) -> torch.Tensor:

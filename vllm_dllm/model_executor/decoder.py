@@ -44,3 +44,4 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor,
     for layer in layers:
         x = layer(positions, x)
     return x
+
