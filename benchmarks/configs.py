@@ -71,22 +71,27 @@ def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,
     ]
 
 
-# The cost benchmark: one schedule, three caches.
+# The cost benchmark: one schedule, three caches, and token skipping on the dual cache.
 COST_GEN_LENGTH = 256
 COST_BLOCK_LENGTH = 32
 COST_CACHES = ("none", "prefix", "dual")
-# Issue 4's acceptance targets: throughput ratio vs cache "none" at gen 256 / block 32.
+COST_SKIPS = {"dual+es": "es", "dual+dyllm": "dyllm"}
+# Acceptance targets at gen 256 / block 32: the caches' throughput vs cache "none"
+# (issue 4), token skipping's vs "dual" without skipping (issue 11).
 COST_TARGETS = {"prefix": 2.0, "dual": 4.0}
+COST_SKIP_TARGETS = {"dual+es": 1.6, "dual+dyllm": 1.5}
 
 
 def cost_configs(gen_length: int = COST_GEN_LENGTH, block_length: int = COST_BLOCK_LENGTH,
                  steps: int | None = None) -> list[DecodeConfig]:
     steps = gen_length if steps is None else steps
-    return [DecodeConfig(cache, {"gen_length": gen_length, "block_length": block_length,
-                                 "steps": steps, "remasking": "low_confidence",
-                                 "cache": cache},
-                         f"fixed schedule, cache {cache}")
-            for cache in COST_CACHES]
+    shape = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
+             "remasking": "low_confidence"}
+    return [DecodeConfig(cache, {**shape, "cache": cache}, f"fixed schedule, cache {cache}")
+            for cache in COST_CACHES] + [
+        DecodeConfig(name, {**shape, "cache": "dual", "skip": skip},
+                     f"fixed schedule, cache dual, skip {skip} (defaults)")
+        for name, skip in COST_SKIPS.items()]
 
 
 def parse_config(spec: str) -> DecodeConfig:

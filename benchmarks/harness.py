@@ -120,6 +120,16 @@ class Engine:
         self.rows = 0
         self.threads = torch.get_num_threads()
 
+    def layer_rows(self) -> list[int] | None:
+        """Query rows, then FFN rows, the model runner computed per layer so far (None
+        if it cannot be read)."""
+        try:
+            worker = self.engine.engine_core.engine_core.model_executor.driver_worker.worker
+            runner = worker.model_runner
+            return list(runner.layer_rows) + list(runner.layer_ffn_rows)
+        except AttributeError:
+            return None
+
     def run(self, requests: list[tuple[str, list[int], Any]]) -> BatchResult:
         """Submit every (request_id, prompt_token_ids, SamplingParams) at once and step
         the engine until all have finished."""
@@ -418,7 +428,7 @@ def run_cost(args) -> dict:
     n_heads = args.d_model // args.head_dim
     prompt_len, gen = args.prompt_len, args.gen_length
     max_model_len = prompt_len + gen
-    configs = cfgs.cost_configs(gen, args.block_length, args.steps)
+    configs = cfgs.select(cfgs.cost_configs(gen, args.block_length, args.steps), args.configs)
     with tempfile.TemporaryDirectory(prefix="dllm-cost-") as tmp:
         if args.model:
             model = Path(args.model)
@@ -435,11 +445,13 @@ def run_cost(args) -> dict:
                                                 cfg["mlp_hidden_size"], cfg["vocab_size"]) / 1e6
         log(f"cost model {shape}, prompt {prompt_len}, gen {gen}, block {args.block_length}, "
             f"steps {args.steps or gen}")
-        engine = Engine(model, max_model_len=max_model_len, max_num_seqs=1,
+        engine = Engine(model, max_model_len=max_model_len, max_num_seqs=args.batch,
                         threads=args.threads)
         startup_s = time.perf_counter() - t_start
         rng = random.Random(0)
-        prompt = [rng.randrange(1, 96) for _ in range(prompt_len)]  # printable characters
+        prompts = [[rng.randrange(1, 96) for _ in range(prompt_len)]  # printable characters
+                   for _ in range(args.batch)]
+        prompt = prompts[0]
 
         # Warm-up, untimed: every cache mode, one step per block.
         checks = {}
@@ -454,6 +466,7 @@ def run_cost(args) -> dict:
         iters: dict[str, list[int]] = defaultdict(list)
         tokens: dict[str, list[int]] = defaultdict(list)
         rows: dict[str, int | None] = {}
+        layer_rows: dict[str, list[int] | None] = {}
         cpu: dict[str, list[float]] = defaultdict(list)
         loads: dict[str, list[float | None]] = defaultdict(list)
         errors: dict[str, str] = {}
@@ -463,25 +476,30 @@ def run_cost(args) -> dict:
                 if checks[c.name].status != "ok" or c.name in errors:
                     continue
                 report.reset_peak_rss()
-                batch = engine.run([(f"{c.name}/{rep}", prompt,
-                                     sampling_params(c.extra_args, ignore_eos=True))])
+                before = engine.layer_rows()
+                batch = engine.run([(f"{c.name}/{rep}/{i}", p,
+                                     sampling_params(c.extra_args, ignore_eos=True))
+                                    for i, p in enumerate(prompts)])
+                after = engine.layer_rows()
+                layer_rows[c.name] = (None if before is None else
+                                      [(a - b) // args.batch for a, b in zip(after, before)])
                 peaks[c.name] = max(peaks[c.name], report.peak_rss_mb())
                 if batch.status != "ok":
                     errors[c.name] = batch.error
                     log(f"{c.name}: {batch.status}: {batch.error}")
                     continue
-                (r,) = batch.requests.values()
+                done = list(batch.requests.values())
                 walls[c.name].append(batch.wall_s)
-                iters[c.name].append(r.iterations)
-                tokens[c.name].append(len(r.token_ids))
-                rows[c.name] = batch.model_rows
+                iters[c.name].append(max(r.iterations for r in done))
+                tokens[c.name].append(sum(len(r.token_ids) for r in done))
+                rows[c.name] = batch.model_rows and batch.model_rows // args.batch
                 cpu[c.name].append(batch.cpu_s)
                 loads[c.name].append(batch.load_average)
-                log(f"{c.name} #{rep}: {batch.wall_s:.2f} s, {r.iterations} iterations, "
-                    f"{len(r.token_ids)} tokens")
+                log(f"{c.name} #{rep}: {batch.wall_s:.2f} s, {iters[c.name][-1]} iterations, "
+                    f"{tokens[c.name][-1]} tokens")
 
     results = []
-    base_tps = base_rows = None
+    base_tps = base_rows = dual_tps = None
     for c in configs:
         entry: dict[str, Any] = {"name": c.name, "description": c.describe(),
                                  "extra_args": c.extra_args}
@@ -494,6 +512,10 @@ def run_cost(args) -> dict:
         tps = statistics.median(tokens[c.name]) / wall
         if c.name == "none":
             base_tps, base_rows = tps, rows[c.name]
+        if c.name == "dual":
+            dual_tps = tps
+        entry.update(layer_rows_per_request=layer_rows.get(c.name),
+                     skip_target=cfgs.COST_SKIP_TARGETS.get(c.name))
         entry.update(status="ok", error="", wall_s=walls[c.name], wall_s_median=wall,
                      tokens=tokens[c.name][0], iterations=iters[c.name][0],
                      tokens_per_s=tps, peak_rss_mb=peaks[c.name], cpu_s=cpu[c.name],
@@ -503,6 +525,8 @@ def run_cost(args) -> dict:
     for entry in results:
         if entry["status"] == "ok" and base_tps:
             entry["ratio"] = entry["tokens_per_s"] / base_tps
+        if entry["status"] == "ok" and dual_tps:
+            entry["ratio_vs_dual"] = entry["tokens_per_s"] / dual_tps
         if entry["status"] == "ok" and base_rows and entry["model_rows_per_request"]:
             entry["compute_reduction"] = base_rows / entry["model_rows_per_request"]
     return {
@@ -512,6 +536,7 @@ def run_cost(args) -> dict:
                      "model_shape": shape, "prompt_len": prompt_len, "gen_length": gen,
                      "block_length": args.block_length, "steps": args.steps or gen,
                      "repeats": args.repeats, "max_model_len": max_model_len,
+                     "batch": args.batch,
                      "threads": engine.threads},
         "engine_startup_s": startup_s,
         "results": results,
@@ -574,6 +599,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cost.add_argument("--block-length", type=int, default=cfgs.COST_BLOCK_LENGTH)
     cost.add_argument("--steps", type=int, default=None, help="default: gen_length")
     cost.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    cost.add_argument("--batch", type=int, default=1,
+                      help="requests decoded together (each its own random prompt)")
+    cost.add_argument("--configs", help="comma list of the configurations to run "
+                      "(default: all of none, prefix, dual, dual+es, dual+dyllm)")
     cost.add_argument("--repeats", type=int, default=1,
                       help="requests per cache mode (median reported)")
     cost.add_argument("--out", type=Path, default=None,

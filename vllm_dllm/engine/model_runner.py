@@ -57,8 +57,9 @@ class DllmModelRunner(PlatformModelRunner):
                                        dtype=torch.int32, device=self.device)
         self.n_layers = hf_config.num_hidden_layers
         self.slot_caches: SlotCaches | None = None
-        # Rows computed per layer by the last pass (benchmarks read it).
-        self.last_rows_per_layer: list[int] = []
+        # Rows computed per layer, summed over every pass (benchmarks read it).
+        self.layer_rows = [0] * self.n_layers
+        self.layer_ffn_rows = [0] * self.n_layers
 
     def _set_pages(self, row: int, block_ids: list[int]) -> None:
         if row >= self.block_table.shape[0]:
@@ -148,7 +149,9 @@ class DllmModelRunner(PlatformModelRunner):
             rows = self._pass_rows(states, query, counts,
                                    self.batch.rows_tensor([s.row for s in states]))
             hidden = self.forward_query_batch(query, rows)
-            self.last_rows_per_layer = rows.rows_per_layer
+            self.layer_rows = [a + b for a, b in zip(self.layer_rows, rows.rows_per_layer)]
+            self.layer_ffn_rows = [a + b for a, b in zip(self.layer_ffn_rows,
+                                                         rows.ffn_rows_per_layer)]
             batch_rows = self.batch.rows_tensor([s.row for s in states])
             final = rows.positions + offset
             is_mask = self.batch.tokens[batch_rows[rows.request],
@@ -163,7 +166,8 @@ class DllmModelRunner(PlatformModelRunner):
             logit_column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
             plan = self.batch.plan([s.row for s in states], logit_request, logit_column)
             hidden = self.forward_query_batch(query)
-            self.last_rows_per_layer = [len(query.input_ids)] * self.n_layers
+            self.layer_rows = [a + len(query.input_ids) for a in self.layer_rows]
+            self.layer_ffn_rows = [a + len(query.input_ids) for a in self.layer_ffn_rows]
             # Row p of the logits predicts position p + offset; only masked block
             # positions need them.
             positions = block_starts[logit_request] + logit_column - offset

@@ -92,8 +92,9 @@ class PassRows:
             self.rows["kv"] = ~self.rows["dy_sparse"] | fresh
         if self.es_layers:
             self.rows["alpha"] = per_row([s.es_alpha for s in skips])
-        # Rows computed per layer, summed over the batch (for reports).
+        # Query rows and FFN rows per layer, summed over the batch (for reports).
         self.rows_per_layer: list[int] = []
+        self.ffn_rows_per_layer: list[int] = []
 
     @property
     def positions(self) -> torch.Tensor:
@@ -112,6 +113,7 @@ class PassRows:
                 x = self._dyllm_layer(i, layer, x, positions)
             else:
                 x = layer(positions, x)
+                self.ffn_rows_per_layer.append(len(x))
             if i in self.es_layers:
                 x = self._es_after(i, x)
         return x
@@ -151,6 +153,7 @@ class PassRows:
         ffn = torch.where(dy_sparse[:, None], ffn_old, torch.zeros_like(ffn_old))
         # The pass's one read-back per layer: how many rows run the FFN.
         index = salient.nonzero().squeeze(1)
+        self.ffn_rows_per_layer.append(len(index))
         if len(index):
             ffn[index] = layer.mlp(layer.post_attention_layernorm(x[index]))
         ffn_cache[slots] = torch.where(dy_row[:, None], ffn, ffn_old)
