@@ -114,7 +114,7 @@ def main() -> None:
     lines = [
         "# Tensor parallelism on 2 CPU cores (overhead)", "",
         f"- Date: {meta['date']}, git `{meta['git']['commit']}`, {meta['cpu']}, "
-        f"{meta['cpu_cores']} cores, load average at start {load[0] if load else '?'}",
+        f"{meta['cpu_cores']} cores, load average at start {f'{load[0]:.2f}' if load else '?'}",
         f"- Command: `{meta['command']}`; total {data['total_seconds']:.0f} s",
         "", f"Batch {args.batch}, prompt {args.prompt_len}, gen_length {args.gen_length}, "
         f"block {args.block_length}, steps {args.steps}, temperature 0, median of "
