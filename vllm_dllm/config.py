@@ -29,6 +29,14 @@ class DllmConfig(VerifyAndUpdateConfig):
         except ParamError as e:
             raise ValueError(f"dLLM defaults ({e.parameter}): {e}") from e
 
+        pipeline_stages = vllm_config.parallel_config.pipeline_parallel_size
+        if pipeline_stages > 1:
+            # The next iteration's input ids on the first stage are the commits made
+            # from the last stage's logits; nothing carries them back yet.
+            raise ValueError(
+                "dLLM models do not support pipeline parallelism (pipeline_parallel_size="
+                f"{pipeline_stages}); use --tensor-parallel-size across GPUs and nodes instead")
+
         scheduler = vllm_config.scheduler_config
         scheduler.scheduler_cls = "vllm_dllm.engine.scheduler.DllmScheduler"
         # Denoising iterations depend on the previous one's commits.

@@ -5,6 +5,7 @@ naming the parameter, so a bad request never reaches the engine.
 """
 
 import functools
+import random
 from typing import Any
 
 from vllm.config import VllmConfig
@@ -70,6 +71,10 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
         raise VLLMValidationError(str(e), parameter=e.parameter) from e
     params.extra_args = {**(params.extra_args or {}), **resolved.as_dict()}
     params.max_tokens = min(params.max_tokens or resolved.gen_length, resolved.gen_length)
+    if params.seed is None:
+        # Drawn once here and carried by the request, so that every tensor-parallel
+        # rank (each decodes the same logits itself) samples with the same noise.
+        params.seed = random.getrandbits(62)
     eot = getattr(model_config.hf_config, "eot_token_id", None)
     if eot is not None and not params.ignore_eos:
         # The end of an answer: vLLM already stops at EOS; LLaDA's Instruct

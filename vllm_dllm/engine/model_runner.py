@@ -12,7 +12,6 @@ one batched decoding step, and one copy of its packed result to the host, from
 which each record takes the tokens that became final.
 """
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -77,8 +76,7 @@ class DllmModelRunner(PlatformModelRunner):
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
             params = DllmParams.from_resolved(sp.extra_args)
-            seed = sp.seed if sp.seed is not None else random.getrandbits(62)
-            row = self.batch.add(new.prompt_token_ids, params, sp.temperature, seed)
+            row = self.batch.add(new.prompt_token_ids, params, sp.temperature, sp.seed)
             self.requests[new.req_id] = RequestState(len(new.prompt_token_ids), params,
                                                      self.mask_token_id, row)
             self._set_pages(row, new.block_ids[0])
