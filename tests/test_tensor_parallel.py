@@ -34,7 +34,16 @@ CASES = [
     for i, ((g, b, s), cache, policy, t) in enumerate(
         itertools.product(SHAPES, ("none", "prefix", "dual"), POLICIES, (0.0, 0.7)))
 ]
-EXTRA_KEYS = ("gen_length", "block_length", "steps", "cache", "policy", "threshold")
+# Token skipping: DyLLM's similarity test must pick the same rows on both ranks.
+CASES += [
+    dict(prompt=random_prompt(760 + i, 7 + 9 * i), gen_length=32, block_length=8, steps=32,
+         cache=cache, temperature=t, seed=40 + i, policy="fixed", skip=skip,
+         **({"dyllm_full_steps": 1} if skip == "dyllm" else {}))
+    for i, (skip, cache, t) in enumerate(
+        itertools.product(("es", "dyllm"), ("none", "dual"), (0.0, 0.7)))
+]
+EXTRA_KEYS = ("gen_length", "block_length", "steps", "cache", "policy", "threshold", "skip",
+              "dyllm_full_steps")
 
 
 def sampling(case: dict) -> dict:

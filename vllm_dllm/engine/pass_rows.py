@@ -27,6 +27,10 @@ request, which resumes on new pages, rebuilds them in its first (full) pass.
 
 import torch
 from torch import nn
+from vllm.distributed import (
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 
 from vllm_dllm.skipping import dyllm, es
 from vllm_dllm.skipping.plan import RequestSkip
@@ -144,7 +148,9 @@ class PassRows:
         context = attn.attn(q, k, v)
         cached = self.caches.get("context", i, context.shape[-1])
         old = cached[slots]
-        salient = torch.where(dy_sparse, dyllm.salient(context, old, rows["tau"]), True)
+        reduce = (tensor_model_parallel_all_reduce
+                  if get_tensor_model_parallel_world_size() > 1 else None)
+        salient = torch.where(dy_sparse, dyllm.salient(context, old, rows["tau"], reduce), True)
         cached[slots] = torch.where(dy_row[:, None], context, old)
         out, _ = attn.o_proj(context)
         x = x + out

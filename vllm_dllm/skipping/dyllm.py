@@ -15,6 +15,8 @@ rank-|S| correction of their cached context (same order of cost, no error of
 its own). tau >= 1 makes every row salient: the pass is then exactly the plain one.
 """
 
+from collections.abc import Callable
+
 import torch
 
 DEFAULT_THRESHOLD = 0.99  # DyLLM's Config.threshold (spec §6.3)
@@ -23,8 +25,17 @@ DEFAULT_FULL_STEPS = 4  # run.py and the GSM8K script
 DEFAULT_QUERY_PERIOD = 4
 
 
-def salient(context: torch.Tensor, cached: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Rows [N] whose context [N, D] has cosine similarity below `tau` [N] to `cached`."""
+def salient(context: torch.Tensor, cached: torch.Tensor, tau: torch.Tensor,
+            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Rows [N] whose context [N, D] has cosine similarity below `tau` [N] to `cached`.
+
+    Under tensor parallelism each rank holds some heads of the context; `all_reduce`
+    sums the three partial dot products over the ranks, so every rank takes the
+    cosine of the whole context and picks the same rows.
+    """
     c, old = context.float(), cached.float()
-    cos = (c * old).sum(-1) / (c.norm(dim=-1) * old.norm(dim=-1)).clamp(min=1e-12)
+    sums = torch.stack([(c * old).sum(-1), (c * c).sum(-1), (old * old).sum(-1)], dim=-1)
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    cos = sums[:, 0] / (sums[:, 1].sqrt() * sums[:, 2].sqrt()).clamp(min=1e-12)
     return (cos < tau) | (tau >= 1)
