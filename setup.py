@@ -21,6 +21,11 @@ setup(
         "ray": ["ray"],
         "test": ["pytest", "pytest-timeout", "openai", "requests"],
         "bench": ["matplotlib"],
+        "eval": ["lm-eval[api]"],
     },
-    entry_points={"vllm.general_plugins": ["dllm = vllm_dllm:register"]},
+    entry_points={
+        "vllm.general_plugins": ["dllm = vllm_dllm:register"],
+        "vllm.stat_logger_plugins": [
+            "dllm = vllm_dllm.engine.stat_logger:DllmPrometheusStatLogger"],
+    },
 )
