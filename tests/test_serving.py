@@ -123,6 +123,7 @@ def test_dllm_metrics_count_what_the_engine_did(server, reference):
     ]
     before = scrape(base)
     iterations, commits, rows = [], [], []
+    prompt_tokens = sum(len(prompt) for prompt, _ in cases)
     for prompt, xargs in cases:
         out = complete(base, prompt, xargs, ignore_eos=True, return_token_ids=True)
         params = {"steps": xargs["gen_length"], "policy": "fixed", "cache": "none", **xargs}
@@ -139,6 +140,10 @@ def test_dllm_metrics_count_what_the_engine_did(server, reference):
         got = histogram_delta(before, after, name)
         assert got == expected_histogram(values, got), name
     assert all(v == 0 for (name, _), v in after.items() if name == "vllm:dllm_requests_by_block")
+    # vLLM's token counters: each prompt once, every canvas token returned.
+    for name, value in (("vllm:prompt_tokens_total", prompt_tokens),
+                        ("vllm:generation_tokens_total", 32 * len(cases))):
+        assert after[(name, ())] - before[(name, ())] == value, name
     # vLLM's periodic log (every second here) has counted the same iterations.
     total = after[("vllm:dllm_iteration_committed_tokens_count", ())]
     deadline = time.time() + 10

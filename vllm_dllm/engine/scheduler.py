@@ -97,6 +97,11 @@ class DllmScheduler(Scheduler):
             self.waiting.pop_request()
             self.running.append(request)
             admitted.append(request)
+            # vLLM's prompt-token stats count a prompt once, at its first admission.
+            if request.prefill_stats and request.num_preemptions <= 0:
+                request.prefill_stats.set(num_prompt_tokens=request.num_prompt_tokens,
+                                          num_local_cached_tokens=0,
+                                          num_external_cached_tokens=0)
             num_scheduled[request.request_id] = rows
             budget -= rows
             if self.log_stats:
