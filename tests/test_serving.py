@@ -233,10 +233,13 @@ BAD_VALUES = {
     "cache": ["full", 1, ""],
     "policy": ["greedy", 3],
     "remasking": ["lowest", 0],
-    "r2_window": [0, -3, "w"],
+    "r2_window": [-3, "w", 1.5],  # 0 is valid: it turns the window rule off
     "r2_token_cluster": ["all", 2],
     "gen_lenght": [32],
 }
+# Standard sampling options diffusion decoding refuses or vLLM itself checks.
+BAD_OPTIONS = {"top_p": [0.5], "top_k": [5], "min_p": [0.1], "logprobs": [2],
+               "temperature": [-1.0], "n": [0], "min_tokens": [3], "presence_penalty": [0.5]}
 
 
 def stream(base: str, body: dict, abort: bool) -> dict:
@@ -257,11 +260,14 @@ def stream(base: str, body: dict, abort: bool) -> dict:
 
 
 def fuzz(base: str, rng: random.Random) -> tuple[str, int, str]:
-    name = rng.choice(sorted(BAD_VALUES))
-    value = rng.choice(BAD_VALUES[name])
-    r = requests.post(f"{base}/v1/completions", json={
-        "model": NAME, "prompt": "hello", "max_tokens": 8, "vllm_xargs": {name: value}},
-        timeout=60)
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 8}
+    if rng.random() < 0.7:
+        name = rng.choice(sorted(BAD_VALUES))
+        body["vllm_xargs"] = {name: rng.choice(BAD_VALUES[name])}
+    else:
+        name = rng.choice(sorted(BAD_OPTIONS))
+        body[name] = rng.choice(BAD_OPTIONS[name])
+    r = requests.post(f"{base}/v1/completions", json=body, timeout=60)
     return name, r.status_code, r.text
 
 
@@ -285,7 +291,7 @@ def wait_idle(base: str, timeout: float = 30) -> dict:
 def test_load_aborts_preemption_and_bad_input(server):
     """36 streaming clients over mixed configurations in two priority waves (the second
     preempts the first: KV room is ~8 sequences), every third hanging up after its first
-    chunk, beside 24 requests with fuzzed parameter values. Every bad request gets a 400
+    chunk, beside 32 requests with fuzzed parameter values. Every bad request gets a 400
     naming its parameter; every finished `cache=none` request equals its result alone;
     nothing is lost; the server serves on and returns to idle."""
     from benchmarks.tasks import heldout, render_chat
@@ -313,7 +319,7 @@ def test_load_aborts_preemption_and_bad_input(server):
         while scrape(base)[("vllm:num_requests_running", ())] < 4 and time.time() < deadline:
             time.sleep(0.02)
         second = [pool.submit(stream, base, c["body"], c["abort"]) for c in clients[18:]]
-        bad = [pool.submit(fuzz, base, rng) for _ in range(24)]
+        bad = [pool.submit(fuzz, base, rng) for _ in range(32)]
         results = [f.result(timeout=240) for f in first + second]
         for name, status, text in (f.result(timeout=60) for f in bad):
             assert status == 400 and name in json.loads(text)["error"]["message"], (name, text)
