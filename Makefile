@@ -7,7 +7,10 @@ PORT ?= 8000
 # vLLM's CPU KV cache size in GiB; small so several engines fit side by side.
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup serve test
+# `make eval` scores a running `make serve` with lm-eval (LIMIT=<n> for the first n prompts).
+LIMIT ?=
+
+.PHONY: setup serve test eval
 
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`
 # next to the CPU torch. Editable installs skip data_files, so the .pth that lets
@@ -27,3 +30,8 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:logging tests
+
+eval: setup
+	$(PY) -m lm_eval --model local-chat-completions --apply_chat_template \
+		--model_args model=$(MODEL),base_url=http://127.0.0.1:$(PORT)/v1/chat/completions,num_concurrent=8 \
+		--include_path benchmarks/lm_eval --tasks llada_tasks $(if $(LIMIT),--limit $(LIMIT))

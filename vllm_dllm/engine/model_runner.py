@@ -38,6 +38,10 @@ else:
 class DllmRunnerOutput(ModelRunnerOutput):
     # Rows each request will recompute in its next iteration, for the scheduler's budget.
     dllm_next_rows: dict[str, int] = field(default_factory=dict)
+    # For the scheduler's stats: tokens each request committed this iteration, and the
+    # block it decodes next.
+    dllm_committed: dict[str, int] = field(default_factory=dict)
+    dllm_block: dict[str, int] = field(default_factory=dict)
 
 
 class DllmModelRunner(PlatformModelRunner):
@@ -174,9 +178,13 @@ class DllmModelRunner(PlatformModelRunner):
             logits = self.model.compute_logits(hidden[out_rows])
         # The iteration's one device-to-host transfer.
         packed = self.batch.step(plan, logits).tolist()
+        committed = {r: len(m) - p[: s.params.block_length].count(self.mask_token_id)
+                     for r, s, m, p in zip(req_ids, states, masked, packed)}
         return DllmRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=[s.apply(p) for s, p in zip(states, packed)],
             dllm_next_rows={r: s.next_rows() for r, s in zip(req_ids, states)},
+            dllm_committed=committed,
+            dllm_block={r: s.block for r, s in zip(req_ids, states)},
         )

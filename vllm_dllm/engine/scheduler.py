@@ -11,6 +11,10 @@ The token budget (`max_num_batched_tokens`) is charged with the rows each
 request really recomputes: its whole sequence when it joins or resumes, then
 what the runner reported for its next iteration (a block or block + suffix
 under the prefix and dual caches). vLLM's token statistics then count real work.
+
+With stats on, the scheduler also counts what each iteration did (tokens committed,
+rows recomputed), iterations per request and requests per block
+(`engine/stats.py`); they reach the front end with vLLM's `SchedulerStats`.
 """
 
 import time
@@ -19,9 +23,11 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType
+from vllm.v1.metrics.stats import SchedulerStats
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_dllm.engine.stats import DllmStats
 from vllm_dllm.params import DllmParams
 
 
@@ -32,6 +38,10 @@ class DllmScheduler(Scheduler):
         # rows its next iteration recomputes, once the runner has said.
         self._sequence_length: dict[str, int] = {}
         self._next_rows: dict[str, int] = {}
+        # Stats since the last `make_stats`, iterations run and current block per request.
+        self._dllm_stats = DllmStats()
+        self._iterations: dict[str, int] = {}
+        self._block: dict[str, int] = {}
 
     def add_request(self, request: Request) -> None:
         params = DllmParams.from_resolved(request.sampling_params.extra_args)
@@ -41,6 +51,10 @@ class DllmScheduler(Scheduler):
     def _free_request(self, request: Request, *args, **kwargs):
         self._sequence_length.pop(request.request_id, None)
         self._next_rows.pop(request.request_id, None)
+        self._block.pop(request.request_id, None)
+        iterations = self._iterations.pop(request.request_id, 0)
+        if iterations:
+            self._dllm_stats.request_iterations[iterations] += 1
         return super()._free_request(request, *args, **kwargs)
 
     def _rows(self, request: Request) -> int:
@@ -83,6 +97,11 @@ class DllmScheduler(Scheduler):
             self.waiting.pop_request()
             self.running.append(request)
             admitted.append(request)
+            # vLLM's prompt-token stats count a prompt once, at its first admission.
+            if request.prefill_stats and request.num_preemptions <= 0:
+                request.prefill_stats.set(num_prompt_tokens=request.num_prompt_tokens,
+                                          num_local_cached_tokens=0,
+                                          num_external_cached_tokens=0)
             num_scheduled[request.request_id] = rows
             budget -= rows
             if self.log_stats:
@@ -134,7 +153,28 @@ class DllmScheduler(Scheduler):
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput):
         self._next_rows.update(getattr(model_runner_output, "dllm_next_rows", {}))
+        if self.log_stats:
+            self._count_iterations(scheduler_output, model_runner_output)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _count_iterations(self, scheduler_output: SchedulerOutput,
+                          model_runner_output: ModelRunnerOutput) -> None:
+        committed = getattr(model_runner_output, "dllm_committed", {})
+        self._block.update(getattr(model_runner_output, "dllm_block", {}))
+        for request_id in model_runner_output.req_ids:
+            self._iterations[request_id] = self._iterations.get(request_id, 0) + 1
+            self._dllm_stats.observe_iteration(
+                committed.get(request_id, 0), scheduler_output.num_scheduled_tokens[request_id])
+
+    def make_stats(self, *args, **kwargs) -> SchedulerStats | None:
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:
+            dllm, self._dllm_stats = self._dllm_stats, DllmStats()
+            dllm.block.update(self._block[r.request_id] for r in self.running
+                              if r.request_id in self._block)
+            # See engine/stats.py for why the counters travel in this field.
+            stats.running_lora_adapters.update(dllm.to_wire())
+        return stats
 
     def _lower_priority_victim(self, request: Request) -> Request | None:
         """The running request to preempt so that `request` fits, if policy allows."""
