@@ -178,13 +178,12 @@ class DllmModelRunner(PlatformModelRunner):
             logits = self.model.compute_logits(hidden[out_rows])
         # The iteration's one device-to-host transfer.
         packed = self.batch.step(plan, logits).tolist()
-        committed = {r: len(m) - p[: s.params.block_length].count(self.mask_token_id)
-                     for r, s, m, p in zip(req_ids, states, masked, packed)}
+        sampled = [s.apply(p) for s, p in zip(states, packed)]
         return DllmRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=[s.apply(p) for s, p in zip(states, packed)],
+            sampled_token_ids=sampled,
             dllm_next_rows={r: s.next_rows() for r, s in zip(req_ids, states)},
-            dllm_committed=committed,
+            dllm_committed={r: s.last_commits for r, s in zip(req_ids, states)},
             dllm_block={r: s.block for r, s in zip(req_ids, states)},
         )
