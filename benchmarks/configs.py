@@ -68,6 +68,17 @@ def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,
         DecodeConfig("threshold+r2", {**vanilla, "policy": "threshold", "threshold": 0.9,
                                       "r2": True},
                      "threshold 0.9 + R2-dLLM rules (defaults)"),
+        DecodeConfig("es", {**vanilla, "skip": "es"},
+                     "vanilla schedule + ES-dLLM early skipping (defaults)"),
+        DecodeConfig("dyllm", {**vanilla, "skip": "dyllm"},
+                     "vanilla schedule + DyLLM salient tokens (defaults)"),
+        DecodeConfig("threshold+dual+es", {**vanilla, "policy": "threshold", "threshold": 0.9,
+                                           "cache": "dual", "skip": "es"},
+                     "threshold 0.9 + dual cache + ES-dLLM"),
+        DecodeConfig("threshold+dual+dyllm", {**vanilla, "policy": "threshold",
+                                              "threshold": 0.9, "cache": "dual",
+                                              "skip": "dyllm"},
+                     "threshold 0.9 + dual cache + DyLLM"),
     ]
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm.forward_context import set_forward_context
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
@@ -25,7 +24,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
 from vllm_dllm.engine.query_batch import QueryBatch, range_query_batch
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
+from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens
 from vllm_dllm.sampling.state import RequestState
 
 if current_platform.is_cpu():
@@ -92,16 +91,15 @@ class DllmModelRunner(PlatformModelRunner):
                 self._set_pages(state.row, block_ids[0])
                 state.needs_refresh = True
 
-    def forward_query_batch(self, batch: QueryBatch, rows=None) -> torch.Tensor:
+    def forward_query_batch(self, batch: QueryBatch, rows: PassRows | None = None
+                            ) -> torch.Tensor:
         """Runs the model over `batch`; returns the hidden states of the rows its last
-        layer computed. `rows` (a `PassRows`) rewrites the one metadata object all
-        layers share; without it each layer reads its segment's."""
+        layer computed. Every layer reads the batch's one metadata object, which `rows`
+        (the pass's row controller, if any request skips tokens) rewrites between layers."""
         layer_names = self.kv_cache_config.kv_cache_groups[0].layer_names
-        metadata = {name: batch.metadata_for_layer(extract_layer_index(name))
-                    for name in layer_names}
+        metadata = dict.fromkeys(layer_names, batch.metadata)
         with set_forward_context(metadata, self.vllm_config, num_tokens=len(batch.input_ids)):
-            return self.model(input_ids=batch.input_ids, positions=batch.positions,
-                              rows=rows or batch)
+            return self.model(input_ids=batch.input_ids, positions=batch.positions, rows=rows)
 
     def _slot_caches(self) -> SlotCaches:
         if self.slot_caches is None:
@@ -109,10 +107,11 @@ class DllmModelRunner(PlatformModelRunner):
             self.slot_caches = SlotCaches(num_slots, self.device, self.model_config.dtype)
         return self.slot_caches
 
-    def _pass_rows(self, states: list[RequestState], query: QueryBatch, counts: list[int],
-                   rows: torch.Tensor) -> PassRows:
-        """The controller of a pass where some request skips tokens."""
-        metadata = query.segments[0].metadata
+    def _pass_rows(self, states: list[RequestState], query: QueryBatch, rows: torch.Tensor
+                   ) -> PassRows:
+        """The row controller of a pass where some request skips tokens, with what its
+        rules read from the decoding state."""
+        metadata, counts = query.metadata, query.counts
         positions = query.positions
         request = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
                                           torch.tensor(counts, device=self.device),
@@ -128,6 +127,29 @@ class DllmModelRunner(PlatformModelRunner):
             fresh=self.batch.fresh[batch_rows, positions],
             leftmost=positions == leftmost[request])
 
+    def _count_rows(self, rows: list[int], ffn_rows: list[int]) -> None:
+        self.layer_rows = [a + b for a, b in zip(self.layer_rows, rows)]
+        self.layer_ffn_rows = [a + b for a, b in zip(self.layer_ffn_rows, ffn_rows)]
+
+    def _skipping_pass(self, states: list[RequestState], query: QueryBatch,
+                       rows: torch.Tensor, masked: list[list[int]], block_starts: torch.Tensor
+                       ) -> tuple[BatchPlan, torch.Tensor]:
+        """A pass whose later layers keep some rows: logits for the masked block
+        positions that reached the last layer, placeholders for the others."""
+        controller = self._pass_rows(states, query, rows)
+        hidden = self.forward_query_batch(query, controller)
+        self._count_rows(controller.rows_per_layer, controller.ffn_rows_per_layer)
+        offset = self.model.dllm_logits_offset
+        predicted = controller.positions + offset
+        is_mask = self.batch.tokens[rows[controller.request],
+                                    predicted.clamp(max=self.batch.max_len)] == self.mask_token_id
+        out_rows, columns, valid, logit_request = controller.logit_rows(
+            block_starts.to(self.device),
+            torch.tensor([s.params.block_length for s in states], device=self.device),
+            is_mask & (predicted < self.batch.max_len), [len(m) for m in masked], offset)
+        plan = self.batch.plan([s.row for s in states], logit_request, columns, valid)
+        return plan, self.model.compute_logits(hidden[out_rows])
+
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None
                       ) -> ModelRunnerOutput:
@@ -136,43 +158,27 @@ class DllmModelRunner(PlatformModelRunner):
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = [self.requests[r] for r in req_ids]
+        rows = self.batch.rows_tensor([s.row for s in states])
         ranges = torch.tensor([s.recompute_range() for s in states], dtype=torch.long)
         masked = [s.masked_columns() for s in states]
-        logit_request = torch.repeat_interleave(
-            torch.arange(len(states)), torch.tensor([len(m) for m in masked], dtype=torch.long))
         query = range_query_batch(
-            self.batch.tokens, self.batch.rows_tensor([s.row for s in states]), ranges[:, 0],
-            ranges[:, 1], torch.tensor([s.sequence_length for s in states]),
-            self.block_table[self.batch.rows_tensor([s.row for s in states])], self.block_size)
+            self.batch.tokens, rows, ranges[:, 0], ranges[:, 1],
+            torch.tensor([s.sequence_length for s in states]), self.block_table[rows],
+            self.block_size)
         block_starts = torch.tensor([s.prompt_len + s.block_start for s in states])
-        offset = self.model.dllm_logits_offset
         if any(s.params.skip != "none" for s in states):
-            counts = (ranges[:, 1] - ranges[:, 0]).tolist()
-            rows = self._pass_rows(states, query, counts,
-                                   self.batch.rows_tensor([s.row for s in states]))
-            hidden = self.forward_query_batch(query, rows)
-            self.layer_rows = [a + b for a, b in zip(self.layer_rows, rows.rows_per_layer)]
-            self.layer_ffn_rows = [a + b for a, b in zip(self.layer_ffn_rows,
-                                                         rows.ffn_rows_per_layer)]
-            batch_rows = self.batch.rows_tensor([s.row for s in states])
-            final = rows.positions + offset
-            is_mask = self.batch.tokens[batch_rows[rows.request],
-                                        final.clamp(max=self.batch.max_len)] == self.mask_token_id
-            out_rows, columns, valid, logit_request = rows.logit_rows(
-                block_starts.to(self.device),
-                torch.tensor([s.params.block_length for s in states], device=self.device),
-                is_mask & (final < self.batch.max_len), [len(m) for m in masked], offset)
-            plan = self.batch.plan([s.row for s in states], logit_request, columns, valid)
-            logits = self.model.compute_logits(hidden[out_rows])
+            plan, logits = self._skipping_pass(states, query, rows, masked, block_starts)
         else:
+            logit_request = torch.repeat_interleave(
+                torch.arange(len(states)), torch.tensor([len(m) for m in masked]))
             logit_column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
             plan = self.batch.plan([s.row for s in states], logit_request, logit_column)
             hidden = self.forward_query_batch(query)
-            self.layer_rows = [a + len(query.input_ids) for a in self.layer_rows]
-            self.layer_ffn_rows = [a + len(query.input_ids) for a in self.layer_ffn_rows]
+            every_layer = [len(query.input_ids)] * self.n_layers
+            self._count_rows(every_layer, every_layer)
             # Row p of the logits predicts position p + offset; only masked block
             # positions need them.
-            positions = block_starts[logit_request] + logit_column - offset
+            positions = block_starts[logit_request] + logit_column - self.model.dllm_logits_offset
             out_rows = query.range_rows(logit_request, positions).to(self.device,
                                                                      non_blocking=True)
             logits = self.model.compute_logits(hidden[out_rows])
