@@ -119,13 +119,15 @@ class DllmModelRunner(PlatformModelRunner):
         batch_rows = rows[request]
         starts = torch.tensor([s.prompt_len + s.block_start for s in states], device=self.device)
         leftmost = self.batch.leftmost_mask(rows, starts)
+        # A row is scored by the position it predicts; its K/V are its own position's.
+        predicted = (positions + self.model.dllm_logits_offset).clamp(max=self.batch.max_len)
         return PassRows(
             metadata, counts, positions, metadata.slot_mapping,
             [s.skip_plan(self.n_layers, c) for s, c in zip(states, counts)],
             self._slot_caches(),
-            last_conf=self.batch.last_conf[batch_rows, positions],
+            last_conf=self.batch.last_conf[batch_rows, predicted],
             fresh=self.batch.fresh[batch_rows, positions],
-            leftmost=positions == leftmost[request])
+            leftmost=predicted == leftmost[request])
 
     def _count_rows(self, rows: list[int], ffn_rows: list[int]) -> None:
         self.layer_rows = [a + b for a, b in zip(self.layer_rows, rows)]
