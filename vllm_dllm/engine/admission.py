@@ -14,9 +14,8 @@ from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_dllm.config import dllm_defaults
+from vllm_dllm.model_executor.registry import DLLM_ARCHITECTURES
 from vllm_dllm.params import ParamError, resolve
-
-DLLM_ARCHITECTURES = ("LLaDAModelLM",)
 
 # Sampling options that diffusion decoding does not implement, with their
 # neutral values; anything else is refused rather than silently ignored.
