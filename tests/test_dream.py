@@ -36,6 +36,14 @@ pytestmark = pytest.mark.skipif(dream_files() is None,
                                 reason="Dream's files (shared/models/dream-7b-instruct) missing")
 
 
+def test_config_names_the_special_ids():
+    from vllm_dllm.configs.dream import DreamConfig
+
+    config = DreamConfig.from_pretrained(str(dream_files()))
+    assert (config.mask_token_id, config.eos_token_id, config.eot_token_id) == (MASK, EOS, EOT)
+    assert (config.head_dim, config.num_key_value_heads, config.is_causal) == (128, 4, False)
+
+
 # A separate process: vLLM's distributed state is global, and the in-process engines
 # of other tests set it up their own way.
 _COUNT_PARAMETERS = textwrap.dedent("""

@@ -102,13 +102,16 @@ def test_reference_schedule(model, alg, cache):
             assert block == want
 
 
-def test_cached_modes_differ_from_none_only_by_staleness(model):
-    """With one iteration per block every forward is a refresh: all modes agree."""
+def test_cached_windows_read_the_shifted_rows(model):
+    """Two iterations per 2-token block: the refresh reveals nothing (int(2 * 0.4995) = 0),
+    so the window iteration runs on an exact cache and must decode what `none` decodes;
+    with the window's rows off by one it would not."""
     prompt = canvas(5, 0, 0, seed=5).tolist()
-    runs = [ref.diffusion_generate(model, prompt, mask_id=MASK_ID, gen_length=16,
-                                   block_length=4, steps=4, alg="entropy", cache=c)["tokens"]
+    runs = [ref.diffusion_generate(model, prompt, mask_id=MASK_ID, gen_length=8,
+                                   block_length=2, steps=8, alg="entropy", cache=c)
             for c in ("none", "prefix", "dual")]
-    assert runs[0] == runs[1] == runs[2]
+    assert all(r["commits"] == [0, 2] * 4 for r in runs)
+    assert runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"]
 
 
 def test_schedule_matches_reference():
