@@ -158,12 +158,15 @@ def test_sample_tokens_matches_reference(temperature):
     top_p = torch.where(torch.rand(m, generator=g) < 0.5, 1.0, 0.9)
     top_k = torch.where(torch.rand(m, generator=g) < 0.5, 0, 5)
     u = noise.uniforms(torch.tensor(11), torch.tensor(0), torch.arange(m), noise.STREAM_SAMPLE)
-    temp = torch.full((m,), temperature, dtype=torch.float64)
-    sampled = torch.arange(m) if temperature > 0 else None
-    x0, conf = dream.sample_tokens(logits, alg, temp, top_p, top_k, u, sampled)
+    # Greedy rows between the sampled ones, as a batch of mixed requests has them.
+    temp = torch.where(torch.arange(m) % 3 == 0, 0.0,
+                       torch.full((m,), temperature, dtype=torch.float64))
+    sampled = torch.nonzero(temp > 0).flatten()
+    filtered = torch.nonzero((top_p < 1) | (top_k > 0)).flatten()
+    x0, conf = dream.sample_tokens(logits, alg, temp, top_p, top_k, u, sampled, filtered)
     for i in range(m):
         want_x0, want_conf = ref.sample_row(
-            logits[i], dream.ALGS[int(alg[i])], temperature,
+            logits[i], dream.ALGS[int(alg[i])], float(temp[i]),
             float(top_p[i]) if top_p[i] < 1 else None, int(top_k[i]) or None, float(u[i]))
         assert int(x0[i]) == want_x0, i
         assert math.isclose(float(conf[i]), want_conf, rel_tol=1e-12, abs_tol=1e-12), i

@@ -76,26 +76,29 @@ def filter_logits(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
 
 def sample_tokens(logits: torch.Tensor, alg: torch.Tensor, temperature: torch.Tensor,
                   top_p: torch.Tensor, top_k: torch.Tensor, u: torch.Tensor,
-                  sampled: torch.Tensor | None = None
+                  sampled: torch.Tensor | None = None, filtered: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, confidence) of masked positions' logits rows.
 
     logits [M, V] (the mask id already at -inf); alg [M] (index into ALGS),
     temperature, top_p [M] float, top_k [M] integer, u [M] float64 (the rows'
-    `STREAM_SAMPLE` uniforms). `sampled` lists the rows with temperature > 0 (the
-    caller knows them on the host); the others take the argmax. Confidence is
-    float64: probs[x0] (`origin`, `maskgit_plus`), top-1 minus top-2 probability
-    (`topk_margin`), sum p log(p + 1e-10) (`entropy`), all under the filtered
-    distribution.
+    `STREAM_SAMPLE` uniforms). The caller knows on the host which rows need the
+    costly parts and passes their indices: `sampled`, the rows with temperature
+    > 0 (the others take the argmax), and `filtered`, the rows with top_p < 1 or
+    top_k > 0 (only those are sorted). Confidence is float64: probs[x0] (`origin`,
+    `maskgit_plus`), top-1 minus top-2 probability (`topk_margin`),
+    sum p log(p + 1e-10) (`entropy`), all under the tempered, filtered distribution.
     """
     temperature = temperature.to(torch.float64)
     scaled = logits.double() / torch.where(temperature > 0, temperature, 1.0)[:, None]
-    filtered = filter_logits(scaled, top_p, top_k)
-    probs = torch.softmax(filtered, dim=-1)
+    if filtered is not None and filtered.numel():
+        scaled = scaled.index_copy(
+            0, filtered, filter_logits(scaled[filtered], top_p[filtered], top_k[filtered]))
+    probs = torch.softmax(scaled, dim=-1)
     x0 = probs.argmax(-1)
     if sampled is not None and sampled.numel():
         ones = torch.ones(len(sampled), dtype=torch.float64, device=logits.device)
-        x0[sampled] = noise.sample(filtered[sampled], ones, u[sampled])
+        x0 = x0.index_copy(0, sampled, noise.sample(scaled[sampled], ones, u[sampled]))
     chosen = probs.gather(-1, x0[:, None]).squeeze(-1)
     top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
     margin = top2[:, 0] - top2[:, -1]
