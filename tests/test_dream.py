@@ -44,6 +44,13 @@ def test_config_names_the_special_ids():
     assert (config.head_dim, config.num_key_value_heads, config.is_causal) == (128, 4, False)
 
 
+def test_registry_offsets_are_the_models():
+    from vllm_dllm.model_executor.registry import ARCHITECTURES, resolve
+
+    for arch in ARCHITECTURES:
+        assert resolve(arch.model_cls).dllm_logits_offset == arch.logits_offset, arch
+
+
 # A separate process: vLLM's distributed state is global, and the in-process engines
 # of other tests set it up their own way.
 _COUNT_PARAMETERS = textwrap.dedent("""
@@ -188,6 +195,14 @@ def test_chat_stream_joins_to_the_full_answer(server):
             delta = json.loads(line[6:])["choices"][0]["delta"]
             pieces.append(delta.get("content") or "")
     assert len(pieces) > 2 and "".join(pieces) == full
+
+
+def test_cached_modes_are_refused_until_the_shift_reaches_them(server):
+    r = requests.post(f"{server}/v1/completions", timeout=60, json={
+        "model": requests.get(f"{server}/v1/models", timeout=5).json()["data"][0]["id"],
+        "prompt": [1, 2, 3], "max_tokens": 8, "vllm_xargs": {"cache": "dual"}})
+    assert r.status_code == 400 and "cache" in r.text
+    assert chat(server)["choices"][0]["token_ids"]  # still serving
 
 
 CASES = [  # (prompt length, gen_length, block_length, steps, remasking, temperature, seed)

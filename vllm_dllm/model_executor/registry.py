@@ -17,6 +17,9 @@ class DllmArchitecture:
     # A tokenizer class the checkpoint names (tokenizer_config.json) but only
     # ships as remote code; None when transformers has it.
     tokenizer_cls: str | None = None
+    # The model class's `dllm_logits_offset`, for the front end, which never
+    # imports the model (a test keeps the two equal).
+    logits_offset: int = 0
 
 
 ARCHITECTURES: tuple[DllmArchitecture, ...] = (
@@ -28,10 +31,12 @@ ARCHITECTURES: tuple[DllmArchitecture, ...] = (
         "DreamModel", "Dream",
         model_cls="vllm_dllm.model_executor.models.dream:DreamModel",
         config_cls="vllm_dllm.configs.dream:DreamConfig",
-        tokenizer_cls="vllm_dllm.configs.dream:DreamTokenizer"),
+        tokenizer_cls="vllm_dllm.configs.dream:DreamTokenizer",
+        logits_offset=1),
 )
 
-DLLM_ARCHITECTURES: frozenset[str] = frozenset(a.architecture for a in ARCHITECTURES)
+BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}
+DLLM_ARCHITECTURES: frozenset[str] = frozenset(BY_ARCHITECTURE)
 
 
 def resolve(ref: str) -> type:
