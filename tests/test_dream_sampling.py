@@ -190,3 +190,24 @@ def test_selection_keys():
     assert torch.equal(dream.origin_reveal(torch.tensor([0.1, 0.5, 0.9]),
                                            torch.tensor(0.5)),
                        torch.tensor([True, False, False]))
+
+
+def test_select_matches_reference():
+    b, k = 48, 12
+    g = torch.Generator().manual_seed(4)
+    conf = torch.rand(b, k, generator=g, dtype=torch.float64)
+    conf[torch.rand(b, k, generator=g) < 0.4] = float("-inf")  # committed or outside
+    conf[5] = float("-inf")  # a block with no mask left
+    alg = torch.randint(0, len(dream.ALGS), (b,), generator=g)
+    alg_temp = torch.where(torch.rand(b, generator=g) < 0.5, 0.0, 0.3)
+    ratios = dream.schedule_ratios(6, 1e-3)
+    step = torch.randint(0, 6, (b,), generator=g)
+    u = noise.uniforms(torch.tensor(3), step[:, None], torch.arange(k)[None], noise.STREAM_REMASK)
+    got = dream.select(conf, alg, alg_temp, ratios[step], u)
+    for i in range(b):
+        masked = [p for p in range(k) if conf[i, p] > float("-inf")]
+        want = ref.choose(dream.ALGS[int(alg[i])], masked, {p: float(conf[i, p]) for p in masked},
+                          float(ratios[step[i]]), int(step[i]) == 5, float(alg_temp[i]) or None,
+                          u[i].tolist())
+        assert sorted(want) == torch.nonzero(got[i]).flatten().tolist(), i
+    assert got[step == 5].sum() == (conf[step == 5] > float("-inf")).sum()  # last step: all

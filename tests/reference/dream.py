@@ -241,6 +241,22 @@ def sample_row(logits: torch.Tensor, alg: str, temperature: float, top_p: float 
     return x0, conf
 
 
+def choose(alg: str, masked: list[int], conf: dict[int, float], ratio: float, last: bool,
+           alg_temp: float | None, u_remask: list[float]) -> list[int]:
+    """The masked block columns one step reveals (see the conventions); `conf` holds
+    the masked columns' confidences (unused by `origin`)."""
+    if alg == "origin":
+        return [p for p in masked if u_remask[p] < ratio]
+    k = len(masked) if last else int(
+        (torch.tensor(float(len(masked))) * torch.tensor(ratio)).item())
+    if alg_temp:
+        key = {p: conf[p] / alg_temp - float(torch.log(-torch.log(
+            torch.tensor(u_remask[p], dtype=torch.float64)))) for p in masked}
+    else:
+        key = conf
+    return sorted(masked, key=lambda p: (-key[p], p))[:k]
+
+
 def diffusion_generate(
     model: ReferenceDream,
     prompt: list[int],
@@ -298,23 +314,16 @@ def diffusion_generate(
                                       stream).tolist()
 
             u_sample, u_remask = draw(noise.STREAM_SAMPLE), draw(noise.STREAM_REMASK)
-            ratio = ratios[i]
             if alg == "origin":
-                chosen = [p for p in masked if u_remask[p] < ratio]
+                chosen = choose(alg, masked, {}, ratios[i], i == steps_per_block - 1,
+                                alg_temp, u_remask)
                 picks = {p: sample_row(rows[p], alg, temperature, top_p, top_k, u_sample[p])[0]
                          for p in chosen}
             else:
                 scored = {p: sample_row(rows[p], alg, temperature, top_p, top_k, u_sample[p])
                           for p in masked}
-                last = i == steps_per_block - 1
-                k = len(masked) if last else int(
-                    (torch.tensor(float(len(masked))) * torch.tensor(ratio)).item())
-                if alg_temp:
-                    key = {p: scored[p][1] / alg_temp - float(torch.log(-torch.log(
-                        torch.tensor(u_remask[p], dtype=torch.float64)))) for p in masked}
-                else:
-                    key = {p: scored[p][1] for p in masked}
-                chosen = sorted(masked, key=lambda p: (-key[p], p))[:k]
+                chosen = choose(alg, masked, {p: c for p, (_, c) in scored.items()}, ratios[i],
+                                i == steps_per_block - 1, alg_temp, u_remask)
                 picks = {p: scored[p][0] for p in chosen}
             for p, token in picks.items():
                 x[start + p] = token

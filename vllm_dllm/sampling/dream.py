@@ -14,11 +14,13 @@ The conventions (dtypes, tie rules, which uniform decides what) are those of
 * `selection_keys` are what the counted algorithms rank the candidates by: the
   confidence itself, or with `alg_temp` > 0 a Gumbel-perturbed one, whose top k
   are k draws without replacement from softmax(confidence / alg_temp).
+* `select` is the whole commit rule of one step for a batch of blocks.
 """
 
 import torch
 
 from vllm_dllm.sampling import noise
+from vllm_dllm.sampling.policies import select_fixed
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 ORIGIN, MASKGIT_PLUS, TOPK_MARGIN, ENTROPY = range(len(ALGS))
@@ -120,3 +122,20 @@ def selection_keys(confidence: torch.Tensor, alg_temp: torch.Tensor, u: torch.Te
     gumbel = -torch.log(-torch.log(u))
     noisy = confidence / torch.where(alg_temp > 0, alg_temp, 1.0) + gumbel
     return torch.where(alg_temp > 0, noisy, confidence)
+
+
+def select(confidence: torch.Tensor, alg: torch.Tensor, alg_temp: torch.Tensor,
+           ratio: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The block positions one step commits, [B, K] bool.
+
+    confidence [B, K] float64 from `sample_tokens`, -inf wherever a position is
+    not a candidate (outside the block or already committed); alg [B], alg_temp
+    [B], ratio [B] (the step's `schedule_ratios` entry), u [B, K] the positions'
+    `STREAM_REMASK` uniforms. `origin` reveals candidates by `origin_reveal`; the
+    others the `reveal_counts` best by `selection_keys`, ties to the lower position.
+    """
+    candidates = confidence > float("-inf")
+    counted = select_fixed(selection_keys(confidence, alg_temp, u),
+                           reveal_counts(candidates.sum(-1), ratio))
+    origin = candidates & origin_reveal(u, ratio[:, None])
+    return torch.where((alg == ORIGIN)[:, None], origin, counted)
