@@ -15,9 +15,8 @@ from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_dllm.config import dllm_defaults
+from vllm_dllm.model_executor.registry import BY_ARCHITECTURE, DLLM_ARCHITECTURES
 from vllm_dllm.params import ParamError, resolve
-
-DLLM_ARCHITECTURES = ("LLaDAModelLM",)
 
 # Sampling options that diffusion decoding does not implement, with their
 # neutral values; anything else is refused rather than silently ignored.
@@ -69,6 +68,14 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
         )
     except ParamError as e:
         raise VLLMValidationError(str(e), parameter=e.parameter) from e
+    arch = BY_ARCHITECTURE[model_config.architecture]
+    if arch.logits_offset and resolved.cache != "none":
+        # Until the cached windows widen by the offset, their first block position
+        # would read a logits row the window does not hold.
+        raise VLLMValidationError(
+            f"cache={resolved.cache!r} is not supported yet for {arch.architecture} "
+            "(its logits are shifted by one); use cache='none'",
+            parameter="cache", value=resolved.cache)
     params.extra_args = {**(params.extra_args or {}), **resolved.as_dict()}
     params.max_tokens = min(params.max_tokens or resolved.gen_length, resolved.gen_length)
     if params.seed is None:

@@ -1,0 +1,331 @@
+"""Plain PyTorch Dream and its `diffusion_generate`, written from the spec
+(models.md §2.3-2.7, algorithms.md §2.2-2.3). The oracle the plugin is checked
+against for Dream; it shares no decoding code with the plugin, only the noise
+definition of `vllm_dllm.sampling.noise`.
+
+The model reads the original checkpoint (config.json + safetensors with Qwen2
+names). Logits row p predicts position p + 1 (`LOGITS_OFFSET`); the decoder
+reads the prediction for position p from row p - 1, in every cache mode.
+
+Conventions shared with the plugin so that runs can be compared token for token
+(one request at a time: Dream's batch-averaged count of masks is its own count):
+
+* Iterations: `iteration` counts every forward of the request from 0. The canvas
+  is `gen_length` masks after the prompt, decoded in blocks of `block_length`
+  (default: one block, Dream's original sampler); `steps` split evenly over the
+  blocks, so each block runs exactly `steps / num_blocks` iterations.
+* Schedule: per block, `timesteps = torch.linspace(1, eps, n + 1)` in float32 on
+  the CPU (n = iterations per block); at step i, `ratio = 1 - t[i+1] / t[i]`
+  (float32), and 1 at the block's last step. Counted algorithms commit
+  `int(float32(masks left in the block) * ratio)` positions (possibly 0; all
+  that are left at the last step).
+* Logits: float32 rows, the mask id's logit set to -inf (never a prediction).
+  `scaled = float64(logits) / temperature` if temperature > 0, else float64(logits).
+  top_p (< 1): sort `scaled` descending, keep a token iff the softmax mass of the
+  tokens before it is <= top_p (the first is always kept); top_k (> 0): keep
+  tokens whose value is >= the k-th largest. Removed tokens get -inf.
+  `probs = softmax(filtered)` (float64).
+* x0: temperature > 0 draws from `probs` by inverse CDF at the uniform of stream
+  `STREAM_SAMPLE` (`noise.sample` with temperature 1 on the filtered values);
+  temperature 0 takes the argmax (lowest id on ties).
+* Confidence of a position: `maskgit_plus` probs[x0]; `topk_margin` top-1 minus
+  top-2 of probs; `entropy` sum(p * log(p + 1e-10)) (higher = more certain).
+* `origin`: a masked position of the block is revealed iff its `STREAM_REMASK`
+  uniform < ratio (float64 comparison), and then takes x0.
+* Other algorithms choose `k` positions among the block's masks: with `alg_temp`
+  None or 0 the k highest confidences (ties to the lower position); otherwise k
+  draws without replacement from softmax(confidence / alg_temp), done as
+  Gumbel-top-k: key = confidence / alg_temp - log(-log u), u the position's
+  `STREAM_REMASK` uniform, the k highest keys win (same order rule).
+* Caches: `prefix` / `dual` run a full forward at each block's first iteration
+  (which also decodes); later iterations recompute the rows [s - 1, L) (`prefix`)
+  or [s - 1, e) (`dual`) of a block [s, e) against the K/V that forward left:
+  the recomputed window widens by the logits offset so that every block
+  position's prediction row is fresh. No position is committed blindly.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from vllm_dllm.sampling import noise
+
+LOGITS_OFFSET = 1
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    # cos/sin in float32, cast to the activation dtype, rotated there (NeoX halves).
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class ReferenceDream(torch.nn.Module):
+    """Full-sequence, fully bidirectional Dream forward (logits not shifted).
+
+    tokens [L] -> logits [L, V], or a batch [B, L] -> [B, L, V] with an optional
+    key-padding `attention_mask` [B, L] for right-padded rows.
+    """
+
+    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor]):
+        super().__init__()
+        self.config = config
+        self.n_layers = config["num_hidden_layers"]
+        self.n_heads = config["num_attention_heads"]
+        self.n_kv_heads = config.get("num_key_value_heads") or self.n_heads
+        self.head_dim = config["hidden_size"] // self.n_heads
+        self.eps = config.get("rms_norm_eps", 1e-6)
+        self.theta = config.get("rope_theta", 1e6)
+        self.weights = {k: v for k, v in state_dict.items()}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32
+                        ) -> "ReferenceDream":
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        state = {}
+        for file in sorted(path.glob("*.safetensors")):
+            state.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
+        return cls(config, state)
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.weights[name]
+
+    def _proj(self, h: torch.Tensor, layer: str, name: str) -> torch.Tensor:
+        p = f"{layer}self_attn.{name}."
+        return h @ self.w(p + "weight").T + self.w(p + "bias")
+
+    def _mlp(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        h = _rms_norm(x, self.w(layer + "post_attention_layernorm.weight"), self.eps)
+        gate = h @ self.w(layer + "mlp.gate_proj.weight").T
+        up = h @ self.w(layer + "mlp.up_proj.weight").T
+        return x + (F.silu(gate) * up) @ self.w(layer + "mlp.down_proj.weight").T
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, self.w("model.norm.weight"), self.eps) @ self.w("lm_head.weight").T
+
+    def forward(self, tokens: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        lead, length = tokens.shape[:-1], tokens.shape[-1]
+        positions = torch.arange(length)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = F.embedding(tokens, self.w("model.embed_tokens.weight"))
+        for i in range(self.n_layers):
+            layer = f"model.layers.{i}."
+            h = _rms_norm(x, self.w(layer + "input_layernorm.weight"), self.eps)
+
+            def heads(name: str, n: int) -> torch.Tensor:
+                proj = self._proj(h, layer, name)
+                return proj.view(*lead, length, n, self.head_dim).transpose(-3, -2)
+
+            q = _rope(heads("q_proj", self.n_heads), positions, self.theta)
+            k = _rope(heads("k_proj", self.n_kv_heads), positions, self.theta)
+            v = heads("v_proj", self.n_kv_heads)
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+            a = a.transpose(-3, -2).reshape(*lead, length, -1)
+            x = x + a @ self.w(layer + "self_attn.o_proj.weight").T
+            x = self._mlp(x, layer)
+        return self._head(x)
+
+    def forward_partial(self, tokens: torch.Tensor, query: torch.Tensor | list[torch.Tensor],
+                        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                        ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Recompute only the positions `query` (ascending) of one sequence [L].
+
+        Every other position's keys and values come from `past` (per layer, post-RoPE,
+        [n_kv_heads, L, head_dim]); the queried rows attend to the whole sequence.
+        Without `past`, `query` must cover every position. `query` may also be one
+        position set per layer, each inside the one before (token skipping). Returns
+        the logits of the last layer's rows (row j predicts position query[j] + 1)
+        and the layer K/V with the computed rows fresh.
+        """
+        length = tokens.shape[-1]
+        per_layer = query if isinstance(query, list) else [query] * self.n_layers
+        query = per_layer[0]
+        assert past is not None or len(query) == length
+        x = F.embedding(tokens[query], self.w("model.embed_tokens.weight"))
+        present = []
+        for i in range(self.n_layers):
+            layer = f"model.layers.{i}."
+            if per_layer[i] is not query:
+                keep = torch.searchsorted(query, per_layer[i])
+                assert bool((query[keep] == per_layer[i]).all()), "layer sets must be nested"
+                x, query = x[keep], per_layer[i]
+            h = _rms_norm(x, self.w(layer + "input_layernorm.weight"), self.eps)
+
+            def heads(name: str, n: int) -> torch.Tensor:
+                return self._proj(h, layer, name).view(len(query), n, self.head_dim).transpose(0, 1)
+
+            q = _rope(heads("q_proj", self.n_heads), query, self.theta)
+            k_new = _rope(heads("k_proj", self.n_kv_heads), query, self.theta)
+            v_new = heads("v_proj", self.n_kv_heads)
+            if past is None:
+                k, v = k_new, v_new
+            else:
+                k, v = past[i][0].clone(), past[i][1].clone()
+                k[:, query], v[:, query] = k_new, v_new
+            present.append((k, v))
+            rep = self.n_heads // self.n_kv_heads
+            a = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 0),
+                                               v.repeat_interleave(rep, 0), is_causal=False)
+            x = x + a.transpose(0, 1).reshape(len(query), -1) @ self.w(
+                layer + "self_attn.o_proj.weight").T
+            x = self._mlp(x, layer)
+        return self._head(x), present
+
+
+def shift_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Dream's realignment of full-sequence logits: row p afterwards predicts position p
+    (row 0 repeats itself; it is a prompt position, never a target)."""
+    return torch.cat([logits[..., :1, :], logits[..., :-1, :]], dim=-2)
+
+
+def schedule_ratios(steps: int, eps: float) -> list[float]:
+    """The per-step reveal ratio 1 - t[i+1]/t[i] of `linspace(1, eps, steps + 1)`
+    (float32), 1 at the last step."""
+    t = torch.linspace(1, eps, steps + 1)
+    ratios = [float((1 - t[i + 1] / t[i]).item()) for i in range(steps - 1)]
+    return ratios + [1.0]
+
+
+def filter_logits(scaled: torch.Tensor, top_p: float | None, top_k: int | None) -> torch.Tensor:
+    """Dream's top_p then top_k, on one row [V] of float64 tempered logits."""
+    out = scaled.clone()
+    if top_p is not None and top_p < 1:
+        order = torch.argsort(scaled, descending=True, stable=True)
+        probs = torch.softmax(scaled[order], -1)
+        before = torch.cumsum(probs, -1) - probs
+        removed = before > top_p
+        removed[0] = False
+        out[order[removed]] = float("-inf")
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(out, min(top_k, out.shape[-1])).values[-1]
+        out[out < kth] = float("-inf")
+    return out
+
+
+def sample_row(logits: torch.Tensor, alg: str, temperature: float, top_p: float | None,
+               top_k: int | None, u: float) -> tuple[int, float]:
+    """(x0, confidence) of one masked position's logits row [V] (see the conventions)."""
+    scaled = logits.double() / temperature if temperature > 0 else logits.double()
+    filtered = filter_logits(scaled, top_p, top_k)
+    probs = torch.softmax(filtered, -1)
+    if temperature > 0:
+        x0 = int(noise.sample(filtered[None], torch.ones(1, dtype=torch.float64),
+                              torch.tensor([u], dtype=torch.float64))[0])
+    else:
+        x0 = int(torch.argmax(probs))
+    if alg == "topk_margin":
+        top2 = torch.topk(probs, 2).values
+        conf = float(top2[0] - top2[1])
+    elif alg == "entropy":
+        conf = float((probs * torch.log(probs + 1e-10)).sum())
+    else:
+        conf = float(probs[x0])
+    return x0, conf
+
+
+def choose(alg: str, masked: list[int], conf: dict[int, float], ratio: float, last: bool,
+           alg_temp: float | None, u_remask: list[float]) -> list[int]:
+    """The masked block columns one step reveals (see the conventions); `conf` holds
+    the masked columns' confidences (unused by `origin`)."""
+    if alg == "origin":
+        return [p for p in masked if u_remask[p] < ratio]
+    k = len(masked) if last else int(
+        (torch.tensor(float(len(masked))) * torch.tensor(ratio)).item())
+    if alg_temp:
+        key = {p: conf[p] / alg_temp - float(torch.log(-torch.log(
+            torch.tensor(u_remask[p], dtype=torch.float64)))) for p in masked}
+    else:
+        key = conf
+    return sorted(masked, key=lambda p: (-key[p], p))[:k]
+
+
+def diffusion_generate(
+    model: ReferenceDream,
+    prompt: list[int],
+    *,
+    mask_id: int,
+    gen_length: int = 128,
+    block_length: int | None = None,
+    steps: int = 128,
+    alg: str = "origin",
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    alg_temp: float | None = None,
+    eps: float = 1e-3,
+    seed: int | None = None,
+    cache: str = "none",
+) -> dict:
+    """Decode one request with Dream's sampler `alg`; returns the canvas (`tokens`),
+    the number of forwards (`forwards`) and the commits of each forward (`commits`)."""
+    assert alg in ALGS, alg
+    assert cache in ("none", "prefix", "dual"), cache
+    assert len(prompt) >= 1, "the first position has no prediction row"
+    block_length = block_length or gen_length
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps_per_block = steps // num_blocks
+    ratios = schedule_ratios(steps_per_block, eps)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    prompt_len = len(prompt)
+    x = torch.tensor(list(prompt) + [mask_id] * gen_length)
+    commits: list[int] = []
+    for b in range(num_blocks):
+        start = prompt_len + b * block_length
+        end = start + block_length
+        for i in range(steps_per_block):
+            if cache == "none":
+                rows = model(x).float()[start - LOGITS_OFFSET : end - LOGITS_OFFSET]
+            elif i == 0:
+                logits, kv = model.forward_partial(x, torch.arange(len(x)))
+                rows = logits.float()[start - LOGITS_OFFSET : end - LOGITS_OFFSET]
+            else:
+                lo, hi = start - LOGITS_OFFSET, len(x) if cache == "prefix" else end
+                window, _ = model.forward_partial(x, torch.arange(lo, hi), kv)
+                rows = window.float()[: block_length]
+            rows = rows.clone()
+            rows[:, mask_id] = float("-inf")
+            iteration = len(commits)
+            masked = [p for p in range(block_length) if int(x[start + p]) == mask_id]
+            canvas_pos = torch.arange(start, end) - prompt_len
+
+            def draw(stream: int) -> list[float]:
+                return noise.uniforms(torch.tensor(seed), torch.tensor(iteration), canvas_pos,
+                                      stream).tolist()
+
+            u_sample, u_remask = draw(noise.STREAM_SAMPLE), draw(noise.STREAM_REMASK)
+            if alg == "origin":
+                chosen = choose(alg, masked, {}, ratios[i], i == steps_per_block - 1,
+                                alg_temp, u_remask)
+                picks = {p: sample_row(rows[p], alg, temperature, top_p, top_k, u_sample[p])[0]
+                         for p in chosen}
+            else:
+                scored = {p: sample_row(rows[p], alg, temperature, top_p, top_k, u_sample[p])
+                          for p in masked}
+                chosen = choose(alg, masked, {p: c for p, (_, c) in scored.items()}, ratios[i],
+                                i == steps_per_block - 1, alg_temp, u_remask)
+                picks = {p: scored[p][0] for p in chosen}
+            for p, token in picks.items():
+                x[start + p] = token
+            commits.append(len(picks))
+    return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}

@@ -1,0 +1,236 @@
+"""Dream-7B's architecture: the real checkpoint's shapes, and `vllm serve` of a tiny Dream
+folder (original files: config.json, Qwen2 weight names, Dream's tokenizer and chat template)
+with no extra flag.
+
+Decoding here is the runner's block decoding with Dream's logits offset and no cache,
+checked token for token against the LLaDA-style reference decoder on the reference Dream.
+"""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from tests.models.tiny_dream import dream_files, write_random_model
+from tests.reference.dream import ReferenceDream
+from tests.reference.generate import generate
+from tests.test_openai_server import _free_port
+
+MASK, EOS, EOT = 151666, 151643, 151645
+# models.md §2.5: the chat template's rendering of this conversation.
+CHAT = [{"role": "user", "content": "What is 2+2?"}]
+CHAT_IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198,
+            3838, 374, 220, 17, 10, 17, 30, 151645, 198, 151644, 77091, 198]
+XARGS = {"gen_length": 32, "block_length": 8, "steps": 16}
+
+pytestmark = pytest.mark.skipif(dream_files() is None,
+                                reason="Dream's files (shared/models/dream-7b-instruct) missing")
+
+
+def test_config_names_the_special_ids():
+    from vllm_dllm.configs.dream import DreamConfig
+
+    config = DreamConfig.from_pretrained(str(dream_files()))
+    assert (config.mask_token_id, config.eos_token_id, config.eot_token_id) == (MASK, EOS, EOT)
+    assert (config.head_dim, config.num_key_value_heads, config.is_causal) == (128, 4, False)
+
+
+def test_registry_offsets_are_the_models():
+    from vllm_dllm.model_executor.registry import ARCHITECTURES, resolve
+
+    for arch in ARCHITECTURES:
+        assert resolve(arch.model_cls).dllm_logits_offset == arch.logits_offset, arch
+
+
+# A separate process: vLLM's distributed state is global, and the in-process engines
+# of other tests set it up their own way.
+_COUNT_PARAMETERS = textwrap.dedent("""
+    import json, sys, torch
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    folder, port, layers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    out = {}
+    for n in layers:
+        config = EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True,
+                            max_model_len=2048,
+                            hf_overrides={"num_hidden_layers": n}).create_engine_config()
+        with set_current_vllm_config(config):
+            if not out:
+                init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
+                ensure_model_parallel_initialized(1, 1)
+            loader = get_model_loader(config.load_config)
+            # On the meta device: the shapes are real, the 7B of memory is not.
+            with set_default_torch_dtype(config.model_config.dtype), torch.device("meta"):
+                model = loader.create_model(vllm_config=config, model_config=config.model_config)
+                loader.load_weights(model, config.model_config)
+        out[n] = {"class": type(model).__name__, "offset": model.dllm_logits_offset,
+                  "params": {k: v.numel() for k, v in model.named_parameters()}}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_real_size_parameters_match_the_checkpoint_index(tmp_path):
+    """Dream-v0-Instruct-7B's config.json builds with load_format=dummy and 1 or 2 layers;
+    those layers extrapolate to the checkpoint's parameter count (index total_size, bf16)
+    and their parameters are exactly the checkpoint's tensors, fused as vLLM fuses them."""
+    shutil.copy(dream_files() / "config.json", tmp_path / "config.json")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COUNT_PARAMETERS, str(tmp_path), str(_free_port()), "[1, 2]"],
+        capture_output=True, text=True, timeout=300, env={**os.environ})
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    result = {int(k): v for k, v in json.loads(line[0][len("RESULT "):]).items()}
+    assert result[1]["class"] == "DreamModel" and result[1]["offset"] == 1
+    one, two = (sum(result[n]["params"].values()) for n in (1, 2))
+    per_layer, rest = two - one, 2 * one - two
+    index = json.loads((dream_files() / "model.safetensors.index.json").read_text())
+    layers = json.loads((dream_files() / "config.json").read_text())["num_hidden_layers"]
+    assert (rest + layers * per_layer) * 2 == index["metadata"]["total_size"]
+
+    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+    def module_name(name: str) -> str:
+        for old, new in fused.items():
+            name = name.replace(f".{old}.", f".{new}.")
+        return name
+
+    kept = [n for n in index["weight_map"]
+            if not n.startswith("model.layers.") or int(n.split(".")[2]) < 2]
+    assert {module_name(n) for n in kept} == set(result[2]["params"])
+
+
+@pytest.fixture(scope="module")
+def tiny_dream(tmp_path_factory) -> Path:
+    return write_random_model(tmp_path_factory.mktemp("dream-tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dream):
+    return ReferenceDream.from_pretrained(tiny_dream)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dream, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("dream-server") / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_dream),
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+         "--max-num-seqs", "8"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, open(log.name).read()[-3000:]
+            try:
+                if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("server did not start:\n" + open(log.name).read()[-3000:])
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def expected(reference, prompt: list[int], **params) -> list[int]:
+    tokens = generate(reference, prompt, mask_id=MASK, logits_offset=1, **params)["tokens"]
+    for i, t in enumerate(tokens):
+        if t in (EOS, EOT):
+            return tokens[: i + 1]
+    return tokens
+
+
+def chat(server: str, **body) -> dict:
+    r = requests.post(f"{server}/v1/chat/completions", timeout=120, json={
+        "model": requests.get(f"{server}/v1/models", timeout=5).json()["data"][0]["id"],
+        "messages": CHAT, "max_tokens": 32, "temperature": 0, "return_token_ids": True,
+        "vllm_xargs": XARGS, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_chat_uses_dreams_template_and_decodes_with_the_shift(server, reference):
+    out = chat(server)
+    assert out["prompt_token_ids"] == CHAT_IDS
+    choice = out["choices"][0]
+    assert choice["token_ids"] == expected(reference, CHAT_IDS, **XARGS)
+    from transformers import AutoTokenizer
+
+    from vllm_dllm import register
+
+    register()  # what vLLM does in its processes: Dream's tokenizer without remote code
+    tokenizer = AutoTokenizer.from_pretrained(str(dream_files()))
+    assert choice["message"]["content"] == tokenizer.decode(choice["token_ids"],
+                                                            skip_special_tokens=True)
+
+
+def test_chat_stream_joins_to_the_full_answer(server):
+    full = chat(server)["choices"][0]["message"]["content"]
+    r = requests.post(f"{server}/v1/chat/completions", timeout=120, stream=True, json={
+        "model": requests.get(f"{server}/v1/models", timeout=5).json()["data"][0]["id"],
+        "messages": CHAT, "max_tokens": 32, "temperature": 0, "stream": True,
+        "vllm_xargs": XARGS})
+    assert r.status_code == 200
+    pieces = []
+    for line in r.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            pieces.append(delta.get("content") or "")
+    assert len(pieces) > 2 and "".join(pieces) == full
+
+
+def test_cached_modes_are_refused_until_the_shift_reaches_them(server):
+    r = requests.post(f"{server}/v1/completions", timeout=60, json={
+        "model": requests.get(f"{server}/v1/models", timeout=5).json()["data"][0]["id"],
+        "prompt": [1, 2, 3], "max_tokens": 8, "vllm_xargs": {"cache": "dual"}})
+    assert r.status_code == 400 and "cache" in r.text
+    assert chat(server)["choices"][0]["token_ids"]  # still serving
+
+
+CASES = [  # (prompt length, gen_length, block_length, steps, remasking, temperature, seed)
+    (1, 16, 8, 16, "low_confidence", 0.0, None), (9, 32, 8, 16, "random", 0.0, 3),
+    (23, 32, 32, 8, "low_confidence", 0.8, 5), (40, 16, 4, 8, "random", 1.0, 9),
+]
+
+
+def test_batched_requests_are_token_exact(server, reference):
+    """Concurrent completions (batched by the scheduler), greedy and seeded."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, EOS, (n,), generator=g).tolist() for n, *_ in CASES]
+    model = requests.get(f"{server}/v1/models", timeout=5).json()["data"][0]["id"]
+
+    def complete(i: int) -> list[int]:
+        _, gen, block, steps, remasking, temperature, seed = CASES[i]
+        r = requests.post(f"{server}/v1/completions", timeout=120, json={
+            "model": model, "prompt": prompts[i], "max_tokens": gen,
+            "temperature": temperature, "seed": seed, "return_token_ids": True,
+            "vllm_xargs": {"gen_length": gen, "block_length": block, "steps": steps,
+                           "remasking": remasking}})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(CASES)) as pool:
+        got = list(pool.map(complete, range(len(CASES))))
+    for prompt, (_, gen, block, steps, remasking, temperature, seed), tokens in zip(
+            prompts, CASES, got):
+        assert tokens == expected(reference, prompt, gen_length=gen, block_length=block,
+                                  steps=steps, remasking=remasking, temperature=temperature,
+                                  seed=seed)

@@ -1,0 +1,187 @@
+"""Dream (Dream-org/Dream-v0-Instruct-7B, -Base-7B) on vLLM's parallel layers.
+
+A Qwen2 decoder (q/k/v with bias, GQA, SwiGLU, untied `lm_head`) whose
+attention is fully bidirectional (models.md §2.3). Dream keeps Qwen's
+autoregressive alignment: logits row p predicts position p + 1 (§2.4), which
+the model declares with `dllm_logits_offset` and the decoding core applies.
+Weights load from the original names, which are Qwen2's (`model.layers.N.
+self_attn.q_proj`, ...): q/k/v into one `qkv_proj`, gate/up into `gate_up_proj`.
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
+from vllm_dllm.configs.dream import DreamConfig
+from vllm_dllm.model_executor.decoder import RowController, run_layers
+
+
+class DreamMLP(nn.Module):
+    def __init__(self, config: DreamConfig, prefix: str):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"Dream checkpoints with hidden_act={config.hidden_act!r} "
+                             "are not supported (only silu)")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False,
+            prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=False,
+            prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(x))
+        return x
+
+
+class DreamAttention(nn.Module):
+    def __init__(self, config: DreamConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // tp_size
+        # Fewer KV heads than ranks: each rank keeps a replica of one.
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, config.num_attention_heads,
+            config.num_key_value_heads, bias=True, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=False,
+            prefix=f"{prefix}.o_proj")
+        # cos/sin in the activation dtype, as Dream's rotary embedding casts them.
+        self.rotary_emb = get_rope(
+            self.head_dim, max_position=config.max_position_embeddings, is_neox_style=True,
+            rope_parameters=getattr(config, "rope_parameters", None)
+            or {"rope_type": "default", "rope_theta": config.rope_theta})
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
+            prefix=f"{prefix}.attn", attn_backend=BidirectionalAttentionBackend)
+
+    def project(self, positions: torch.Tensor, hidden_states: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        out, _ = self.o_proj(self.attn(*self.project(positions, hidden_states)))
+        return out
+
+
+class DreamDecoderLayer(nn.Module):
+    def __init__(self, config: DreamConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = DreamAttention(config, vllm_config, prefix=f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = DreamMLP(config, prefix=f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DreamTransformer(nn.Module):
+    """`model.*` of the checkpoint: embeddings, layers, final norm."""
+
+    # checkpoint projection -> (fused parameter, shard id)
+    stacked_params_mapping = (
+        (".qkv_proj", ".q_proj", "q"),
+        (".qkv_proj", ".k_proj", "k"),
+        (".qkv_proj", ".v_proj", "v"),
+        (".gate_up_proj", ".gate_proj", 0),
+        (".gate_up_proj", ".up_proj", 1),
+    )
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            DreamDecoderLayer(config, vllm_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                rows: RowController | None = None) -> torch.Tensor:
+        return self.norm(run_layers(self.layers, self.embed_tokens(input_ids), positions, rows))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            for fused, original, shard in self.stacked_params_mapping:
+                if original in name:
+                    name = name.replace(original, fused)
+                    param = params[name]
+                    param.weight_loader(param, tensor, shard)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded
+
+
+class DreamModel(nn.Module):
+    # Row p of the logits predicts canvas position p + 1 (Qwen's AR alignment).
+    dllm_logits_offset = 1
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if config.tie_word_embeddings:
+            raise ValueError("Dream checkpoints with tie_word_embeddings are not supported")
+        self.config = config
+        self.model = DreamTransformer(vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        rows: RowController | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, rows)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)

@@ -1,0 +1,47 @@
+"""The dLLM architectures this plugin serves: the one list registration and admission read.
+
+Each entry names its classes as "module:Class" so that reading the list imports
+neither vLLM nor the model code; `vllm_dllm.register` imports them when vLLM
+starts a process.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DllmArchitecture:
+    architecture: str  # `architectures[0]` of the checkpoint's config.json
+    model_type: str  # its `model_type`
+    model_cls: str
+    config_cls: str
+    # A tokenizer class the checkpoint names (tokenizer_config.json) but only
+    # ships as remote code; None when transformers has it.
+    tokenizer_cls: str | None = None
+    # The model class's `dllm_logits_offset`, for the front end, which never
+    # imports the model (a test keeps the two equal).
+    logits_offset: int = 0
+
+
+ARCHITECTURES: tuple[DllmArchitecture, ...] = (
+    DllmArchitecture(
+        "LLaDAModelLM", "llada",
+        model_cls="vllm_dllm.model_executor.models.llada:LLaDAModelLM",
+        config_cls="vllm_dllm.configs.llada:LLaDAConfig"),
+    DllmArchitecture(
+        "DreamModel", "Dream",
+        model_cls="vllm_dllm.model_executor.models.dream:DreamModel",
+        config_cls="vllm_dllm.configs.dream:DreamConfig",
+        tokenizer_cls="vllm_dllm.configs.dream:DreamTokenizer",
+        logits_offset=1),
+)
+
+BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}
+DLLM_ARCHITECTURES: frozenset[str] = frozenset(BY_ARCHITECTURE)
+
+
+def resolve(ref: str) -> type:
+    """The class a "module:Class" reference names."""
+    import importlib
+
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
