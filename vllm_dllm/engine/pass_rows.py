@@ -52,10 +52,6 @@ class SlotCaches:
                                             device=self.device)
         return self.tensors[key]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 class PassRows:
     """Row controller of one pass (see the module docstring).
