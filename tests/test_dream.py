@@ -13,17 +13,16 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 
+from tests.helpers import free_port, start_server
 from tests.models.tiny_dream import dream_files, write_random_model
 from tests.reference.dream import ReferenceDream
 from tests.reference.generate import generate
-from tests.test_openai_server import _free_port
 
 MASK, EOS, EOT = 151666, 151643, 151645
 # models.md §2.5: the chat template's rendering of this conversation.
@@ -88,7 +87,7 @@ def test_real_size_parameters_match_the_checkpoint_index(tmp_path):
     and their parameters are exactly the checkpoint's tensors, fused as vLLM fuses them."""
     shutil.copy(dream_files() / "config.json", tmp_path / "config.json")
     proc = subprocess.run(
-        [sys.executable, "-c", _COUNT_PARAMETERS, str(tmp_path), str(_free_port()), "[1, 2]"],
+        [sys.executable, "-c", _COUNT_PARAMETERS, str(tmp_path), str(free_port()), "[1, 2]"],
         capture_output=True, text=True, timeout=300, env={**os.environ})
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
@@ -125,25 +124,9 @@ def reference(tiny_dream):
 
 @pytest.fixture(scope="module")
 def server(tiny_dream, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("dream-server") / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_dream),
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-         "--max-num-seqs", "8"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(tiny_dream, ["--max-model-len", "256", "--max-num-seqs", "8"],
+                              tmp_path_factory.mktemp("dream-server") / "server.log")
     try:
-        for _ in range(240):
-            assert proc.poll() is None, open(log.name).read()[-3000:]
-            try:
-                if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server did not start:\n" + open(log.name).read()[-3000:])
         yield base
     finally:
         proc.terminate()
