@@ -105,6 +105,32 @@ def test_chat_answers_held_out_tasks(client, model_name):
     assert right >= MIN_RIGHT_OF_8, list(zip([p.prompt for p in problems], answers))
 
 
+@pytest.mark.parametrize("xargs", [
+    {"skip": "es", "cache": "dual", "es_keep": "1,0.5,0.25", "es_block_update_freq": 3},
+    {"skip": "dyllm", "dyllm_full_steps": 2, "dyllm_threshold": 0.95},
+])
+def test_token_skipping_through_vllm_xargs(client, model_name, xargs):
+    """Skipping chosen per request through vllm_xargs decodes what the reference does."""
+    from tokenizers import Tokenizer
+
+    from benchmarks import tasks
+    from tests.helpers import reference_tokens
+    from tests.reference.modeling import ReferenceLLaDA
+
+    reference = ReferenceLLaDA.from_pretrained(MODEL)
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    settings = {k: v for k, v in xargs.items() if k != "es_keep"}
+    for problem in tasks.heldout(3):
+        answer = client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": problem.prompt}],
+            temperature=0, extra_body={"vllm_xargs": xargs}).choices[0].message.content
+        prompt = tokenizer.encode(tasks.render_chat(problem.prompt)).ids
+        tokens = reference_tokens(reference, MODEL, prompt, gen_length=32, block_length=8,
+                                  steps=32, remasking="low_confidence", temperature=0.0,
+                                  **settings)
+        assert answer == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("xargs, parameter", [
     ({"gen_length": 30}, "gen_length"),
     ({"gen_length": 32, "block_length": 8, "steps": 6}, "steps"),
@@ -114,6 +140,10 @@ def test_chat_answers_held_out_tasks(client, model_name):
     ({"steps": 0}, "steps"),
     ({"gen_length": 512, "block_length": 32}, "gen_length"),
     ({"gen_lenght": 32}, "gen_lenght"),
+    ({"skip": "early"}, "skip"),
+    ({"es_alpha": 0.3}, "es_alpha"),
+    ({"skip": "es", "r2": True}, "r2"),
+    ({"skip": "dyllm", "dyllm_threshold": 2}, "dyllm_threshold"),
 ])
 def test_bad_parameters_get_400(server, model_name, xargs, parameter):
     r = requests.post(f"{server}/v1/completions", json={
