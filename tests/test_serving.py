@@ -212,7 +212,8 @@ def test_block_gauge_follows_a_running_request(server):
     assert len({s[0][0] for s in running}) > 1
 
 
-# (xargs, temperature) mixes: every policy and cache mode, R², random remasking, sampling.
+# (xargs, temperature) mixes: every policy and cache mode, R², random remasking, sampling,
+# token skipping.
 MIXES = [
     ({**VANILLA}, 0.0),
     ({"gen_length": 64, "block_length": 16, "policy": "threshold", "threshold": 0.7}, 0.0),
@@ -221,6 +222,8 @@ MIXES = [
     ({"gen_length": 64, "block_length": 32, "steps": 32, "remasking": "random"}, 0.7),
     ({**VANILLA, "cache": "prefix"}, 0.0),
     ({"gen_length": 32, "block_length": 8, "policy": "threshold", "cache": "dual"}, 0.0),
+    ({"gen_length": 32, "block_length": 8, "cache": "dual", "skip": "es"}, 0.0),
+    ({**VANILLA, "skip": "dyllm", "dyllm_full_steps": 1}, 0.7),
 ]
 # Values each parameter must refuse, by kind.
 BAD_VALUES = {
@@ -235,6 +238,9 @@ BAD_VALUES = {
     "remasking": ["lowest", 0],
     "r2_window": [-3, "w", 1.5],  # 0 is valid: it turns the window rule off
     "r2_token_cluster": ["all", 2],
+    "skip": ["early", 1],
+    "es_alpha": [-0.1, 2, "a"],
+    "dyllm_threshold": [0, 1.5],
     "gen_lenght": [32],
 }
 # Standard sampling options diffusion decoding refuses or vLLM itself checks.
@@ -292,8 +298,8 @@ def test_load_aborts_preemption_and_bad_input(server):
     """36 streaming clients over mixed configurations in two priority waves (the second
     preempts the first: KV room is ~8 sequences), every third hanging up after its first
     chunk, beside 32 requests with fuzzed parameter values. Every bad request gets a 400
-    naming its parameter; every finished `cache=none` request equals its result alone;
-    nothing is lost; the server serves on and returns to idle."""
+    naming its parameter; every finished `cache=none` request without skipping equals its
+    result alone; nothing is lost; the server serves on and returns to idle."""
     from benchmarks.tasks import heldout, render_chat
 
     base, proc, _ = server
@@ -343,7 +349,9 @@ def test_load_aborts_preemption_and_bad_input(server):
             continue
         # Nothing lost: every client that stayed got to the end of its request.
         assert result["finish"] in ("stop", "length"), (client, result)
-        if client["body"]["vllm_xargs"].get("cache", "none") == "none":
+        xargs = client["body"]["vllm_xargs"]
+        # Caches and skipping refresh fully after preemption, so only these must match.
+        if xargs.get("cache", "none") == "none" and xargs.get("skip", "none") == "none":
             solo = complete(base, client["body"]["prompt"], client["body"]["vllm_xargs"],
                             **{k: client["body"][k] for k in ("temperature", "seed",
                                                               "ignore_eos")})
