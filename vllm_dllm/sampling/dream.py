@@ -24,6 +24,7 @@ from vllm_dllm.sampling.policies import select_fixed
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 ORIGIN, MASKGIT_PLUS, TOPK_MARGIN, ENTROPY = range(len(ALGS))
+DEFAULT_ALG = "origin"  # Dream's generation_config.json, and diffusion_generate's default
 DEFAULT_EPS = 1e-3  # Dream's generation_config.json
 # Dream's entropy adds this inside the log so that removed tokens (p = 0) count 0.
 ENTROPY_EPS = 1e-10
