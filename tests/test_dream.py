@@ -23,7 +23,7 @@ import torch
 
 from tests.models.tiny_dream import dream_files, write_random_model
 from tests.reference.dream import ReferenceDream, diffusion_generate
-from tests.test_openai_server import _free_port
+from tests.helpers import free_port as _free_port
 
 MASK, EOS, EOT = 151666, 151643, 151645
 # models.md §2.5: the chat template's rendering of this conversation.

@@ -40,13 +40,14 @@ class BatchPlan:
     `rows` [B] are the batch rows of the scheduled requests; logits row i belongs
     to request `logit_request[i]` (0..B-1) at block column `logit_column[i]`; the
     logits cover exactly the masked columns of each request's current block.
-    `sampled` lists the logits rows decoded at temperature > 0, `filtered` those
-    Dream filters by top_p / top_k. `logit_valid`
+    `sampled` lists the logits rows decoded at temperature > 0; `hot` and `filter`
+    (host, per logits row, None: none) mark them and those Dream filters by top_p /
+    top_k, for Dream's chunked sampling. `logit_valid`
     (None: all) marks the logits rows that hold a prediction: a pass that skipped
     a masked position gives it a placeholder row, which is never committed. The
     host-side fields say which optional rules any of these requests uses; `dream`
-    that these requests decode with Dream's samplers, `ratios` [B, steps] then their
-    schedules (padded with 1).
+    that these requests decode with Dream's samplers (`algs`: which), `ratios`
+    [B, steps] then their schedules (padded with 1).
     """
 
     rows: torch.Tensor
@@ -63,8 +64,10 @@ class BatchPlan:
     r2: R2Batch | None
     logit_valid: torch.Tensor | None = None
     dream: bool = False
+    algs: frozenset[int] = frozenset()
     ratios: torch.Tensor | None = None
-    filtered: torch.Tensor | None = None
+    hot: torch.Tensor | None = None
+    filter: torch.Tensor | None = None
 
 
 class DenoiseBatch:
@@ -194,18 +197,13 @@ class DenoiseBatch:
         which requests run is kept until that changes."""
         self.rows_tensor(rows)
         fixed = self._composition[1]
-
-        def chosen(flags: torch.Tensor | None) -> torch.Tensor | None:
-            if flags is None:
-                return None
-            return torch.nonzero(flags[logit_request]).flatten().to(self.device,
-                                                                   non_blocking=True)
-
+        hot, filters = (None if fixed[k] is None else fixed[k][logit_request]
+                        for k in ("hot", "filter"))
         return BatchPlan(
             logit_request=logit_request.to(self.device, non_blocking=True),
             logit_column=logit_column.to(self.device, non_blocking=True),
-            sampled=chosen(fixed["hot"]),
-            filtered=chosen(fixed["filter"]),
+            sampled=None if hot is None else _indices(hot, self.device),
+            hot=hot, filter=filters,
             logit_valid=logit_valid,
             **{k: v for k, v in fixed.items() if k not in ("hot", "filter")},
         )
@@ -254,6 +252,7 @@ class DenoiseBatch:
             hot=hot if bool(hot.any()) else None,
             filter=filters if bool(filters.any()) else None,
             dream=dream_rows,
+            algs=frozenset(dream.ALGS.index(p.alg) for p in params if p.alg is not None),
             ratios=ratios,
             width=max(p.block_length for p in params),
             policies=frozenset(p.policy for p in params),
@@ -305,10 +304,7 @@ class DenoiseBatch:
         position = self.block[rows][req] * self.block_length[rows][req] + col
         x0, confidence = top_ids, top_conf
         if plan.dream:
-            u = noise.uniforms(seed, iteration, position, noise.STREAM_SAMPLE)
-            x0, confidence = dream.sample_tokens(
-                logits, self.alg[rows][req], self.temperature[rows][req],
-                self.top_p[rows][req], self.top_k[rows][req], u, plan.sampled, plan.filtered)
+            x0, confidence = self._dream_tokens(plan, logits, seed, iteration, position)
         elif plan.sampled is not None:
             s = plan.sampled
             u = noise.uniforms(seed[s], iteration[s], position[s], noise.STREAM_SAMPLE)
@@ -359,6 +355,25 @@ class DenoiseBatch:
         self.step_in_block[rows] = torch.where(advance, torch.zeros_like(step), step)
         self.iteration[rows] = self.iteration[rows] + 1
         return torch.cat([after, advance.long()[:, None]], dim=1)
+
+    def _dream_tokens(self, plan: BatchPlan, logits: torch.Tensor, seed: torch.Tensor,
+                      iteration: torch.Tensor, position: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dream's (x0, confidence), in chunks of logits rows: its float64 softmax over
+        the vocabulary is as large as the logits twice over."""
+        rows, req = plan.rows, plan.logit_request
+        u = noise.uniforms(seed, iteration, position, noise.STREAM_SAMPLE)
+        per_row = [t[rows][req] for t in (self.alg, self.temperature, self.top_p, self.top_k)]
+        x0 = torch.empty(len(logits), dtype=torch.long, device=self.device)
+        confidence = torch.empty(len(logits), dtype=torch.float64, device=self.device)
+        chunk = max(1, noise.SAMPLE_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+        for lo in range(0, len(logits), chunk):
+            hi = min(lo + chunk, len(logits))
+            x0[lo:hi], confidence[lo:hi] = dream.sample_tokens(
+                logits[lo:hi], *(t[lo:hi] for t in per_row), u[lo:hi],
+                *(None if f is None else _indices(f[lo:hi], self.device)
+                  for f in (plan.hot, plan.filter)), used=plan.algs)
+        return x0, confidence
 
     def _dream_fixed(self, plan: BatchPlan, conf_matrix: torch.Tensor, step: torch.Tensor,
                      commit: torch.Tensor) -> torch.Tensor:
@@ -421,3 +436,8 @@ class DenoiseBatch:
             getattr(self.streaks, name)[rows, :k] = getattr(streaks, name)
         self.streaks.block[rows] = streaks.block
         return out
+
+
+def _indices(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The set positions of a host bool tensor, on `device`."""
+    return torch.nonzero(flags).flatten().to(device, non_blocking=True)
