@@ -196,6 +196,18 @@ def test_dream_parameters_are_refused_for_llada(name, value):
     assert getattr(dream, name) == value
 
 
+def test_server_defaults_of_the_other_sampler_are_refused():
+    from vllm_dllm.params import ParamError, server_defaults
+
+    with pytest.raises(ParamError) as e:
+        server_defaults({"alg": "entropy"})
+    assert e.value.parameter == "alg"
+    with pytest.raises(ParamError) as e:
+        server_defaults(None, {"remasking": "random"}, sampler="dream")
+    assert e.value.parameter == "remasking"
+    assert server_defaults({"alg": "entropy"}, sampler="dream")["alg"] == "entropy"
+
+
 def test_dream_defaults_to_its_generation_config(llm, reference):
     """No alg given: the folder's generation_config.json (Dream's own) says origin."""
     from vllm import SamplingParams
@@ -207,3 +219,28 @@ def test_dream_defaults_to_its_generation_config(llm, reference):
                        use_tqdm=False)[0].outputs[0].token_ids
     want = diffusion_generate(reference, prompt, mask_id=MASK, alg="origin", seed=21, **xargs)
     assert list(got) == _cut(want["tokens"])
+
+
+_MAX_LEN = """
+import sys
+from vllm.engine.arg_utils import EngineArgs
+
+for given in (None, 4096):
+    config = EngineArgs(model=sys.argv[1], load_format="dummy", skip_tokenizer_init=True,
+                        max_model_len=given).create_engine_config()
+    print("RESULT", config.model_config.max_model_len)
+"""
+
+
+def test_context_is_capped_at_the_documented_2048_unless_asked(tmp_path):
+    """Dream-7B's config.json allows 131072 positions; unasked, the plugin serves 2048."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(dream_files() / "config.json", tmp_path / "config.json")
+    proc = subprocess.run([sys.executable, "-c", _MAX_LEN, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+    got = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert got == ["2048", "4096"], proc.stderr[-3000:]

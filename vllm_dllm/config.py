@@ -20,13 +20,15 @@ def dllm_defaults(vllm_config: VllmConfig) -> dict[str, Any]:
     model_config = vllm_config.model_config
     generation = model_config.try_get_generation_config() or {}
     from_model = dict(generation.get("dllm") or {})
-    if BY_ARCHITECTURE[model_config.architecture].sampler == "dream":
+    sampler = BY_ARCHITECTURE[model_config.architecture].sampler
+    if sampler == "dream":
         # Dream's own generation_config.json names its sampler at the top level
         # (its `steps` belong to its single-block canvas and are not taken).
         for name in ("alg", "alg_temp", "eps"):
             if generation.get(name) is not None:
                 from_model.setdefault(name, generation[name])
-    return server_defaults((vllm_config.additional_config or {}).get("dllm"), from_model)
+    return server_defaults((vllm_config.additional_config or {}).get("dllm"), from_model,
+                           sampler)
 
 
 class DllmConfig(VerifyAndUpdateConfig):

@@ -244,14 +244,20 @@ def _check_skip(given: dict[str, Any], values: dict[str, Any]) -> None:
         raise ParamError("r2", "r2 cannot be combined with skip=es")
 
 
-def _check_sampler(given: dict[str, Any], values: dict[str, Any], sampler: str) -> None:
-    """Refuse the other architecture's decoding parameters; Dream always has an `alg`."""
+def _refuse_other_sampler(given: dict[str, Any], sampler: str) -> None:
+    """Refuse the other architecture's decoding parameters."""
     other = _DREAM_ONLY if sampler == "llada" else _LLADA_ONLY
     for name in other:
         if name in given:
             uses = "alg (Dream's samplers)" if sampler == "dream" else "remasking"
             raise ParamError(name, f"{name} does not apply to this model, which decodes "
                              f"with {uses}")
+
+
+def _check_sampler(given: dict[str, Any], values: dict[str, Any], sampler: str) -> None:
+    """The request's own parameters of the other sampler are refused; Dream always has
+    an `alg`."""
+    _refuse_other_sampler(given, sampler)
     if sampler == "llada":
         values["alg"] = None
     elif values["alg"] is None:
@@ -259,13 +265,16 @@ def _check_sampler(given: dict[str, Any], values: dict[str, Any], sampler: str) 
 
 
 def server_defaults(dllm_config: dict[str, Any] | None,
-                    model_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+                    model_defaults: dict[str, Any] | None = None,
+                    sampler: str = "llada") -> dict[str, Any]:
     """Defaults for this server: `DEFAULTS`, then the model folder's own (its
-    generation_config.json `dllm` entry), then `--additional-config`'s `dllm`."""
+    generation_config.json `dllm` entry), then `--additional-config`'s `dllm`; the
+    other sampler's parameters are refused there too."""
     from_model = dict(model_defaults or {})
     _check_known("model generation_config dllm", from_model)
     overrides = dict(dllm_config or {})
     _check_known("dllm server", overrides)
+    _refuse_other_sampler({**from_model, **overrides}, sampler)
     return {**DEFAULTS, **from_model, **overrides}
 
 
