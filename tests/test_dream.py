@@ -2,8 +2,9 @@
 folder (original files: config.json, Qwen2 weight names, Dream's tokenizer and chat template)
 with no extra flag.
 
-Decoding here is the runner's block decoding with Dream's logits offset and no cache,
-checked token for token against the LLaDA-style reference decoder on the reference Dream.
+Decoding here is Dream's sampler through the server, checked token for token against the
+reference `diffusion_generate` (tests/test_dream_decoding.py covers the samplers, caches
+and policies with the offline engine).
 """
 
 import concurrent.futures
@@ -13,23 +14,23 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 
-from tests.helpers import free_port, start_server
 from tests.models.tiny_dream import dream_files, write_random_model
-from tests.reference.dream import ReferenceDream
-from tests.reference.generate import generate
+from tests.reference.dream import ReferenceDream, diffusion_generate
+from tests.helpers import free_port
 
 MASK, EOS, EOT = 151666, 151643, 151645
 # models.md §2.5: the chat template's rendering of this conversation.
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
 CHAT_IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198,
             3838, 374, 220, 17, 10, 17, 30, 151645, 198, 151644, 77091, 198]
-XARGS = {"gen_length": 32, "block_length": 8, "steps": 16}
+XARGS = {"gen_length": 32, "block_length": 8, "steps": 16, "alg": "maskgit_plus"}
 
 pytestmark = pytest.mark.skipif(dream_files() is None,
                                 reason="Dream's files (shared/models/dream-7b-instruct) missing")
@@ -124,9 +125,25 @@ def reference(tiny_dream):
 
 @pytest.fixture(scope="module")
 def server(tiny_dream, tmp_path_factory):
-    proc, base = start_server(tiny_dream, ["--max-model-len", "256", "--max-num-seqs", "8"],
-                              tmp_path_factory.mktemp("dream-server") / "server.log")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("dream-server") / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_dream),
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+         "--max-num-seqs", "8"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
     try:
+        for _ in range(240):
+            assert proc.poll() is None, open(log.name).read()[-3000:]
+            try:
+                if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("server did not start:\n" + open(log.name).read()[-3000:])
         yield base
     finally:
         proc.terminate()
@@ -134,7 +151,7 @@ def server(tiny_dream, tmp_path_factory):
 
 
 def expected(reference, prompt: list[int], **params) -> list[int]:
-    tokens = generate(reference, prompt, mask_id=MASK, logits_offset=1, **params)["tokens"]
+    tokens = diffusion_generate(reference, prompt, mask_id=MASK, **params)["tokens"]
     for i, t in enumerate(tokens):
         if t in (EOS, EOT):
             return tokens[: i + 1]
@@ -180,17 +197,22 @@ def test_chat_stream_joins_to_the_full_answer(server):
     assert len(pieces) > 2 and "".join(pieces) == full
 
 
-def test_cached_modes_are_refused_until_the_shift_reaches_them(server):
+def test_cached_modes_and_llada_parameters(server, reference):
+    """prefix/dual are served (the windows widen by the shift); LLaDA's remasking is a 400
+    naming it, and the server keeps serving."""
+    out = chat(server, vllm_xargs={**XARGS, "cache": "dual"})
+    assert out["choices"][0]["token_ids"] == expected(reference, CHAT_IDS, **XARGS,
+                                                      cache="dual")
     r = requests.post(f"{server}/v1/completions", timeout=60, json={
         "model": requests.get(f"{server}/v1/models", timeout=5).json()["data"][0]["id"],
-        "prompt": [1, 2, 3], "max_tokens": 8, "vllm_xargs": {"cache": "dual"}})
-    assert r.status_code == 400 and "cache" in r.text
-    assert chat(server)["choices"][0]["token_ids"]  # still serving
+        "prompt": [1, 2, 3], "max_tokens": 8, "vllm_xargs": {"remasking": "random"}})
+    assert r.status_code == 400 and "remasking" in r.json()["error"]["message"]
+    assert chat(server)["choices"][0]["token_ids"]
 
 
-CASES = [  # (prompt length, gen_length, block_length, steps, remasking, temperature, seed)
-    (1, 16, 8, 16, "low_confidence", 0.0, None), (9, 32, 8, 16, "random", 0.0, 3),
-    (23, 32, 32, 8, "low_confidence", 0.8, 5), (40, 16, 4, 8, "random", 1.0, 9),
+CASES = [  # (prompt length, gen_length, block_length, steps, alg, temperature, seed, top_p, top_k)
+    (1, 16, 8, 16, "maskgit_plus", 0.0, None, 1.0, -1), (9, 32, 8, 16, "origin", 0.0, 3, 1.0, -1),
+    (23, 32, 32, 8, "entropy", 0.8, 5, 0.9, -1), (40, 16, 4, 8, "topk_margin", 1.0, 9, 1.0, 10),
 ]
 
 
@@ -201,19 +223,21 @@ def test_batched_requests_are_token_exact(server, reference):
     model = requests.get(f"{server}/v1/models", timeout=5).json()["data"][0]["id"]
 
     def complete(i: int) -> list[int]:
-        _, gen, block, steps, remasking, temperature, seed = CASES[i]
+        _, gen, block, steps, alg, temperature, seed, top_p, top_k = CASES[i]
         r = requests.post(f"{server}/v1/completions", timeout=120, json={
             "model": model, "prompt": prompts[i], "max_tokens": gen,
-            "temperature": temperature, "seed": seed, "return_token_ids": True,
+            "temperature": temperature, "seed": seed, "top_p": top_p, "top_k": top_k,
+            "return_token_ids": True,
             "vllm_xargs": {"gen_length": gen, "block_length": block, "steps": steps,
-                           "remasking": remasking}})
+                           "alg": alg}})
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["token_ids"]
 
     with concurrent.futures.ThreadPoolExecutor(len(CASES)) as pool:
         got = list(pool.map(complete, range(len(CASES))))
-    for prompt, (_, gen, block, steps, remasking, temperature, seed), tokens in zip(
+    for prompt, (_, gen, block, steps, alg, temperature, seed, top_p, top_k), tokens in zip(
             prompts, CASES, got):
         assert tokens == expected(reference, prompt, gen_length=gen, block_length=block,
-                                  steps=steps, remasking=remasking, temperature=temperature,
-                                  seed=seed)
+                                  steps=steps, alg=alg, temperature=temperature, seed=seed,
+                                  top_p=top_p if top_p < 1 else None,
+                                  top_k=top_k if top_k > 0 else None)

@@ -4,9 +4,12 @@ from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.state import RequestState
 
 
-def ranges(cache: str, refresh_at: int | None = None) -> list[tuple[int, int]]:
+def ranges(cache: str, refresh_at: int | None = None, logits_offset: int = 0,
+           skip: str = "none") -> list[tuple[int, int]]:
     """Recompute ranges of a 10-token prompt, gen 16 in blocks of 8, 4 steps per block."""
-    state = RequestState(10, DllmParams(16, 8, 8, cache=cache), mask_id=99, row=0)
+    extra = {"dyllm_full_steps": 1, "dyllm_query_period": 8} if skip == "dyllm" else {}
+    state = RequestState(10, DllmParams(16, 8, 8, cache=cache, skip=skip, **extra), mask_id=99,
+                         row=0, logits_offset=logits_offset)
     state.needs_refresh = False
     out = []
     for i in range(8):
@@ -31,6 +34,17 @@ def test_prefix_refreshes_at_block_start_then_block_and_suffix():
 
 def test_dual_refreshes_at_block_start_then_block_only():
     assert ranges("dual") == [(0, 26)] + [(10, 18)] * 3 + [(0, 26)] + [(18, 26)] * 3
+
+
+def test_shifted_logits_widen_the_cached_windows():
+    """Dream's row p predicts p + 1: each window starts at the row predicting the block."""
+    assert ranges("prefix", logits_offset=1) == [(0, 26)] + [(9, 26)] * 3 + [(0, 26)] + [
+        (17, 26)] * 3
+    assert ranges("dual", logits_offset=1) == [(0, 26)] + [(9, 18)] * 3 + [(0, 26)] + [
+        (17, 26)] * 3
+    # DyLLM's canvas-only queries under `none` start at the last prompt row.
+    assert ranges("none", logits_offset=1, skip="dyllm")[1:3] == [(9, 26)] * 2
+    assert ranges("none", skip="dyllm")[1:3] == [(10, 26)] * 2
 
 
 def test_lost_cache_forces_a_full_pass():

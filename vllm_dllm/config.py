@@ -9,6 +9,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.platforms import current_platform
 
+from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import ParamError, server_defaults
 
 logger = init_logger(__name__)
@@ -17,8 +18,17 @@ logger = init_logger(__name__)
 def dllm_defaults(vllm_config: VllmConfig) -> dict[str, Any]:
     """The request defaults this server applies (see `params.server_defaults`)."""
     model_config = vllm_config.model_config
-    from_model = (model_config.try_get_generation_config() or {}).get("dllm")
-    return server_defaults((vllm_config.additional_config or {}).get("dllm"), from_model)
+    generation = model_config.try_get_generation_config() or {}
+    from_model = dict(generation.get("dllm") or {})
+    sampler = BY_ARCHITECTURE[model_config.architecture].sampler
+    if sampler == "dream":
+        # Dream's own generation_config.json names its sampler at the top level
+        # (its `steps` belong to its single-block canvas and are not taken).
+        for name in ("alg", "alg_temp", "eps"):
+            if generation.get(name) is not None:
+                from_model.setdefault(name, generation[name])
+    return server_defaults((vllm_config.additional_config or {}).get("dllm"), from_model,
+                           sampler)
 
 
 class DllmConfig(VerifyAndUpdateConfig):
@@ -43,6 +53,14 @@ class DllmConfig(VerifyAndUpdateConfig):
         scheduler.async_scheduling = False
         scheduler.enable_chunked_prefill = False
         model_config = vllm_config.model_config
+        context = BY_ARCHITECTURE[model_config.architecture].default_max_model_len
+        if (context is not None and model_config.max_model_len > context
+                and getattr(model_config, "original_max_model_len", None) in (None, -1)):
+            # Dream's config allows 131072 positions; unasked, a 131072-wide token row
+            # per running request (and a batch budget that wide) serves no one.
+            logger.info("max_model_len %d -> %d (the model's documented context; set "
+                        "--max-model-len for more)", model_config.max_model_len, context)
+            model_config.max_model_len = context
         # One vanilla iteration recomputes a whole sequence.
         scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens,
                                                model_config.max_model_len)

@@ -10,13 +10,18 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from vllm_dllm.sampling import policies
+from vllm_dllm.sampling import dream, policies
 from vllm_dllm.sampling import r2 as r2_rules
 from vllm_dllm.skipping import dyllm, es
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 SKIP_MODES = ("none", "es", "dyllm")
+# How an architecture turns logits into commits: LLaDA's remasking rules, or
+# Dream's samplers (`alg`).
+SAMPLERS = ("llada", "dream")
+_DREAM_ONLY = ("alg", "alg_temp", "eps")
+_LLADA_ONLY = ("remasking",)
 
 
 class ParamError(ValueError):
@@ -48,6 +53,18 @@ def _probability(name: str, value: Any) -> float:
 def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ParamError(name, f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _non_negative_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ParamError(name, f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _open_unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ParamError(name, f"{name} must be a number in (0, 1), got {value!r}")
     return float(value)
 
 
@@ -101,6 +118,10 @@ _SPEC: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "block_length": (32, _positive_int),
     "steps": (None, _optional(_positive_int)),
     "remasking": ("low_confidence", _choice(REMASKING)),
+    # Dream's samplers; `alg` None until `resolve` knows the architecture.
+    "alg": (None, _optional(_choice(dream.ALGS))),
+    "alg_temp": (0.0, _non_negative_float),
+    "eps": (dream.DEFAULT_EPS, _open_unit),
     "cache": ("none", _choice(CACHE_MODES)),
     "policy": (policies.DEFAULT_POLICY, _choice(policies.POLICIES)),
     "threshold": (policies.DEFAULT_THRESHOLD, _probability),
@@ -136,6 +157,11 @@ class DllmParams:
     block_length: int
     steps: int
     remasking: str = "low_confidence"
+    # Dream's sampler (None: LLaDA's remasking rule decides), its Gumbel
+    # temperature and the end of its linspace(1, eps, steps + 1) schedule.
+    alg: str | None = None
+    alg_temp: float = 0.0
+    eps: float = dream.DEFAULT_EPS
     cache: str = "none"
     policy: str = policies.DEFAULT_POLICY
     threshold: float = policies.DEFAULT_THRESHOLD
@@ -218,14 +244,37 @@ def _check_skip(given: dict[str, Any], values: dict[str, Any]) -> None:
         raise ParamError("r2", "r2 cannot be combined with skip=es")
 
 
+def _refuse_other_sampler(given: dict[str, Any], sampler: str) -> None:
+    """Refuse the other architecture's decoding parameters."""
+    other = _DREAM_ONLY if sampler == "llada" else _LLADA_ONLY
+    for name in other:
+        if name in given:
+            uses = "alg (Dream's samplers)" if sampler == "dream" else "remasking"
+            raise ParamError(name, f"{name} does not apply to this model, which decodes "
+                             f"with {uses}")
+
+
+def _check_sampler(given: dict[str, Any], values: dict[str, Any], sampler: str) -> None:
+    """The request's own parameters of the other sampler are refused; Dream always has
+    an `alg`."""
+    _refuse_other_sampler(given, sampler)
+    if sampler == "llada":
+        values["alg"] = None
+    elif values["alg"] is None:
+        values["alg"] = dream.DEFAULT_ALG
+
+
 def server_defaults(dllm_config: dict[str, Any] | None,
-                    model_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+                    model_defaults: dict[str, Any] | None = None,
+                    sampler: str = "llada") -> dict[str, Any]:
     """Defaults for this server: `DEFAULTS`, then the model folder's own (its
-    generation_config.json `dllm` entry), then `--additional-config`'s `dllm`."""
+    generation_config.json `dllm` entry), then `--additional-config`'s `dllm`; the
+    other sampler's parameters are refused there too."""
     from_model = dict(model_defaults or {})
     _check_known("model generation_config dllm", from_model)
     overrides = dict(dllm_config or {})
     _check_known("dllm server", overrides)
+    _refuse_other_sampler({**from_model, **overrides}, sampler)
     return {**DEFAULTS, **from_model, **overrides}
 
 
@@ -236,8 +285,9 @@ def resolve(
     max_tokens: int | None,
     prompt_len: int,
     max_model_len: int,
+    sampler: str = "llada",
 ) -> DllmParams:
-    """Complete and check a request's parameters.
+    """Complete and check a request's parameters for a model decoding with `sampler`.
 
     Without an explicit `gen_length` the canvas is the server default, shrunk to
     `max_tokens` rounded up to whole blocks.
@@ -262,6 +312,7 @@ def resolve(
                          f"{num_blocks} blocks of gen_length {gen_length} / "
                          f"block_length {block_length}")
     _check_skip(given, values)
+    _check_sampler(given, values, sampler)
     if prompt_len + gen_length > max_model_len:
         raise ParamError("gen_length", f"prompt ({prompt_len} tokens) + gen_length "
                          f"({gen_length}) exceeds max_model_len ({max_model_len})")

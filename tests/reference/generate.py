@@ -37,7 +37,9 @@ Conventions shared with the plugin so that runs can be compared token for token:
   iteration each, no fixed number: `steps` is then unused).
 * Caches (§3.1): with `prefix` / `dual` the first iteration of every block is a
   full forward (which also decodes); later ones recompute block + suffix
-  (`prefix`) or the block only (`dual`) against the K/V that forward left.
+  (`prefix`) or the block only (`dual`) against the K/V that forward left,
+  from `logits_offset` rows before the block (the rows that predict it; so do
+  the skipping windows, and DyLLM's canvas-only queries under `none`).
 """
 
 import torch
@@ -158,7 +160,8 @@ def generate(
                 if refresh or cache == "none":
                     lo, hi = 0, length
                 else:
-                    lo, hi = start, (length if cache == "prefix" else start + block_length)
+                    lo = max(0, start - logits_offset)
+                    hi = length if cache == "prefix" else start + block_length
                     if skip == "es" and es_prompt_update_freq and iteration % es_prompt_update_freq == 0:
                         lo = 0
                 if skip == "es":
@@ -167,7 +170,7 @@ def generate(
                 else:
                     full = refresh or iteration < dyllm_full_steps
                     if not full and cache == "none" and iteration % dyllm_query_period:
-                        lo = prompt_len
+                        lo = max(0, prompt_len - logits_offset)
                 if kv is None:
                     kv = [(torch.zeros(model.n_kv_heads, length, model.head_dim),
                            torch.zeros(model.n_kv_heads, length, model.head_dim))
@@ -193,10 +196,11 @@ def generate(
             elif i == 0:
                 logits, kv = model.forward_partial(x, torch.arange(len(x)))
             else:
+                lo = max(0, start - logits_offset)
                 stop = len(x) if cache == "prefix" else start + block_length
-                window, _ = model.forward_partial(x, torch.arange(start, stop), kv)
+                window, _ = model.forward_partial(x, torch.arange(lo, stop), kv)
                 logits = torch.zeros(len(x), window.shape[-1])
-                logits[start:stop] = window
+                logits[lo:stop] = window
             logits = logits.float()
             rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
             # Never predict the mask itself (the untrained models here can).

@@ -40,15 +40,22 @@ def is_dllm(vllm_config: VllmConfig) -> bool:
     return vllm_config.model_config.architecture in DLLM_ARCHITECTURES
 
 
-def _check_supported(params: SamplingParams) -> None:
+# What Dream's samplers also filter the logits by.
+_DREAM_FILTERS = ("top_p", "top_k")
+
+
+def _check_supported(params: SamplingParams, sampler: str) -> None:
     for name, neutral in _UNSUPPORTED.items():
         value = getattr(params, name)
+        if sampler == "dream" and name in _DREAM_FILTERS:
+            continue
         if value != neutral and value not in ([], {}):
             raise VLLMValidationError(
                 f"{name} is not supported by diffusion decoding (got {value!r})",
                 parameter=name, value=value)
-    if params.top_k not in (0, -1):
-        raise VLLMValidationError("top_k is not supported by diffusion decoding",
+    if sampler != "dream" and params.top_k not in (0, -1):
+        raise VLLMValidationError("top_k is not supported by this model's diffusion decoding"
+                                  " (Dream's samplers only)",
                                   parameter="top_k", value=params.top_k)
 
 
@@ -56,8 +63,9 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
           max_tokens_given: int | None) -> None:
     """Resolve a request's dLLM parameters in place, or raise a validation error."""
     params = request.sampling_params
-    _check_supported(params)
     model_config = vllm_config.model_config
+    arch = BY_ARCHITECTURE[model_config.architecture]
+    _check_supported(params, arch.sampler)
     try:
         resolved = resolve(
             params.extra_args,
@@ -65,17 +73,10 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
             max_tokens=max_tokens_given,
             prompt_len=len(request.prompt_token_ids),
             max_model_len=model_config.max_model_len,
+            sampler=arch.sampler,
         )
     except ParamError as e:
         raise VLLMValidationError(str(e), parameter=e.parameter) from e
-    arch = BY_ARCHITECTURE[model_config.architecture]
-    if arch.logits_offset and resolved.cache != "none":
-        # Until the cached windows widen by the offset, their first block position
-        # would read a logits row the window does not hold.
-        raise VLLMValidationError(
-            f"cache={resolved.cache!r} is not supported yet for {arch.architecture} "
-            "(its logits are shifted by one); use cache='none'",
-            parameter="cache", value=resolved.cache)
     params.extra_args = {**(params.extra_args or {}), **resolved.as_dict()}
     params.max_tokens = min(params.max_tokens or resolved.gen_length, resolved.gen_length)
     if params.seed is None:

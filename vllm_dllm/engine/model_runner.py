@@ -79,9 +79,11 @@ class DllmModelRunner(PlatformModelRunner):
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
             params = DllmParams.from_resolved(sp.extra_args)
-            row = self.batch.add(new.prompt_token_ids, params, sp.temperature, sp.seed)
-            self.requests[new.req_id] = RequestState(len(new.prompt_token_ids), params,
-                                                     self.mask_token_id, row)
+            row = self.batch.add(new.prompt_token_ids, params, sp.temperature, sp.seed,
+                                 sp.top_p, sp.top_k)
+            self.requests[new.req_id] = RequestState(
+                len(new.prompt_token_ids), params, self.mask_token_id, row,
+                self.model.dllm_logits_offset)
             self._set_pages(row, new.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, block_ids in zip(cached.req_ids, cached.new_block_ids):

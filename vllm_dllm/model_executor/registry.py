@@ -20,6 +20,13 @@ class DllmArchitecture:
     # The model class's `dllm_logits_offset`, for the front end, which never
     # imports the model (a test keeps the two equal).
     logits_offset: int = 0
+    # Which decoding parameters apply (`params.SAMPLERS`): LLaDA's remasking or
+    # Dream's `alg` samplers.
+    sampler: str = "llada"
+    # The context the model is documented for, used as max_model_len when the user
+    # sets none and the config's max_position_embeddings is larger: every running
+    # request keeps a max_model_len-wide token row.
+    default_max_model_len: int | None = None
 
 
 ARCHITECTURES: tuple[DllmArchitecture, ...] = (
@@ -32,7 +39,7 @@ ARCHITECTURES: tuple[DllmArchitecture, ...] = (
         model_cls="vllm_dllm.model_executor.models.dream:DreamModel",
         config_cls="vllm_dllm.configs.dream:DreamConfig",
         tokenizer_cls="vllm_dllm.configs.dream:DreamTokenizer",
-        logits_offset=1),
+        logits_offset=1, sampler="dream", default_max_model_len=2048),
 )
 
 BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling import noise
+from vllm_dllm.sampling import dream, noise
 from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
 from vllm_dllm.sampling.policies import POLICIES, PolicyBatch, select
 from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
@@ -40,10 +40,14 @@ class BatchPlan:
     `rows` [B] are the batch rows of the scheduled requests; logits row i belongs
     to request `logit_request[i]` (0..B-1) at block column `logit_column[i]`; the
     logits cover exactly the masked columns of each request's current block.
-    `sampled` lists the logits rows decoded at temperature > 0. `logit_valid`
+    `sampled` lists the logits rows decoded at temperature > 0; `hot` and `filter`
+    (host, per logits row, None: none) mark them and those Dream filters by top_p /
+    top_k, for Dream's chunked sampling. `logit_valid`
     (None: all) marks the logits rows that hold a prediction: a pass that skipped
     a masked position gives it a placeholder row, which is never committed. The
-    host-side fields say which optional rules any of these requests uses.
+    host-side fields say which optional rules any of these requests uses; `dream`
+    that these requests decode with Dream's samplers (`algs`: which), `ratios`
+    [B, steps] then their schedules (padded with 1).
     """
 
     rows: torch.Tensor
@@ -59,6 +63,11 @@ class BatchPlan:
     tracks_positions: bool
     r2: R2Batch | None
     logit_valid: torch.Tensor | None = None
+    dream: bool = False
+    algs: frozenset[int] = frozenset()
+    ratios: torch.Tensor | None = None
+    hot: torch.Tensor | None = None
+    filter: torch.Tensor | None = None
 
 
 class DenoiseBatch:
@@ -71,6 +80,7 @@ class DenoiseBatch:
         # Host copies of the parameters, to lay out iterations without reading the device.
         self.params: list[DllmParams | None] = [None] * max_rows
         self.temperatures: list[float] = [0.0] * max_rows
+        self.filters: list[bool] = [False] * max_rows
         self._free = list(range(max_rows - 1, -1, -1))
 
         def zeros(dtype: torch.dtype) -> torch.Tensor:
@@ -92,6 +102,12 @@ class DenoiseBatch:
         self.factor = zeros(torch.float64)
         self.frechet_delta = zeros(torch.float64)
         self.temperature = zeros(torch.float64)
+        # Dream's samplers: index into dream.ALGS, Gumbel temperature, top_p (1: off),
+        # top_k (0: off).
+        self.alg = zeros(torch.long)
+        self.alg_temp = zeros(torch.float64)
+        self.top_p = zeros(torch.float64)
+        self.top_k = zeros(torch.long)
         self.seed = zeros(torch.long)
         self.random_remasking = zeros(torch.bool)
         self.logits_eos_inf = zeros(torch.bool)
@@ -104,8 +120,10 @@ class DenoiseBatch:
         self._composition: tuple[tuple[int, ...], dict] | None = None
         self.streaks = StreakState(max_rows, self.width, self.device)
 
-    def add(self, prompt: list[int], params: DllmParams, temperature: float, seed: int) -> int:
-        """Give a joining request a row and write its parameters; returns the row."""
+    def add(self, prompt: list[int], params: DllmParams, temperature: float, seed: int,
+            top_p: float = 1.0, top_k: int = 0) -> int:
+        """Give a joining request a row and write its parameters; returns the row.
+        `top_p` / `top_k` filter Dream's samplers (1 / 0 or less: off)."""
         if not self._free:
             self._grow()
         if len(prompt) + params.gen_length > self.max_len:
@@ -113,6 +131,8 @@ class DenoiseBatch:
         row = self._free.pop()
         self.params[row] = params
         self.temperatures[row] = temperature
+        top_k = max(top_k, 0)
+        self.filters[row] = params.alg is not None and (top_p < 1 or top_k > 0)
         self._composition = None
         if params.block_length > self.width:
             self.width = params.block_length
@@ -131,6 +151,8 @@ class DenoiseBatch:
             ("logits_eos_inf", params.logits_eos_inf),
             ("confidence_eos_eot_inf", params.confidence_eos_eot_inf),
             ("delay_eos_generation", params.delay_eos_generation),
+            ("alg", dream.ALGS.index(params.alg) if params.alg is not None else -1),
+            ("alg_temp", params.alg_temp), ("top_p", top_p), ("top_k", top_k),
             ("block", 0), ("step_in_block", 0), ("iteration", 0),
         ):
             getattr(self, name)[row] = value
@@ -160,6 +182,7 @@ class DenoiseBatch:
                                       if isinstance(getattr(self.r2, f.name), torch.Tensor)})
         self.params += [None] * old
         self.temperatures += [0.0] * old
+        self.filters += [False] * old
         self._free = list(range(2 * old - 1, old - 1, -1))
 
     def remove(self, row: int) -> None:
@@ -174,16 +197,15 @@ class DenoiseBatch:
         which requests run is kept until that changes."""
         self.rows_tensor(rows)
         fixed = self._composition[1]
-        sampled = None
-        if fixed["hot"] is not None:
-            sampled = torch.nonzero(fixed["hot"][logit_request]).flatten().to(
-                self.device, non_blocking=True)
+        hot, filters = (None if fixed[k] is None else fixed[k][logit_request]
+                        for k in ("hot", "filter"))
         return BatchPlan(
             logit_request=logit_request.to(self.device, non_blocking=True),
             logit_column=logit_column.to(self.device, non_blocking=True),
-            sampled=sampled,
+            sampled=None if hot is None else _indices(hot, self.device),
+            hot=hot, filter=filters,
             logit_valid=logit_valid,
-            **{k: v for k, v in fixed.items() if k != "hot"},
+            **{k: v for k, v in fixed.items() if k not in ("hot", "filter")},
         )
 
     def rows_tensor(self, rows: list[int]) -> torch.Tensor:
@@ -204,6 +226,19 @@ class DenoiseBatch:
     def _compose(self, rows: list[int]) -> dict:
         params = [self.params[r] for r in rows]
         hot = torch.tensor([self.temperatures[r] > 0 for r in rows])
+        filters = torch.tensor([self.filters[r] for r in rows])
+        uses_alg = {p.alg is not None for p in params}
+        if len(uses_alg) > 1:
+            raise ValueError("one batch cannot mix Dream's samplers with LLaDA's remasking")
+        dream_rows = uses_alg == {True}
+        ratios = None
+        if dream_rows:
+            # Each request's schedule, built on the host once per composition.
+            schedules = [dream.schedule_ratios(p.steps_per_block, p.eps) for p in params]
+            ratios = torch.ones(len(rows), max(len(t) for t in schedules), dtype=torch.float32)
+            for i, t in enumerate(schedules):
+                ratios[i, : len(t)] = t
+            ratios = ratios.to(self.device, non_blocking=True)
         settings = [p.r2_settings for p in params]
         rows_dev = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         r2 = None
@@ -215,6 +250,10 @@ class DenoiseBatch:
         return dict(
             rows=rows_dev,
             hot=hot if bool(hot.any()) else None,
+            filter=filters if bool(filters.any()) else None,
+            dream=dream_rows,
+            algs=frozenset(dream.ALGS.index(p.alg) for p in params if p.alg is not None),
+            ratios=ratios,
             width=max(p.block_length for p in params),
             policies=frozenset(p.policy for p in params),
             random_remasking=any(p.remasking == "random" for p in params),
@@ -264,7 +303,9 @@ class DenoiseBatch:
         iteration = self.iteration[rows][req]
         position = self.block[rows][req] * self.block_length[rows][req] + col
         x0, confidence = top_ids, top_conf
-        if plan.sampled is not None:
+        if plan.dream:
+            x0, confidence = self._dream_tokens(plan, logits, seed, iteration, position)
+        elif plan.sampled is not None:
             s = plan.sampled
             u = noise.uniforms(seed[s], iteration[s], position[s], noise.STREAM_SAMPLE)
             x0 = top_ids.index_copy(0, s, noise.sample(logits[s], self.temperature[rows][req][s], u))
@@ -295,6 +336,8 @@ class DenoiseBatch:
             policy=self.policy[rows], counts=counts, threshold=self.threshold[rows],
             factor=self.factor[rows], frechet_delta=self.frechet_delta[rows],
             used=plan.policies))
+        if plan.dream:
+            commit = self._dream_fixed(plan, conf_matrix, step, commit)
         if plan.r2 is not None:
             commit, tokens = self._apply_r2(plan, commit, tokens, conf_matrix,
                                             scatter(top_ids, 0), scatter(top_conf, 0.0))
@@ -312,6 +355,42 @@ class DenoiseBatch:
         self.step_in_block[rows] = torch.where(advance, torch.zeros_like(step), step)
         self.iteration[rows] = self.iteration[rows] + 1
         return torch.cat([after, advance.long()[:, None]], dim=1)
+
+    def _dream_tokens(self, plan: BatchPlan, logits: torch.Tensor, seed: torch.Tensor,
+                      iteration: torch.Tensor, position: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dream's (x0, confidence), in chunks of logits rows: its float64 softmax over
+        the vocabulary is as large as the logits twice over."""
+        rows, req = plan.rows, plan.logit_request
+        u = noise.uniforms(seed, iteration, position, noise.STREAM_SAMPLE)
+        per_row = [t[rows][req] for t in (self.alg, self.temperature, self.top_p, self.top_k)]
+        x0 = torch.empty(len(logits), dtype=torch.long, device=self.device)
+        confidence = torch.empty(len(logits), dtype=torch.float64, device=self.device)
+        chunk = max(1, noise.SAMPLE_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+        for lo in range(0, len(logits), chunk):
+            hi = min(lo + chunk, len(logits))
+            x0[lo:hi], confidence[lo:hi] = dream.sample_tokens(
+                logits[lo:hi], *(t[lo:hi] for t in per_row), u[lo:hi],
+                *(None if f is None else _indices(f[lo:hi], self.device)
+                  for f in (plan.hot, plan.filter)), used=plan.algs)
+        return x0, confidence
+
+    def _dream_fixed(self, plan: BatchPlan, conf_matrix: torch.Tensor, step: torch.Tensor,
+                     commit: torch.Tensor) -> torch.Tensor:
+        """The `fixed` policy of Dream's samplers: the step's share of the schedule
+        (counted by confidence or Gumbel keys, or `origin`'s random reveal); the other
+        policies commit by the samplers' confidence as they do for LLaDA."""
+        rows, k = plan.rows, plan.width
+        last = self.steps_per_block[rows] - 1
+        # Past its steps (token skipping left masks) a block reveals all it can.
+        ratio = plan.ratios.gather(1, torch.minimum(step, last)[:, None]).squeeze(1)
+        position = (self.block[rows][:, None] * self.block_length[rows][:, None]
+                    + torch.arange(k, device=self.device))
+        u = noise.uniforms(self.seed[rows][:, None], self.iteration[rows][:, None], position,
+                           noise.STREAM_REMASK)
+        scheduled = dream.select(conf_matrix, self.alg[rows], self.alg_temp[rows], ratio, u)
+        fixed = self.policy[rows] == POLICIES.index("fixed")
+        return torch.where(fixed[:, None], scheduled, commit)
 
     def _delay_eos(self, rows: torch.Tensor, req: torch.Tensor, position: torch.Tensor,
                    x0: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
@@ -357,3 +436,8 @@ class DenoiseBatch:
             getattr(self.streaks, name)[rows, :k] = getattr(streaks, name)
         self.streaks.block[rows] = streaks.block
         return out
+
+
+def _indices(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The set positions of a host bool tensor, on `device`."""
+    return torch.nonzero(flags).flatten().to(device, non_blocking=True)

@@ -24,6 +24,7 @@ from vllm_dllm.sampling.policies import select_fixed
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 ORIGIN, MASKGIT_PLUS, TOPK_MARGIN, ENTROPY = range(len(ALGS))
+DEFAULT_ALG = "origin"  # Dream's generation_config.json, and diffusion_generate's default
 DEFAULT_EPS = 1e-3  # Dream's generation_config.json
 # Dream's entropy adds this inside the log so that removed tokens (p = 0) count 0.
 ENTROPY_EPS = 1e-10
@@ -78,8 +79,8 @@ def filter_logits(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
 
 def sample_tokens(logits: torch.Tensor, alg: torch.Tensor, temperature: torch.Tensor,
                   top_p: torch.Tensor, top_k: torch.Tensor, u: torch.Tensor,
-                  sampled: torch.Tensor | None = None, filtered: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  sampled: torch.Tensor | None = None, filtered: torch.Tensor | None = None,
+                  used: frozenset[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, confidence) of masked positions' logits rows.
 
     logits [M, V] (the mask id already at -inf); alg [M] (index into ALGS),
@@ -90,6 +91,8 @@ def sample_tokens(logits: torch.Tensor, alg: torch.Tensor, temperature: torch.Te
     top_k > 0 (only those are sorted). Confidence is float64: probs[x0] (`origin`,
     `maskgit_plus`), top-1 minus top-2 probability (`topk_margin`),
     sum p log(p + 1e-10) (`entropy`), all under the tempered, filtered distribution.
+    `used` (host; None: all) are the algorithms among the rows: the margin and the
+    entropy, full passes over the vocabulary, are computed only where some row needs them.
     """
     temperature = temperature.to(torch.float64)
     scaled = logits.double() / torch.where(temperature > 0, temperature, 1.0)[:, None]
@@ -101,11 +104,13 @@ def sample_tokens(logits: torch.Tensor, alg: torch.Tensor, temperature: torch.Te
     if sampled is not None and sampled.numel():
         ones = torch.ones(len(sampled), dtype=torch.float64, device=logits.device)
         x0 = x0.index_copy(0, sampled, noise.sample(scaled[sampled], ones, u[sampled]))
-    chosen = probs.gather(-1, x0[:, None]).squeeze(-1)
-    top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
-    margin = top2[:, 0] - top2[:, -1]
-    entropy = (probs * torch.log(probs + ENTROPY_EPS)).sum(-1)
-    conf = torch.where(alg == TOPK_MARGIN, margin, torch.where(alg == ENTROPY, entropy, chosen))
+    conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+    if used is None or TOPK_MARGIN in used:
+        top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
+        conf = torch.where(alg == TOPK_MARGIN, top2[:, 0] - top2[:, -1], conf)
+    if used is None or ENTROPY in used:
+        entropy = (probs * torch.log(probs + ENTROPY_EPS)).sum(-1)
+        conf = torch.where(alg == ENTROPY, entropy, conf)
     return x0, conf
 
 

@@ -14,8 +14,11 @@ from vllm_dllm.skipping.plan import RequestSkip
 
 
 class RequestState:
-    def __init__(self, prompt_len: int, params: DllmParams, mask_id: int, row: int):
+    def __init__(self, prompt_len: int, params: DllmParams, mask_id: int, row: int,
+                 logits_offset: int = 0):
         self.prompt_len = prompt_len
+        # The model's: logits row p predicts position p + logits_offset.
+        self.logits_offset = logits_offset
         self.params = params
         self.mask_id = mask_id
         self.row = row
@@ -55,7 +58,8 @@ class RequestState:
     def _window(self, refresh: bool, iterations: int) -> tuple[int, int]:
         p = self.params
         lo, hi = recompute_range(p.cache, self.prompt_len, p.gen_length, self.block_start,
-                                 p.block_length, self.step_in_block, refresh)
+                                 p.block_length, self.step_in_block, refresh,
+                                 self.logits_offset)
         if lo == 0 or refresh:
             return lo, hi
         if p.skip == "es" and p.es_prompt_update_freq and iterations % p.es_prompt_update_freq == 0:
@@ -68,8 +72,9 @@ class RequestState:
         p = self.params
         if (p.skip == "dyllm" and p.cache == "none" and not self._full(self.needs_refresh)
                 and self.iterations % p.dyllm_query_period):
-            # DyLLM queries the canvas only, and the whole sequence periodically.
-            lo = self.prompt_len
+            # DyLLM queries the canvas (from the row predicting its first position)
+            # only, and the whole sequence periodically.
+            lo = max(0, self.prompt_len - self.logits_offset)
         return lo, hi
 
     def skip_plan(self, n_layers: int, window: int) -> RequestSkip:

@@ -1,0 +1,246 @@
+"""Dream's decoding through the engine: its samplers (`alg`) in every cache mode equal the
+reference `diffusion_generate`, Fast-dLLM's policies on its confidence equal the reference
+block decoder with the shift, token skipping's degenerate settings equal no skipping, and
+LLaDA's and Dream's parameters are not mixed.
+
+The reference skipping (`tests/reference/skipping.py`) runs on LLaDA's weights, so Dream
+with `es` / `dyllm` is checked here only through settings that must not change a token.
+"""
+
+import pytest
+import torch
+
+from tests.helpers import plugin_tokens, shutdown
+from tests.models.tiny_dream import dream_files, write_random_model
+from tests.reference.dream import ReferenceDream, diffusion_generate
+from tests.reference.generate import generate
+
+MASK, EOS, EOT = 151666, 151643, 151645
+
+pytestmark = pytest.mark.skipif(dream_files() is None,
+                                reason="Dream's files (shared/models/dream-7b-instruct) missing")
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, EOS, (length,), generator=g).tolist()
+
+
+CACHES = ("none", "prefix", "dual")
+SHAPES = [(16, 8, 8), (32, 8, 16), (32, 16, 8), (16, 16, 8)]  # gen, block, steps
+# Unfiltered draws at a moderate temperature: inverse-CDF sampling over a 151k vocabulary
+# flips a draw when the float32 rounding that separates the two forwards moves a CDF
+# boundary past its uniform, which a long flat tail (high temperature) makes likely.
+SAMPLERS = [  # (alg, temperature, seed, top_p, top_k, alg_temp)
+    ("maskgit_plus", 0.0, None, 1.0, 0, 0.0), ("topk_margin", 0.0, None, 1.0, 0, 0.0),
+    ("entropy", 0.0, None, 1.0, 0, 0.0), ("origin", 0.0, 3, 1.0, 0, 0.0),
+    ("origin", 0.4, 5, 1.0, 0, 0.0), ("maskgit_plus", 0.7, 7, 0.9, 0, 0.0),
+    ("topk_margin", 1.0, 9, 1.0, 20, 0.5), ("entropy", 0.5, 13, 0.95, 50, 0.3),
+]
+CASES = [
+    dict(prompt=_prompt(i, [1, 6, 19, 40][i % 4]), gen_length=g, block_length=b, steps=s,
+         alg=alg, temperature=t, seed=seed, top_p=top_p, top_k=top_k, alg_temp=alg_temp,
+         cache=cache)
+    for i, ((alg, t, seed, top_p, top_k, alg_temp), cache) in enumerate(
+        (sampler, cache) for sampler in SAMPLERS for cache in CACHES)
+    for g, b, s in [SHAPES[i % len(SHAPES)]]
+]
+# Fast-dLLM's rules on maskgit_plus's confidence: at temperature 0 that is the
+# probability of the argmax, LLaDA's low_confidence, so the block decoder is the oracle.
+POLICY_CASES = [
+    dict(prompt=_prompt(100 + i, 5 + 9 * i), gen_length=32, block_length=8, steps=32,
+         policy=policy, cache=cache, temperature=0.0, seed=None, **extra)
+    for i, ((policy, extra), cache) in enumerate(
+        (p, c) for p in [("threshold", {"threshold": 0.2}), ("frechet", {"frechet_delta": 0.1})]
+        for c in CACHES)
+]
+
+
+def _cut(tokens: list[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in (EOS, EOT):
+            return tokens[: i + 1]
+    return tokens
+
+
+def sampling_params(case: dict):
+    from vllm import SamplingParams
+
+    extra = {k: case[k] for k in ("gen_length", "block_length", "steps", "alg", "alg_temp",
+                                  "cache", "policy", "threshold", "frechet_delta", "skip",
+                                  "es_keep", "es_depth", "dyllm_threshold", "dyllm_full_steps",
+                                  "dyllm_query_period") if k in case}
+    return SamplingParams(temperature=case["temperature"], seed=case["seed"],
+                          top_p=case.get("top_p", 1.0), top_k=case.get("top_k", 0),
+                          max_tokens=case["gen_length"], extra_args=extra)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The reference decodes row by row over a 151k vocabulary.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dream(tmp_path_factory):
+    return write_random_model(tmp_path_factory.mktemp("dream-decoding"), seed=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dream):
+    return ReferenceDream.from_pretrained(tiny_dream)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dream):
+    from vllm import LLM
+
+    # A small KV cache: token skipping sizes its per-slot caches by it.
+    engine = LLM(model=str(tiny_dream), max_model_len=256, max_num_seqs=32,
+                 kv_cache_memory_bytes=32 << 20)
+    yield engine
+    shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    out = []
+    for c in CASES:
+        settings = {k: v for k, v in c.items() if k != "prompt"}
+        settings["top_p"] = settings["top_p"] if settings["top_p"] < 1 else None
+        settings["top_k"] = settings["top_k"] or None
+        out.append(_cut(diffusion_generate(reference, c["prompt"], mask_id=MASK,
+                                           **settings)["tokens"]))
+    return out
+
+
+def test_cases_are_not_trivial(reference, expected):
+    """The caches change the reference's tokens on this random model (so the shifted
+    windows are exercised), and the samplers decode differently from each other."""
+    def plain(case: dict, **change) -> list[int]:
+        settings = {**{k: v for k, v in case.items() if k not in ("prompt", "top_p", "top_k")},
+                    **change}
+        return _cut(diffusion_generate(reference, case["prompt"], mask_id=MASK,
+                                       **settings)["tokens"])
+
+    cached = [i for i, c in enumerate(CASES) if c["cache"] != "none" and c["temperature"] == 0]
+    assert sum(expected[i] != plain(CASES[i], cache="none") for i in cached) >= len(cached) // 2
+    first = CASES[0]
+    assert len({tuple(plain(first, alg=a)) for a in ("maskgit_plus", "topk_margin",
+                                                      "entropy")}) > 1
+
+
+def test_samplers_batched(llm, expected):
+    got = plugin_tokens(llm, CASES, sampling_params, batched=True)
+    assert [(i, CASES[i]["alg"], CASES[i]["cache"]) for i in range(len(CASES))
+            if got[i] != expected[i]] == []
+
+
+def test_samplers_alone(llm, expected):
+    cases = CASES[::2]
+    got = plugin_tokens(llm, cases, sampling_params, batched=False)
+    assert [i for i, c in enumerate(cases) if got[i] != expected[2 * i]] == []
+
+
+def test_policies_use_the_samplers_confidence(llm, reference):
+    want = [_cut(generate(reference, c["prompt"], mask_id=MASK, logits_offset=1,
+                          **{k: v for k, v in c.items() if k != "prompt"})["tokens"])
+            for c in POLICY_CASES]
+    cases = [{**c, "alg": "maskgit_plus"} for c in POLICY_CASES]
+    assert plugin_tokens(llm, cases, sampling_params, batched=True) == want
+
+
+def test_skipping_degenerate_settings_equal_no_skipping(llm):
+    """ES keeping every row and DyLLM recomputing every row (querying the prompt each
+    iteration) decode what no skipping decodes, in each cache mode."""
+    # One case of each sampler family (greedy, origin, sampled with filters) per cache.
+    cases = [{**c, "cache": cache} for c in CASES[::9] for cache in CACHES]
+    es_all = [{**c, "skip": "es", "es_keep": "1", "es_depth": "0"} for c in cases]
+    dyllm_all = [{**c, "skip": "dyllm", "dyllm_threshold": 1.0, "dyllm_full_steps": 0,
+                  "dyllm_query_period": 1} for c in cases]
+    plain, es_out, dyllm_out = (plugin_tokens(llm, c, sampling_params, batched=True)
+                                for c in (cases, es_all, dyllm_all))
+    assert es_out == plain
+    assert dyllm_out == plain
+
+
+@pytest.mark.parametrize("extra, parameter", [
+    ({"remasking": "random"}, "remasking"), ({"remasking": "low_confidence"}, "remasking"),
+    ({"alg": "greedy"}, "alg"), ({"eps": 0}, "eps"), ({"alg_temp": -1}, "alg_temp"),
+])
+def test_llada_parameters_are_refused(llm, extra, parameter):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=parameter) as e:
+        llm.generate([{"prompt_token_ids": [1, 2]}],
+                     SamplingParams(max_tokens=8, extra_args=extra), use_tqdm=False)
+    assert e.value.parameter == parameter
+    assert llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=8),
+                        use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("name, value", [("alg", "entropy"), ("alg_temp", 0.5), ("eps", 0.01)])
+def test_dream_parameters_are_refused_for_llada(name, value):
+    from vllm_dllm.params import ParamError, resolve, server_defaults
+
+    with pytest.raises(ParamError) as e:
+        resolve({name: value}, server_defaults(None), max_tokens=None, prompt_len=3,
+                max_model_len=512)
+    assert e.value.parameter == name and "remasking" in str(e.value)
+    dream = resolve({name: value}, server_defaults(None), max_tokens=None, prompt_len=3,
+                    max_model_len=512, sampler="dream")
+    assert getattr(dream, name) == value
+
+
+def test_server_defaults_of_the_other_sampler_are_refused():
+    from vllm_dllm.params import ParamError, server_defaults
+
+    with pytest.raises(ParamError) as e:
+        server_defaults({"alg": "entropy"})
+    assert e.value.parameter == "alg"
+    with pytest.raises(ParamError) as e:
+        server_defaults(None, {"remasking": "random"}, sampler="dream")
+    assert e.value.parameter == "remasking"
+    assert server_defaults({"alg": "entropy"}, sampler="dream")["alg"] == "entropy"
+
+
+def test_dream_defaults_to_its_generation_config(llm, reference):
+    """No alg given: the folder's generation_config.json (Dream's own) says origin."""
+    from vllm import SamplingParams
+
+    prompt = _prompt(7, 12)
+    xargs = {"gen_length": 16, "block_length": 8, "steps": 8}
+    got = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(temperature=0, seed=21, max_tokens=16, extra_args=xargs),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    want = diffusion_generate(reference, prompt, mask_id=MASK, alg="origin", seed=21, **xargs)
+    assert list(got) == _cut(want["tokens"])
+
+
+_MAX_LEN = """
+import sys
+from vllm.engine.arg_utils import EngineArgs
+
+for given in (None, 4096):
+    config = EngineArgs(model=sys.argv[1], load_format="dummy", skip_tokenizer_init=True,
+                        max_model_len=given).create_engine_config()
+    print("RESULT", config.model_config.max_model_len)
+"""
+
+
+def test_context_is_capped_at_the_documented_2048_unless_asked(tmp_path):
+    """Dream-7B's config.json allows 131072 positions; unasked, the plugin serves 2048."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(dream_files() / "config.json", tmp_path / "config.json")
+    proc = subprocess.run([sys.executable, "-c", _MAX_LEN, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+    got = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert got == ["2048", "4096"], proc.stderr[-3000:]
