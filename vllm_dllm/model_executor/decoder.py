@@ -1,10 +1,10 @@
 """The layer loop every dLLM architecture shares, and the hook a row controller uses.
 
-A model file defines its decoder layer and calls `run_layers`; which rows each
-layer computes (and what stands in for the rest) is decided by the pass's
-`RowController`, never by the model file, so a second architecture reuses token
-skipping as it is. A decoder layer exposes the parts a controller may drive one
-by one (`DecoderLayer`); `layer(positions, x)` is the plain, all-rows path.
+A model file builds its layers on `DecoderLayer`, `ProjectedAttention` and
+`GatedMLP` (their forwards are the plain, all-rows path) and calls `run_layers`;
+which rows each layer computes (and what stands in for the rest) is decided by the
+pass's `RowController`, never by the model file, so a second architecture reuses
+token skipping as it is.
 """
 
 from typing import Protocol
@@ -13,20 +13,33 @@ import torch
 from torch import nn
 
 
-class DecoderLayer(Protocol):
-    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)).
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: `gate_up_proj` (merged), SiLU-and-multiply, `down_proj`."""
 
-    `self_attn.project(positions, h)` returns the post-RoPE q, k, v rows;
-    `self_attn.attn` is vLLM's `Attention` (its backend writes K/V to the pages);
-    `self_attn.o_proj` the output projection.
-    """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(x))
+        return x
 
-    input_layernorm: nn.Module
-    self_attn: nn.Module
-    post_attention_layernorm: nn.Module
-    mlp: nn.Module
 
-    def __call__(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+class ProjectedAttention(nn.Module):
+    """Attention whose `project(positions, h)` gives the post-RoPE q, k, v rows;
+    `attn` is vLLM's `Attention` (its backend writes K/V to the pages), `o_proj`
+    the output projection. A row controller may call these parts one by one."""
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        out, _ = self.o_proj(self.attn(*self.project(positions, hidden_states)))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)), from its
+    `input_layernorm`, `self_attn`, `post_attention_layernorm` and `mlp`; calling it
+    is the plain, all-rows path."""
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class RowController(Protocol):

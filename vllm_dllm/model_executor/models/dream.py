@@ -35,10 +35,16 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
 from vllm_dllm.configs.dream import DreamConfig
-from vllm_dllm.model_executor.decoder import RowController, run_layers
+from vllm_dllm.model_executor.decoder import (
+    DecoderLayer,
+    GatedMLP,
+    ProjectedAttention,
+    RowController,
+    run_layers,
+)
 
 
-class DreamMLP(nn.Module):
+class DreamMLP(GatedMLP):
     def __init__(self, config: DreamConfig, prefix: str):
         super().__init__()
         if config.hidden_act != "silu":
@@ -52,13 +58,8 @@ class DreamMLP(nn.Module):
             prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.gate_up_proj(x)
-        x, _ = self.down_proj(self.act_fn(x))
-        return x
 
-
-class DreamAttention(nn.Module):
+class DreamAttention(ProjectedAttention):
     def __init__(self, config: DreamConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
@@ -91,22 +92,14 @@ class DreamAttention(nn.Module):
         q, k = self.rotary_emb(positions, q, k)
         return q, k, v
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        out, _ = self.o_proj(self.attn(*self.project(positions, hidden_states)))
-        return out
 
-
-class DreamDecoderLayer(nn.Module):
+class DreamDecoderLayer(DecoderLayer):
     def __init__(self, config: DreamConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = DreamAttention(config, vllm_config, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = DreamMLP(config, prefix=f"{prefix}.mlp")
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DreamTransformer(nn.Module):

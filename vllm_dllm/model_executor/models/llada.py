@@ -33,10 +33,16 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
 from vllm_dllm.configs.llada import LLaDAConfig
-from vllm_dllm.model_executor.decoder import RowController, run_layers
+from vllm_dllm.model_executor.decoder import (
+    DecoderLayer,
+    GatedMLP,
+    ProjectedAttention,
+    RowController,
+    run_layers,
+)
 
 
-class LLaDAMLP(nn.Module):
+class LLaDAMLP(GatedMLP):
     def __init__(self, config: LLaDAConfig, prefix: str):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -47,13 +53,8 @@ class LLaDAMLP(nn.Module):
             prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.gate_up_proj(x)
-        x, _ = self.down_proj(self.act_fn(x))
-        return x
 
-
-class LLaDAAttention(nn.Module):
+class LLaDAAttention(ProjectedAttention):
     def __init__(self, config: LLaDAConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
@@ -86,22 +87,14 @@ class LLaDAAttention(nn.Module):
         q32, k32 = self.rotary_emb(positions, q.float(), k.float())
         return q32.to(q.dtype), k32.to(k.dtype), v
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        out, _ = self.o_proj(self.attn(*self.project(positions, hidden_states)))
-        return out
 
-
-class LLaDABlock(nn.Module):
+class LLaDABlock(DecoderLayer):
     def __init__(self, config: LLaDAConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
         self.self_attn = LLaDAAttention(config, vllm_config, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
         self.mlp = LLaDAMLP(config, prefix=f"{prefix}.mlp")
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LLaDAModel(nn.Module):
