@@ -2,7 +2,8 @@
 
     python -m benchmarks.eval_reference examples/llada-tasks [-n 300] [--block-length 32]
 
-Two decoders, both over a 32-token canvas at temperature 0:
+The checkpoint's `tasks.json` names its suite of benchmarks/tasks.py (short if absent) and
+its generation_config.json the canvas and block length. Two decoders, at temperature 0:
 
 * vanilla: tests/reference/generate.py with steps = gen_length (one token per step,
   low-confidence remasking), the quality reference;
@@ -12,7 +13,7 @@ Two decoders, both over a 32-token canvas at temperature 0:
 """
 
 import argparse
-from collections import defaultdict
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,19 @@ from benchmarks import tasks
 from tests.reference.generate import generate
 from tests.reference.modeling import ReferenceLLaDA
 
-GEN_LENGTH = 32
+def checkpoint_tasks(path: str | Path) -> tuple[tuple[str, ...], int, int]:
+    """The families a checkpoint was trained on, and its gen_length and block_length."""
+    path = Path(path)
+    suite = "short"
+    if (path / "tasks.json").exists():
+        suite = json.loads((path / "tasks.json").read_text())["suite"]
+    dllm = json.loads((path / "generation_config.json").read_text()).get("dllm", {})
+    gen_length = dllm.get("gen_length", 32)
+    return tasks.SUITES[suite], gen_length, dllm.get("block_length", gen_length)
 
 
 def threshold_generate(model: ReferenceLLaDA, prompt: list[int], *, mask_id: int,
-                       gen_length: int = GEN_LENGTH, block_length: int = GEN_LENGTH,
-                       threshold: float = 0.9) -> dict:
+                       gen_length: int, block_length: int, threshold: float = 0.9) -> dict:
     """Greedy threshold decoding; returns the canvas and the number of forward passes."""
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     forwards = 0
@@ -48,6 +56,7 @@ def threshold_generate(model: ReferenceLLaDA, prompt: list[int], *, mask_id: int
 
 @dataclass
 class FamilyScore:
+    gen_length: int
     n: int = 0
     vanilla_correct: int = 0
     threshold_correct: int = 0
@@ -55,14 +64,15 @@ class FamilyScore:
 
     @property
     def tokens_per_iteration(self) -> float:
-        return self.n * GEN_LENGTH / max(1, self.threshold_forwards)
+        return self.n * self.gen_length / max(1, self.threshold_forwards)
 
 
 @dataclass
 class Report:
+    gen_length: int
     block_length: int
     threshold: float
-    families: dict[str, FamilyScore] = field(default_factory=lambda: defaultdict(FamilyScore))
+    families: dict[str, FamilyScore] = field(default_factory=dict)
 
     def vanilla_accuracy(self) -> float:
         """Mean over families of the per-family exact-match rate."""
@@ -73,7 +83,7 @@ class Report:
 
     def tokens_per_iteration(self) -> float:
         n = sum(f.n for f in self.families.values())
-        return n * GEN_LENGTH / sum(f.threshold_forwards for f in self.families.values())
+        return n * self.gen_length / sum(f.threshold_forwards for f in self.families.values())
 
 
 def answer_text(tokenizer: Tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
@@ -82,23 +92,25 @@ def answer_text(tokenizer: Tokenizer, tokens: list[int], stop_ids: set[int]) -> 
     return tokenizer.decode(tokens[:end], skip_special_tokens=False)
 
 
-def evaluate(path: str | Path, n: int, block_length: int = GEN_LENGTH,
+def evaluate(path: str | Path, n: int, block_length: int | None = None,
              threshold: float = 0.9) -> Report:
     path = Path(path)
+    families, gen_length, default_block = checkpoint_tasks(path)
+    block_length = block_length or default_block
     model = ReferenceLLaDA.from_pretrained(path).eval()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     mask_id = model.config["mask_token_id"]
     stop_ids = {model.config["eot_token_id"], model.config["eos_token_id"]}
-    report = Report(block_length, threshold)
+    report = Report(gen_length, block_length, threshold)
     with torch.inference_mode():
-        for problem in tasks.heldout(n):
+        for problem in tasks.heldout(n, families=families):
             prompt = tokenizer.encode(tasks.render_chat(problem.prompt)).ids
-            vanilla = generate(model, prompt, mask_id=mask_id, gen_length=GEN_LENGTH,
-                               block_length=block_length, steps=GEN_LENGTH,
+            vanilla = generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
+                               block_length=block_length, steps=gen_length,
                                remasking="low_confidence", temperature=0.0)
-            fast = threshold_generate(model, prompt, mask_id=mask_id,
+            fast = threshold_generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
                                       block_length=block_length, threshold=threshold)
-            score = report.families[problem.family]
+            score = report.families.setdefault(problem.family, FamilyScore(gen_length))
             score.n += 1
             score.vanilla_correct += tasks.score(
                 answer_text(tokenizer, vanilla["tokens"], stop_ids), problem.answer)
@@ -109,8 +121,8 @@ def evaluate(path: str | Path, n: int, block_length: int = GEN_LENGTH,
 
 
 def format_report(report: Report) -> str:
-    lines = [f"gen_length {GEN_LENGTH}, block_length {report.block_length}, temperature 0; "
-             f"vanilla = steps {GEN_LENGTH} low_confidence, threshold = {report.threshold}",
+    lines = [f"gen_length {report.gen_length}, block_length {report.block_length}, temperature 0; "
+             f"vanilla = steps {report.gen_length} low_confidence, threshold = {report.threshold}",
              f"{'family':<14}{'n':>5}{'vanilla':>10}{'threshold':>11}{'tok/iter':>10}"]
     for name in tasks.FAMILIES:
         f = report.families.get(name)
@@ -127,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("-n", "--num-prompts", type=int, default=300)
-    parser.add_argument("--block-length", type=int, default=GEN_LENGTH)
+    parser.add_argument("--block-length", type=int, default=None,
+                        help="default: the checkpoint's generation_config.json")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

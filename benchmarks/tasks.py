@@ -1,6 +1,7 @@
 """Synthetic tasks with exact answers, for training and scoring small LLaDA checkpoints.
 
-Four families, each a user message with a short multi-token answer:
+Two suites. The short suite (`SHORT`, the bundled examples/llada-tasks) has four
+families, each a user message with a short multi-token answer:
 
 * arithmetic: a three-digit number plus or minus a digit, with carries and borrows
   that may ripple ("What is 297+8?" -> "305", "What is 402-7?" -> "395").
@@ -20,6 +21,16 @@ Every prompt falls into exactly one split by a hash of its text, so the training
 and the held-out set can never share a prompt, whatever seeds are used to draw them.
 Answers fit in 24 characters, so with this character-level tokenizer a 32-token canvas
 holds the answer plus `<|eot_id|>`.
+
+The long suite (`LONG`, examples/llada-long) has answers of 40-120 characters, the shape
+of work the accelerations are about (later tokens depending on earlier ones, long spans
+predictable from their neighbours) on a 128-token canvas:
+
+* running_sum: a start and 5-10 digits added one at a time with the working written out
+  ("Add step by step: 23 4 8 ..." -> "23+4=27, 27+8=35, ..."); each step's first operand
+  is the previous step's result, so the tail cannot be right unless the head is.
+* count: every integer from a to b ("Count from 97 to 112" -> "97 98 99 100 ... 112");
+  long spans follow from their neighbours, and where it ends follows from the prompt.
 """
 
 import hashlib
@@ -29,7 +40,11 @@ import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-FAMILIES = ("arithmetic", "word_problem", "sort", "uppercase")
+SHORT = ("arithmetic", "word_problem", "sort", "uppercase")
+LONG = ("running_sum", "count")
+SUITES = {"short": SHORT, "long": LONG}
+FAMILIES = SHORT + LONG
+LONG_ANSWER = (40, 120)  # characters, = tokens with the character vocabulary
 SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 10
 HELDOUT_SEED = 1234
@@ -87,8 +102,34 @@ def _uppercase(rng: random.Random) -> Problem:
     return Problem("uppercase", f"Uppercase: {word}", word.upper())
 
 
+def _running_sum(rng: random.Random) -> Problem:
+    while True:
+        total = rng.randint(10, 49)
+        addends = [rng.randint(1, 9) for _ in range(rng.randint(5, 10))]
+        steps = []
+        for a in addends:
+            steps.append(f"{total}+{a}={total + a}")
+            total += a
+        answer = ", ".join(steps)
+        if LONG_ANSWER[0] <= len(answer) <= LONG_ANSWER[1]:
+            break
+    start = steps[0].split("+")[0]
+    return Problem("running_sum", f"Add step by step: {start} " + " ".join(map(str, addends)),
+                   answer)
+
+
+def _count(rng: random.Random) -> Problem:
+    while True:
+        a = rng.randint(10, 960)
+        b = a + rng.randint(9, 39)
+        answer = " ".join(map(str, range(a, b + 1)))
+        if b <= 999 and LONG_ANSWER[0] <= len(answer) <= LONG_ANSWER[1]:
+            return Problem("count", f"Count from {a} to {b}", answer)
+
+
 _GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
     "arithmetic": _arithmetic, "word_problem": _word_problem, "sort": _sort, "uppercase": _uppercase,
+    "running_sum": _running_sum, "count": _count,
 }
 
 
@@ -101,20 +142,21 @@ def sample(rng: random.Random, family: str, split: str) -> Problem:
             return problem
 
 
-def stream(split: str, seed: int, mix: tuple[str, ...] = FAMILIES) -> Iterator[Problem]:
+def stream(split: str, seed: int, mix: tuple[str, ...] = SHORT) -> Iterator[Problem]:
     """Endless problems cycling through `mix` (family names, repeated to weight them)."""
     rng = random.Random(seed)
     for family in itertools.cycle(mix):
         yield sample(rng, family, split)
 
 
-def heldout(n: int = 1000, seed: int = HELDOUT_SEED) -> list[Problem]:
+def heldout(n: int = 1000, seed: int = HELDOUT_SEED,
+            families: tuple[str, ...] = SHORT) -> list[Problem]:
     """`n` distinct held-out problems, families interleaved so that any prefix is balanced."""
     rng = random.Random(seed)
     seen: set[str] = set()
     problems = []
     for i in range(n):
-        problem = sample(rng, FAMILIES[i % len(FAMILIES)], "heldout")
+        problem = sample(rng, families[i % len(families)], "heldout")
         while problem.prompt in seen:
             problem = sample(rng, problem.family, "heldout")
         seen.add(problem.prompt)

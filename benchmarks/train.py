@@ -1,16 +1,19 @@
 """Trains a small LLaDA on benchmarks/tasks.py with LLaDA's SFT objective, on the CPU.
 
     python -m benchmarks.train --out examples/llada-tasks [--steps N] [--seed S] ...
+    python -m benchmarks.train --suite long --canvas 128 --out examples/llada-long ...
 
 The model is tests/reference/modeling.py's ReferenceLLaDA with trainable weights, the
 tokenizer is tests/models/tiny_llada.py's character vocabulary, and the checkpoint is
 written in LLaDA's original format (so the plugin and the reference load it alike). A
 partial checkpoint is saved every `--save-every` steps; at the end the held-out accuracy
-is measured and a README.md recording the run goes into the output folder. The defaults
-are the recipe of the bundled examples/llada-tasks.
+is measured and a README.md recording the run goes into the output folder; `tasks.json`
+names the suite, which the evaluators read. The defaults are the recipe of the bundled
+examples/llada-tasks.
 """
 
 import argparse
+import json
 import math
 import shlex
 import shutil
@@ -26,18 +29,24 @@ from benchmarks.eval_reference import evaluate, format_report
 from tests.models.tiny_llada import build_tokenizer, build_vocab, llada_config, write_checkpoint
 from tests.reference.modeling import ReferenceLLaDA
 
-CANVAS = 32  # response tokens per example: answer + <|eot_id|> + <|endoftext|> padding
 MASK_EPS = 1e-3  # LLaDA's forward process: t ~ U(0, 1) mapped to p = (1 - eps) t + eps
-# Families drawn in this repeating order. Sorting and uppercasing are learnt early and
-# arithmetic next; word problems are learnt last, so they get half of all examples.
-DEFAULT_MIX = ("arithmetic,word_problem,sort,word_problem,"
-               "arithmetic,word_problem,uppercase,word_problem")
+# Families drawn in this repeating order. Short suite: sorting and uppercasing are learnt
+# early and arithmetic next; word problems are learnt last, so they get half of all
+# examples. Long suite: counting is mostly copying, running sums need the arithmetic too.
+DEFAULT_MIX = {
+    "short": "arithmetic,word_problem,sort,word_problem,arithmetic,word_problem,uppercase,word_problem",
+    "long": "running_sum,count,running_sum",
+}
+# Response tokens per example: answer + <|eot_id|> + <|endoftext|> padding.
+DEFAULT_CANVAS = {"short": 32, "long": 128}
+BLOCK_LENGTH = 32  # the served block length (generation_config.json)
 
 
 class Encoder:
     """Turns problems into padded token batches with the response on a fixed canvas."""
 
-    def __init__(self, vocab: dict[str, int]):
+    def __init__(self, vocab: dict[str, int], canvas: int):
+        self.canvas = canvas
         self.tokenizer = build_tokenizer(vocab)
         self.eot = vocab["<|eot_id|>"]
         self.eos = vocab["<|endoftext|>"]
@@ -45,9 +54,9 @@ class Encoder:
     def example(self, problem: tasks.Problem) -> tuple[list[int], list[int]]:
         prompt = self.tokenizer.encode(tasks.render_chat(problem.prompt)).ids
         answer = self.tokenizer.encode(problem.answer).ids + [self.eot]
-        assert len(answer) <= CANVAS, problem
+        assert len(answer) <= self.canvas, problem
         # LLaDA SFT fills the rest of the response with EOS, and the model learns to emit it.
-        return prompt, answer + [self.eos] * (CANVAS - len(answer))
+        return prompt, answer + [self.eos] * (self.canvas - len(answer))
 
     def batch(self, problems: list[tasks.Problem]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,7 +104,8 @@ def init_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
 
 
 def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                 starts: torch.Tensor, mask_id: int, generator: torch.Generator) -> torch.Tensor:
+                 starts: torch.Tensor, mask_id: int, generator: torch.Generator,
+                 canvas: int) -> torch.Tensor:
     """LLaDA SFT loss summed over the rows (the caller divides by the batch size).
 
     Per row: t ~ U(eps, 1), each response token masked with probability t (the prompt
@@ -104,13 +114,13 @@ def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: to
     """
     batch, length = tokens.shape
     pos = torch.arange(length)[None]
-    response = (pos >= starts[:, None]) & (pos < starts[:, None] + CANVAS)
+    response = (pos >= starts[:, None]) & (pos < starts[:, None] + canvas)
     t = (1 - MASK_EPS) * torch.rand(batch, generator=generator) + MASK_EPS
     masked = response & (torch.rand(batch, length, generator=generator) < t[:, None])
     logits = model(torch.where(masked, mask_id, tokens), attention_mask)
     ce = F.cross_entropy(logits[masked], tokens[masked], reduction="none")
     weight = (1.0 / t)[:, None].expand(batch, length)[masked]
-    return (ce * weight).sum() / CANVAS
+    return (ce * weight).sum() / canvas
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -130,13 +140,15 @@ def make_optimizer(model: ReferenceLLaDA, lr: float, weight_decay: float) -> tor
         lr=lr, betas=(0.9, 0.95))
 
 
-def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int]) -> None:
+def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int], suite: str, canvas: int) -> None:
     # Written beside the target and swapped in, so a reader never sees half a checkpoint.
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     # Served with the canvas it was trained on.
     write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab,
-                     dllm_defaults={"gen_length": CANVAS, "block_length": CANVAS})
+                     dllm_defaults={"gen_length": canvas,
+                                    "block_length": min(canvas, BLOCK_LENGTH)})
+    (tmp / "tasks.json").write_text(json.dumps({"suite": suite}) + "\n")
     if (out / "README.md").exists():
         shutil.copy(out / "README.md", tmp / "README.md")
     if out.exists():
@@ -157,7 +169,8 @@ def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Pro
         group = [p for p in problems if p.family == family]
         if not group:
             continue
-        loss = sft_loss_sum(model, *encoder.batch(group), mask_id, generator) / len(problems)
+        loss = sft_loss_sum(model, *encoder.batch(group), mask_id, generator,
+                            encoder.canvas) / len(problems)
         loss.backward()
         total += loss.item()
     return total
@@ -173,10 +186,11 @@ def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: in
         record = record[record.index("## Training record"):].split("\n## ")[0]
         earlier = (f"- started from `{args.init_from}`, trained as follows:\n\n"
                    + record.replace("## Training record", "### Earlier stage") + "\n")
-    (out / "README.md").write_text(f"""# llada-tasks
+    (out / "README.md").write_text(f"""# {out.name}
 
 A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective on the
-synthetic tasks of `benchmarks/tasks.py` (families: {", ".join(tasks.FAMILIES)}).
+synthetic tasks of `benchmarks/tasks.py` ({args.suite} suite, families: \
+{", ".join(tasks.SUITES[args.suite])}).
 Tokenizer: the character vocabulary of `tests/models/tiny_llada.py`, LLaDA's chat template.
 
 ## Training record
@@ -191,7 +205,7 @@ rope_theta {config["rope_theta"]:g}, \
 {args.mix.replace(",", ", ")}), AdamW \
 lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, \
 grad clip {args.grad_clip}
-- response canvas: {CANVAS} tokens (answer, `<|eot_id|>`, `<|endoftext|>` padding)
+- response canvas: {args.canvas} tokens (answer, `<|eot_id|>`, `<|endoftext|>` padding)
 - wall time: {wall_s / 60:.1f} min on {torch.get_num_threads()} CPU thread(s)
 - final loss (mean of the last 100 steps): {final_loss:.4f}
 {earlier}
@@ -222,15 +236,21 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mix", default=DEFAULT_MIX,
-                        help="families drawn in this repeating order (repeat one to weight it)")
+    parser.add_argument("--suite", choices=sorted(tasks.SUITES), default="short")
+    parser.add_argument("--canvas", type=int, default=None,
+                        help="response tokens per example (default: the suite's)")
+    parser.add_argument("--mix", default=None,
+                        help="families drawn in this repeating order (repeat one to weight it; "
+                             "default: the suite's)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint (a further training stage)")
     args = parser.parse_args()
+    args.canvas = args.canvas or DEFAULT_CANVAS[args.suite]
+    args.mix = args.mix or DEFAULT_MIX[args.suite]
     mix = tuple(args.mix.split(","))
-    unknown = set(mix) - set(tasks.FAMILIES)
+    unknown = set(mix) - set(tasks.SUITES[args.suite])
     if unknown:
-        parser.error(f"--mix: unknown families {sorted(unknown)}")
+        parser.error(f"--mix: families not in the {args.suite} suite: {sorted(unknown)}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -248,7 +268,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters", flush=True)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    encoder = Encoder(vocab)
+    encoder = Encoder(vocab, args.canvas)
     mask_id = config["mask_token_id"]
     generator = torch.Generator().manual_seed(args.seed)
     problems = tasks.stream("train", args.seed, mix)
@@ -270,9 +290,9 @@ def main() -> None:
                   f"lr {optimizer.param_groups[0]['lr']:.2e} elapsed {elapsed:.0f}s "
                   f"({elapsed / (step + 1):.2f}s/step)", flush=True)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save(model, args.out, vocab)
+            save(model, args.out, vocab, args.suite, args.canvas)
     wall_s = time.time() - start
-    save(model, args.out, vocab)
+    save(model, args.out, vocab, args.suite, args.canvas)
     final_loss = sum(losses[-100:]) / len(losses[-100:])
     print(f"done in {wall_s:.0f}s, final loss {final_loss:.4f}", flush=True)
 
