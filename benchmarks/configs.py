@@ -33,11 +33,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# The accuracy benchmark's canvas: tasks.py answers fit in 24 characters plus <|eot_id|>.
+# The accuracy benchmark's canvas on the short suite: its answers fit in 24 characters
+# plus <|eot_id|>.
 ACCURACY_GEN_LENGTH = 32
 # Four blocks of 8, so the prefix and dual caches differ (with a single 32-token block
 # both would only cache the prompt).
 ACCURACY_BLOCK_LENGTH = 8
+# The bundled checkpoints the accuracy benchmark runs by default, each with the canvas and
+# block length it is measured at. The long-answer model is measured at its served shape
+# (generation_config.json), the seeds' block of 32.
+DEFAULT_MODELS = {
+    "examples/llada-tasks": (ACCURACY_GEN_LENGTH, ACCURACY_BLOCK_LENGTH),
+    "examples/llada-long": (128, 32),
+}
 
 
 def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,
@@ -58,6 +66,8 @@ def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,
                      "vanilla schedule + Fast-dLLM dual cache"),
         DecodeConfig("threshold", {**vanilla, "policy": "threshold", "threshold": 0.9},
                      "Fast-dLLM parallel decoding, confidence >= 0.9"),
+        DecodeConfig("threshold0.7", {**vanilla, "policy": "threshold", "threshold": 0.7},
+                     "a lower threshold: more tokens per iteration, more risk"),
         DecodeConfig("threshold+dual",
                      {**vanilla, "policy": "threshold", "threshold": 0.9, "cache": "dual"},
                      "Fast-dLLM: threshold 0.9 + dual cache"),
@@ -65,6 +75,8 @@ def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,
                      "Fast-dLLM factor rule, f = 1.0"),
         DecodeConfig("frechet", {**vanilla, "policy": "frechet", "frechet_delta": 0.25},
                      "Fast-dLLM++ Frechet rule, delta = 0.25"),
+        DecodeConfig("frechet0.02", {**vanilla, "policy": "frechet", "frechet_delta": 0.02},
+                     "Frechet rule, delta = 0.02 (the shipped GSM8K script's): commits more"),
         DecodeConfig("threshold+r2", {**vanilla, "policy": "threshold", "threshold": 0.9,
                                       "r2": True},
                      "threshold 0.9 + R2-dLLM rules (defaults)"),

@@ -1,12 +1,13 @@
 """Benchmark harness for vllm-dllm: decoding configurations side by side on one engine.
 
-    python -m benchmarks.harness accuracy [--model examples/llada-tasks] [--num-prompts 1000]
-                                          [--configs vanilla,dual,...] [--config NAME=JSON]
-                                          [--out benchmarks/results/accuracy]
+    python -m benchmarks.harness accuracy [--model examples/llada-tasks,examples/llada-long]
+                                          [--num-prompts 1000] [--configs vanilla,dual,...]
+                                          [--config NAME=JSON] [--out benchmarks/results/accuracy]
     python -m benchmarks.harness cost [--d-model 768 --n-layers 4 --steps 256 ...] [--out DIR]
 
-accuracy: one in-process vLLM engine; each configuration (a dict of SamplingParams
-  extra_args, see benchmarks/configs.py) decodes the same held-out prompts of
+accuracy: per model (both bundled checkpoints by default, one after the other), one
+  in-process vLLM engine; each configuration (a dict of SamplingParams extra_args, see
+  benchmarks/configs.py) decodes the same held-out prompts of the model's suite of
   benchmarks/tasks.py, all submitted at once. Reports accuracy per family, output
   tokens/s, model iterations per request (counted at the scheduler), tokens per
   iteration, speedup vs the first configuration and peak RSS. A configuration the
@@ -15,7 +16,8 @@ cost: a random-weight LLaDA big enough to be compute-bound, one request at a tim
   gen_length 256 / block 32 with cache none, prefix and dual: wall time per request,
   tokens/s and the ratio vs none (issue 4: dual >= 4x, prefix >= 2x).
 
-Each mode writes <mode>.json, <mode>.md and <mode>.png into --out.
+Each mode writes <mode>.json, <mode>.md and <mode>.png into --out (accuracy: into
+--out/<model folder name>/ when several models run).
 """
 
 import os
@@ -41,8 +43,7 @@ from benchmarks import configs as cfgs  # noqa: E402
 from benchmarks import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "examples/llada-tasks"
-DEFAULT_NUM_PROMPTS = 1000  # total, families interleaved: 250 per family
+DEFAULT_NUM_PROMPTS = 1000  # total, families interleaved
 
 
 def log(msg: str) -> None:
@@ -206,24 +207,27 @@ def cut_at_end(tokens: list[int], stop_ids: set[int]) -> list[int]:
     return tokens
 
 
-def run_accuracy(args) -> dict:
+def run_accuracy(args, model_name: str) -> dict:
     from tokenizers import Tokenizer
 
     from benchmarks import tasks
-    from benchmarks.eval_reference import answer_text
+    from benchmarks.eval_reference import answer_text, checkpoint_tasks
 
     t_start = time.perf_counter()
-    model = Path(args.model)
+    model = Path(model_name) if Path(model_name).exists() else ROOT / model_name
+    # The shape: the flags, else the default table, else the checkpoint's own.
+    suite, gen_length, block_length = checkpoint_tasks(model)
+    gen_length, block_length = cfgs.DEFAULT_MODELS.get(model_name, (gen_length, block_length))
+    gen_length, block_length = args.gen_length or gen_length, args.block_length or block_length
     model_config = json.loads((model / "config.json").read_text())
     stop_ids = {model_config["eos_token_id"], model_config.get("eot_token_id",
                                                                model_config["eos_token_id"])}
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    problems = tasks.heldout(args.num_prompts)
+    problems = tasks.heldout(args.num_prompts, families=suite)
     prompts = [tokenizer.encode(tasks.render_chat(p.prompt)).ids for p in problems]
-    families = [f for f in tasks.FAMILIES if any(p.family == f for p in problems)]
+    families = [f for f in suite if any(p.family == f for p in problems)]
 
-    configs = cfgs.select(cfgs.accuracy_configs(args.gen_length, args.block_length),
-                          args.configs)
+    configs = cfgs.select(cfgs.accuracy_configs(gen_length, block_length), args.configs)
     configs += [cfgs.parse_config(spec) for spec in args.config or []]
     if not configs:
         raise SystemExit("no configurations to run")
@@ -365,10 +369,10 @@ def run_accuracy(args) -> dict:
         "mode": "accuracy",
         "meta": meta,
         "settings": {
-            "model": str(args.model), "num_prompts": len(problems),
+            "model": model_name, "num_prompts": len(problems),
             "prompts_per_family": {f: sum(p.family == f for p in problems) for f in families},
-            "families": families, "gen_length": args.gen_length,
-            "block_length": args.block_length, "max_model_len": max_model_len,
+            "families": families, "gen_length": gen_length,
+            "block_length": block_length, "max_model_len": max_model_len,
             "max_num_seqs": args.max_num_seqs, "temperature": 0.0,
             "repeats": args.repeats, "threads": engine.threads,
             "stop_ids": sorted(stop_ids),
@@ -558,12 +562,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="mode", required=True)
 
     acc = sub.add_parser("accuracy", help="accuracy and speed of decoding configurations")
-    acc.add_argument("--model", default=DEFAULT_MODEL)
+    acc.add_argument("--model", default=",".join(cfgs.DEFAULT_MODELS),
+                     help="comma list of checkpoint folders, run one after the other "
+                          "(default: %(default)s)")
     acc.add_argument("--num-prompts", "-n", type=int, default=DEFAULT_NUM_PROMPTS,
-                     help="held-out prompts in all (families interleaved, so n/4 each); "
+                     help="held-out prompts per model (the suite's families interleaved); "
                           f"default {DEFAULT_NUM_PROMPTS}")
-    acc.add_argument("--gen-length", type=int, default=cfgs.ACCURACY_GEN_LENGTH)
-    acc.add_argument("--block-length", type=int, default=cfgs.ACCURACY_BLOCK_LENGTH)
+    acc.add_argument("--gen-length", type=int, default=None,
+                     help="default: the model's (32 for llada-tasks, 128 for llada-long)")
+    acc.add_argument("--block-length", type=int, default=None,
+                     help="default: the model's (8 for llada-tasks, 32 for llada-long)")
     acc.add_argument("--configs", help="comma list of default configurations to run "
                      "(default: all of " + ",".join(c.name for c in cfgs.accuracy_configs())
                      + ")")
@@ -614,12 +622,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / \
         f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-    data = run_accuracy(args) if args.mode == "accuracy" else run_cost(args)
-    paths = report.render(data, Path(out))
-    print(Path(paths["md"]).read_text())
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    log(f"done in {data['total_seconds']:.0f} s")
+    if args.mode == "cost":
+        runs = [(run_cost(args), Path(out))]
+    else:
+        models = cfgs.names(args.model)
+        runs = [(run_accuracy(args, m), Path(out) / Path(m).name if len(models) > 1 else Path(out))
+                for m in models]
+    for data, folder in runs:
+        paths = report.render(data, folder)
+        print(Path(paths["md"]).read_text())
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        log(f"done in {data['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

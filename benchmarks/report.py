@@ -148,6 +148,7 @@ def accuracy_markdown(data: dict) -> str:
     lines += [
         f"- Model: `{s['model']}`; {s['num_prompts']} held-out prompts of benchmarks/tasks.py "
         f"({', '.join(f'{f} {n}' for f, n in s['prompts_per_family'].items())}), chat form, "
+        f"gen_length {s.get('gen_length', '?')}, block_length {s.get('block_length', '?')}, "
         f"temperature 0",
         f"- Engine: vLLM in-process, {s.get('threads', '?')} thread(s), max_num_seqs "
         f"{s['max_num_seqs']}, max_model_len "

@@ -1,0 +1,65 @@
+"""benchmarks/train.py: a seed fixes the run, and the checkpoint carries its suite and shape."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from benchmarks import tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out: Path, seed: int) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.train", "--suite", "long", "--out", str(out),
+         "--seed", str(seed), "--steps", "3", "--batch-size", "6", "--warmup", "1",
+         "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--mlp-hidden-size", "64",
+         "--eval-prompts", "0", "--threads", "1"],
+        cwd=ROOT, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Checkpoints a and b trained with seed 0, c with seed 1."""
+    root = tmp_path_factory.mktemp("train")
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(root / name, seed)
+    return root
+
+
+def test_same_seed_same_weights_other_seed_other_weights(runs):
+    a, b, c = (load_file(str(runs / n / "model.safetensors")) for n in "abc")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(a[k].equal(b[k]) for k in a)
+    assert not all(a[k].equal(c[k]) for k in a)
+
+
+def test_checkpoint_records_suite_and_served_shape(runs):
+    assert json.loads((runs / "a" / "tasks.json").read_text()) == {"suite": "long"}
+    generation = json.loads((runs / "a" / "generation_config.json").read_text())
+    assert generation["dllm"] == {"gen_length": 128, "block_length": 32}
+
+
+def test_long_suite_answers_fit_the_canvas_and_vary_in_length():
+    problems = tasks.heldout(1000, families=tasks.LONG)
+    assert len({p.prompt for p in problems}) == 1000
+    assert all(tasks.split_of(p.prompt) == "heldout" for p in problems)
+    for family in tasks.LONG:
+        lengths = [len(p.answer) for p in problems if p.family == family]
+        assert min(lengths) >= 40 and max(lengths) <= 120
+        assert max(lengths) - min(lengths) >= 40, family
+
+
+def test_running_sum_writes_its_working_step_by_step():
+    problem = next(p for p in tasks.heldout(20, families=tasks.LONG) if p.family == "running_sum")
+    numbers = [int(x) for x in problem.prompt.split(":")[1].split()]
+    steps = problem.answer.split(", ")
+    assert len(steps) == len(numbers) - 1
+    total = numbers[0]
+    for step, addend in zip(steps, numbers[1:]):
+        assert step == f"{total}+{addend}={total + addend}"
+        total += addend
