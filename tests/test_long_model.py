@@ -1,0 +1,58 @@
+"""The bundled long-answer model (examples/llada-long) through the plugin: its served shape
+(gen_length 128, blocks of 32) from the folder, the reference's answers, and mostly right."""
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from benchmarks import tasks
+from tests.helpers import reference_tokens, shutdown
+from tests.reference.modeling import ReferenceLLaDA
+
+MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-long"
+PROMPTS = 6
+# The model's held-out vanilla accuracy (its README) makes more than this many right
+# answers out of 6 all but certain.
+MIN_RIGHT_OF_6 = 4
+
+CONFIGS = {
+    "vanilla": {"steps": 128, "remasking": "low_confidence"},
+    "threshold+dual": {"policy": "threshold", "threshold": 0.9, "cache": "dual"},
+}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from vllm import LLM
+
+    engine = LLM(model=str(MODEL), max_model_len=256, max_num_seqs=PROMPTS)
+    yield engine
+    shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    return [(p, tokenizer.encode(tasks.render_chat(p.prompt)).ids)
+            for p in tasks.heldout(PROMPTS, families=tasks.LONG)]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_plugin_gives_the_reference_answers(llm, problems, name):
+    from vllm import SamplingParams
+
+    xargs = CONFIGS[name]
+    # No gen_length/block_length given: the folder's generation_config.json sets them.
+    params = SamplingParams(temperature=0.0, max_tokens=128, extra_args=dict(xargs))
+    outputs = llm.generate([{"prompt_token_ids": ids} for _, ids in problems], params,
+                           use_tqdm=False)
+    reference = ReferenceLLaDA.from_pretrained(MODEL)
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    right = 0
+    for (problem, ids), out in zip(problems, outputs):
+        want = reference_tokens(reference, MODEL, ids, gen_length=128, block_length=32,
+                                temperature=0.0, **{"steps": 128, **xargs})
+        assert list(out.outputs[0].token_ids) == want, problem
+        right += tasks.score(tokenizer.decode(want, skip_special_tokens=True), problem.answer)
+    assert right >= MIN_RIGHT_OF_6
