@@ -135,10 +135,8 @@ class PassRows:
         attn = layer.self_attn
         # Only salient rows refresh their K/V; the others keep what the pages hold.
         kv_index = rows["kv"].nonzero().squeeze(1)
-        # The fused QKV projection runs for every row: vLLM's CPU linears keep their
-        # weights packed, so no K/V-only slice of it exists to run on a subset.
-        q, k, v = attn.project(positions, layer.input_layernorm(x))
-        k, v = k[kv_index], v[kv_index]
+        # Every row is a query; K/V are projected for the salient rows only.
+        q, k, v = attn.project(positions, layer.input_layernorm(x), kv_index)
         self.metadata.slot_mapping = slots[kv_index]
         self.metadata.num_kv_tokens = len(kv_index)
         context = attn.attn(q, k, v)
