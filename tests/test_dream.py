@@ -100,7 +100,7 @@ def test_real_size_parameters_match_the_checkpoint_index(tmp_path):
     layers = json.loads((dream_files() / "config.json").read_text())["num_hidden_layers"]
     assert (rest + layers * per_layer) * 2 == index["metadata"]["total_size"]
 
-    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+    fused = {"k_proj": "kv_proj", "v_proj": "kv_proj",
              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
     def module_name(name: str) -> str:

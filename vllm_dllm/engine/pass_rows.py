@@ -85,7 +85,6 @@ class PassRows:
             "last_conf": last_conf, "fresh": fresh, "leftmost": leftmost,
         }
         if self.uses_dyllm:
-            self.rows["dy_row"] = per_row([s.method == "dyllm" for s in skips])
             self.rows["dy_sparse"] = per_row([s.method == "dyllm" and s.sparse for s in skips])
             self.rows["tau"] = per_row([s.dyllm_threshold for s in skips])
             # The first layer's salient rows: those whose token the last iteration set.
@@ -131,34 +130,35 @@ class PassRows:
     def _dyllm_layer(self, i: int, layer: nn.Module, x: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:
         rows = self.rows
-        slots, dy_row, dy_sparse = rows["slots"], rows["dy_row"], rows["dy_sparse"]
+        slots, dy_sparse = rows["slots"], rows["dy_sparse"]
         attn = layer.self_attn
         # Only salient rows refresh their K/V; the others keep what the pages hold.
         kv_index = rows["kv"].nonzero().squeeze(1)
-        # The fused QKV projection runs for every row: vLLM's CPU linears keep their
-        # weights packed, so no K/V-only slice of it exists to run on a subset.
-        q, k, v = attn.project(positions, layer.input_layernorm(x))
-        k, v = k[kv_index], v[kv_index]
+        # Every row is a query; K/V are projected for the salient rows only.
+        q, k, v = attn.project(positions, layer.input_layernorm(x), kv_index)
         self.metadata.slot_mapping = slots[kv_index]
         self.metadata.num_kv_tokens = len(kv_index)
         context = attn.attn(q, k, v)
         cached = self.caches.get("context", i, context.shape[-1])
-        old = cached[slots]
         reduce = (tensor_model_parallel_all_reduce
                   if get_tensor_model_parallel_world_size() > 1 else None)
-        salient = torch.where(dy_sparse, dyllm.salient(context, old, rows["tau"], reduce), True)
-        cached[slots] = torch.where(dy_row[:, None], context, old)
+        salient = torch.where(dy_sparse, dyllm.salient(context, cached[slots], rows["tau"], reduce),
+                              True)
+        # Rows of requests that do not use DyLLM write the caches too: only a sparse
+        # DyLLM pass reads them, and a request's first pass, full, overwrites its slots.
+        cached[slots] = context
         out, _ = attn.o_proj(context)
         x = x + out
+        # Non-salient rows (sparse DyLLM rows only) add their cached FFN output.
         ffn_cache = self.caches.get("ffn", i, x.shape[-1])
-        ffn_old = ffn_cache[slots]
-        ffn = torch.where(dy_sparse[:, None], ffn_old, torch.zeros_like(ffn_old))
+        ffn = ffn_cache[slots]
         # The pass's one read-back per layer: how many rows run the FFN.
         index = salient.nonzero().squeeze(1)
         self.ffn_rows_per_layer.append(len(index))
         if len(index):
-            ffn[index] = layer.mlp(layer.post_attention_layernorm(x[index]))
-        ffn_cache[slots] = torch.where(dy_row[:, None], ffn, ffn_old)
+            computed = layer.mlp(layer.post_attention_layernorm(x[index]))
+            ffn[index] = computed
+            ffn_cache[slots[index]] = computed
         rows["kv"] = salient
         self.metadata.slot_mapping = slots
         self.metadata.num_kv_tokens = None

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from vllm.model_executor.layers.linear import QKVParallelLinear
 
 
 class GatedMLP(nn.Module):
@@ -22,10 +23,33 @@ class GatedMLP(nn.Module):
         return x
 
 
+def kv_parallel_linear(hidden_size: int, head_dim: int, total_num_kv_heads: int, bias: bool,
+                       prefix: str) -> QKVParallelLinear:
+    """The K and V projections as one GEMM: vLLM's `QKVParallelLinear` with no query
+    heads, so it keeps vLLM's K/V sharding (a rank's KV heads, or a replica of one when
+    there are fewer KV heads than ranks) and loads the checkpoint's `k`/`v` shards."""
+    return QKVParallelLinear(hidden_size, head_dim, 0, total_num_kv_heads, bias=bias,
+                             prefix=prefix)
+
+
 class ProjectedAttention(nn.Module):
-    """Attention whose `project(positions, h)` gives the post-RoPE q, k, v rows;
-    `attn` is vLLM's `Attention` (its backend writes K/V to the pages), `o_proj`
-    the output projection. A row controller may call these parts one by one."""
+    """Attention with separate `q_proj` and `kv_proj` (from `kv_parallel_linear`;
+    `kv_size` is a rank's K width), `rotate(positions, x)` (the model's RoPE on q or k
+    rows), `attn` (vLLM's `Attention`: its backend writes K/V to the pages) and
+    `o_proj`. Q and K/V are separate GEMMs so that a row controller can project K/V
+    for a subset of the rows (DyLLM); a row controller may call these parts one by one."""
+
+    def project(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                kv_rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE q of every row; k, v of the rows `kv_rows` (indices; None: all)."""
+        q, _ = self.q_proj(hidden_states)
+        kv_positions = positions
+        if kv_rows is not None:
+            hidden_states, kv_positions = hidden_states[kv_rows], positions[kv_rows]
+        kv, _ = self.kv_proj(hidden_states)
+        k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        return self.rotate(positions, q), self.rotate(kv_positions, k), v
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         out, _ = self.o_proj(self.attn(*self.project(positions, hidden_states)))

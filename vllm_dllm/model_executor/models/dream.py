@@ -5,7 +5,8 @@ attention is fully bidirectional (models.md §2.3). Dream keeps Qwen's
 autoregressive alignment: logits row p predicts position p + 1 (§2.4), which
 the model declares with `dllm_logits_offset` and the decoding core applies.
 Weights load from the original names, which are Qwen2's (`model.layers.N.
-self_attn.q_proj`, ...): q/k/v into one `qkv_proj`, gate/up into `gate_up_proj`.
+self_attn.q_proj`, ...): k/v into one `kv_proj` (q stays apart, see
+`decoder.ProjectedAttention`), gate/up into `gate_up_proj`.
 """
 
 from collections.abc import Iterable
@@ -19,8 +20,8 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
     MergedColumnParallelLinear,
-    QKVParallelLinear,
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -40,6 +41,7 @@ from vllm_dllm.model_executor.decoder import (
     GatedMLP,
     ProjectedAttention,
     RowController,
+    kv_parallel_linear,
     run_layers,
 )
 
@@ -67,11 +69,13 @@ class DreamAttention(ProjectedAttention):
         self.num_heads = config.num_attention_heads // tp_size
         # Fewer KV heads than ranks: each rank keeps a replica of one.
         self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
-        self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, config.num_attention_heads,
-            config.num_key_value_heads, bias=True, prefix=f"{prefix}.qkv_proj")
+        self.q_proj = ColumnParallelLinear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, bias=True,
+            prefix=f"{prefix}.q_proj")
+        self.kv_proj = kv_parallel_linear(
+            config.hidden_size, self.head_dim, config.num_key_value_heads, True,
+            prefix=f"{prefix}.kv_proj")
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=False,
             prefix=f"{prefix}.o_proj")
@@ -85,12 +89,8 @@ class DreamAttention(ProjectedAttention):
             num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.attn", attn_backend=BidirectionalAttentionBackend)
 
-    def project(self, positions: torch.Tensor, hidden_states: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return q, k, v
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.rotary_emb(positions, x)[0]
 
 
 class DreamDecoderLayer(DecoderLayer):
@@ -105,11 +105,10 @@ class DreamDecoderLayer(DecoderLayer):
 class DreamTransformer(nn.Module):
     """`model.*` of the checkpoint: embeddings, layers, final norm."""
 
-    # checkpoint projection -> (fused parameter, shard id)
+    # checkpoint projection -> (fused parameter, shard id); q_proj keeps its name
     stacked_params_mapping = (
-        (".qkv_proj", ".q_proj", "q"),
-        (".qkv_proj", ".k_proj", "k"),
-        (".qkv_proj", ".v_proj", "v"),
+        (".kv_proj", ".k_proj", "k"),
+        (".kv_proj", ".v_proj", "v"),
         (".gate_up_proj", ".gate_proj", 0),
         (".gate_up_proj", ".up_proj", 1),
     )

@@ -18,8 +18,8 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
     MergedColumnParallelLinear,
-    QKVParallelLinear,
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -38,6 +38,7 @@ from vllm_dllm.model_executor.decoder import (
     GatedMLP,
     ProjectedAttention,
     RowController,
+    kv_parallel_linear,
     run_layers,
 )
 
@@ -61,12 +62,14 @@ class LLaDAAttention(ProjectedAttention):
         self.head_dim = config.d_model // config.n_heads
         self.num_heads = config.n_heads // tp_size
         self.num_kv_heads = max(1, config.n_kv_heads // tp_size)
-        self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         qkv_bias = config.include_bias or config.include_qkv_bias
-        self.qkv_proj = QKVParallelLinear(
-            config.d_model, self.head_dim, config.n_heads, config.n_kv_heads,
-            bias=qkv_bias, prefix=f"{prefix}.qkv_proj")
+        self.q_proj = ColumnParallelLinear(
+            config.d_model, config.n_heads * self.head_dim, bias=qkv_bias,
+            prefix=f"{prefix}.q_proj")
+        self.kv_proj = kv_parallel_linear(
+            config.d_model, self.head_dim, config.n_kv_heads, qkv_bias,
+            prefix=f"{prefix}.kv_proj")
         self.o_proj = RowParallelLinear(
             config.n_heads * self.head_dim, config.d_model, bias=config.include_bias,
             prefix=f"{prefix}.o_proj")
@@ -80,12 +83,8 @@ class LLaDAAttention(ProjectedAttention):
             num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.attn", attn_backend=BidirectionalAttentionBackend)
 
-    def project(self, positions: torch.Tensor, hidden_states: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q32, k32 = self.rotary_emb(positions, q.float(), k.float())
-        return q32.to(q.dtype), k32.to(k.dtype), v
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.rotary_emb(positions, x.float())[0].to(x.dtype)
 
 
 class LLaDABlock(DecoderLayer):
@@ -129,11 +128,11 @@ def _checkpoint_to_module_name(name: str) -> str:
     return name
 
 
-# checkpoint projection -> (fused parameter, shard id)
+# checkpoint projection -> (parameter, shard id; None: the whole parameter)
 _STACKED = {
-    ".q_proj.": (".self_attn.qkv_proj.", "q"),
-    ".k_proj.": (".self_attn.qkv_proj.", "k"),
-    ".v_proj.": (".self_attn.qkv_proj.", "v"),
+    ".q_proj.": (".self_attn.q_proj.", None),
+    ".k_proj.": (".self_attn.kv_proj.", "k"),
+    ".v_proj.": (".self_attn.kv_proj.", "v"),
     ".ff_proj.": (".mlp.gate_up_proj.", 0),
     ".up_proj.": (".mlp.gate_up_proj.", 1),
 }
@@ -178,7 +177,10 @@ class LLaDAModelLM(nn.Module):
                 if old in name:
                     name = name.replace(old, new)
                     param = params[name]
-                    param.weight_loader(param, tensor, shard)
+                    if shard is None:
+                        param.weight_loader(param, tensor)
+                    else:
+                        param.weight_loader(param, tensor, shard)
                     break
             else:
                 param = params[name]
