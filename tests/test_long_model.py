@@ -11,10 +11,11 @@ from tests.helpers import reference_tokens, shutdown
 from tests.reference.modeling import ReferenceLLaDA
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-long"
-PROMPTS = 6
-# The model's held-out vanilla accuracy (its README) makes more than this many right
-# answers out of 6 all but certain.
-MIN_RIGHT_OF_6 = 4
+PROMPTS = 6  # three of each family
+# The model's held-out vanilla accuracy (its README): running_sum 97%, so at least 2 of
+# its 3 prompts right is all but certain; count 5.5% (it misplaces where the count ends),
+# so count answers are only checked against the reference.
+MIN_RUNNING_SUM_RIGHT_OF_3 = 2
 
 CONFIGS = {
     "vanilla": {"steps": 128, "remasking": "low_confidence"},
@@ -54,5 +55,7 @@ def test_plugin_gives_the_reference_answers(llm, problems, name):
         want = reference_tokens(reference, MODEL, ids, gen_length=128, block_length=32,
                                 temperature=0.0, **{"steps": 128, **xargs})
         assert list(out.outputs[0].token_ids) == want, problem
-        right += tasks.score(tokenizer.decode(want, skip_special_tokens=True), problem.answer)
-    assert right >= MIN_RIGHT_OF_6
+        if problem.family == "running_sum":
+            right += tasks.score(tokenizer.decode(want, skip_special_tokens=True),
+                                 problem.answer)
+    assert right >= MIN_RUNNING_SUM_RIGHT_OF_3
