@@ -3,8 +3,7 @@ reference `diffusion_generate`, Fast-dLLM's policies on its confidence equal the
 block decoder with the shift, token skipping's degenerate settings equal no skipping, and
 LLaDA's and Dream's parameters are not mixed.
 
-The reference skipping (`tests/reference/skipping.py`) runs on LLaDA's weights, so Dream
-with `es` / `dyllm` is checked here only through settings that must not change a token.
+Dream with `es` / `dyllm` against the reference skipping is `test_dream_skipping.py`.
 """
 
 import pytest

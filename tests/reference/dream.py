@@ -42,6 +42,9 @@ Conventions shared with the plugin so that runs can be compared token for token
   or [s - 1, e) (`dual`) of a block [s, e) against the K/V that forward left:
   the recomputed window widens by the logits offset so that every block
   position's prediction row is fresh. No position is committed blindly.
+* Token skipping (`skip=es|dyllm`): `skipping.RequestSkipping` on these
+  weights with offset 1, as for LLaDA otherwise; a masked position whose
+  prediction row it skipped is no candidate this iteration.
 """
 
 import json
@@ -51,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from tests.reference import skipping
 from vllm_dllm.sampling import noise
 
 LOGITS_OFFSET = 1
@@ -105,17 +109,42 @@ class ReferenceDream(torch.nn.Module):
     def w(self, name: str) -> torch.Tensor:
         return self.weights[name]
 
-    def _proj(self, h: torch.Tensor, layer: str, name: str) -> torch.Tensor:
-        p = f"{layer}self_attn.{name}."
-        return h @ self.w(p + "weight").T + self.w(p + "bias")
+    # The layer's parts, under the same names as `ReferenceLLaDA`'s, so that the
+    # skipping forwards (`skipping.py`) run on either model. Leading dims of
+    # `x` [..., n, d] are kept; `positions` [n] are the rows' positions.
 
-    def _mlp(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.w("model.embed_tokens.weight"))
+
+    def project(self, i: int, x: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's post-RoPE q [..., n_heads, n, hd], k and v [..., n_kv_heads, n, hd]
+        (q/k/v projections with their biases)."""
+        layer = f"model.layers.{i}."
+        h = _rms_norm(x, self.w(layer + "input_layernorm.weight"), self.eps)
+
+        def heads(name: str, n: int) -> torch.Tensor:
+            p = f"{layer}self_attn.{name}."
+            proj = h @ self.w(p + "weight").T + self.w(p + "bias")
+            return proj.view(*proj.shape[:-1], n, self.head_dim).transpose(-3, -2)
+
+        q = _rope(heads("q_proj", self.n_heads), positions, self.theta)
+        k = _rope(heads("k_proj", self.n_kv_heads), positions, self.theta)
+        return q, k, heads("v_proj", self.n_kv_heads)
+
+    def attention_output(self, i: int, context: torch.Tensor) -> torch.Tensor:
+        """Layer i's `o_proj` (no bias) of the attention context [..., n, n_heads * hd]."""
+        return context @ self.w(f"model.layers.{i}.self_attn.o_proj.weight").T
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's MLP branch (its norm included), added to `x` by the caller."""
+        layer = f"model.layers.{i}."
         h = _rms_norm(x, self.w(layer + "post_attention_layernorm.weight"), self.eps)
         gate = h @ self.w(layer + "mlp.gate_proj.weight").T
         up = h @ self.w(layer + "mlp.up_proj.weight").T
-        return x + (F.silu(gate) * up) @ self.w(layer + "mlp.down_proj.weight").T
+        return (F.silu(gate) * up) @ self.w(layer + "mlp.down_proj.weight").T
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         return _rms_norm(x, self.w("model.norm.weight"), self.eps) @ self.w("lm_head.weight").T
 
     def forward(self, tokens: torch.Tensor,
@@ -123,25 +152,15 @@ class ReferenceDream(torch.nn.Module):
         lead, length = tokens.shape[:-1], tokens.shape[-1]
         positions = torch.arange(length)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = F.embedding(tokens, self.w("model.embed_tokens.weight"))
+        rep = self.n_heads // self.n_kv_heads
+        x = self.embed(tokens)
         for i in range(self.n_layers):
-            layer = f"model.layers.{i}."
-            h = _rms_norm(x, self.w(layer + "input_layernorm.weight"), self.eps)
-
-            def heads(name: str, n: int) -> torch.Tensor:
-                proj = self._proj(h, layer, name)
-                return proj.view(*lead, length, n, self.head_dim).transpose(-3, -2)
-
-            q = _rope(heads("q_proj", self.n_heads), positions, self.theta)
-            k = _rope(heads("k_proj", self.n_kv_heads), positions, self.theta)
-            v = heads("v_proj", self.n_kv_heads)
-            rep = self.n_heads // self.n_kv_heads
+            q, k, v = self.project(i, x, positions)
             k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-            a = a.transpose(-3, -2).reshape(*lead, length, -1)
-            x = x + a @ self.w(layer + "self_attn.o_proj.weight").T
-            x = self._mlp(x, layer)
-        return self._head(x)
+            x = x + self.attention_output(i, a.transpose(-3, -2).reshape(*lead, length, -1))
+            x = x + self.ffn(i, x)
+        return self.head(x)
 
     def forward_partial(self, tokens: torch.Tensor, query: torch.Tensor | list[torch.Tensor],
                         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -159,35 +178,26 @@ class ReferenceDream(torch.nn.Module):
         per_layer = query if isinstance(query, list) else [query] * self.n_layers
         query = per_layer[0]
         assert past is not None or len(query) == length
-        x = F.embedding(tokens[query], self.w("model.embed_tokens.weight"))
+        rep = self.n_heads // self.n_kv_heads
+        x = self.embed(tokens[query])
         present = []
         for i in range(self.n_layers):
-            layer = f"model.layers.{i}."
             if per_layer[i] is not query:
                 keep = torch.searchsorted(query, per_layer[i])
                 assert bool((query[keep] == per_layer[i]).all()), "layer sets must be nested"
                 x, query = x[keep], per_layer[i]
-            h = _rms_norm(x, self.w(layer + "input_layernorm.weight"), self.eps)
-
-            def heads(name: str, n: int) -> torch.Tensor:
-                return self._proj(h, layer, name).view(len(query), n, self.head_dim).transpose(0, 1)
-
-            q = _rope(heads("q_proj", self.n_heads), query, self.theta)
-            k_new = _rope(heads("k_proj", self.n_kv_heads), query, self.theta)
-            v_new = heads("v_proj", self.n_kv_heads)
+            q, k_new, v_new = self.project(i, x, query)
             if past is None:
                 k, v = k_new, v_new
             else:
                 k, v = past[i][0].clone(), past[i][1].clone()
                 k[:, query], v[:, query] = k_new, v_new
             present.append((k, v))
-            rep = self.n_heads // self.n_kv_heads
             a = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 0),
                                                v.repeat_interleave(rep, 0), is_causal=False)
-            x = x + a.transpose(0, 1).reshape(len(query), -1) @ self.w(
-                layer + "self_attn.o_proj.weight").T
-            x = self._mlp(x, layer)
-        return self._head(x), present
+            x = x + self.attention_output(i, a.transpose(0, 1).reshape(len(query), -1))
+            x = x + self.ffn(i, x)
+        return self.head(x), present
 
 
 def shift_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -273,9 +283,26 @@ def diffusion_generate(
     eps: float = 1e-3,
     seed: int | None = None,
     cache: str = "none",
+    skip: str = "none",
+    es_keep: tuple[float, ...] = (1.0, 0.5, 0.25),
+    es_depth: tuple[float, ...] = (0.0, 0.125, 0.25),
+    es_alpha: float = 0.5,
+    es_block_update_freq: int = 16,
+    es_prompt_update_freq: int = 0,
+    dyllm_threshold: float = 0.99,
+    dyllm_full_steps: int = 4,
+    dyllm_query_period: int = 4,
 ) -> dict:
-    """Decode one request with Dream's sampler `alg`; returns the canvas (`tokens`),
-    the number of forwards (`forwards`) and the commits of each forward (`commits`)."""
+    """Decode one request with Dream's sampler `alg` under `cache` and `skip` (the
+    skipping parameters are `generate.generate`'s, see `skipping`); returns the
+    canvas (`tokens`), the number of forwards (`forwards`) and the commits of each
+    forward (`commits`).
+
+    Under token skipping a masked position whose prediction row was skipped is no
+    candidate: the counted algorithms reveal int(candidates * ratio) of those that
+    had logits, and a block left with masks after its steps goes on at the last
+    step's ratio (1: every candidate) until it has none.
+    """
     assert alg in ALGS, alg
     assert cache in ("none", "prefix", "dual"), cache
     assert len(prompt) >= 1, "the first position has no prediction row"
@@ -290,11 +317,27 @@ def diffusion_generate(
     prompt_len = len(prompt)
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     commits: list[int] = []
+    skipper = None
+    if skip != "none":
+        skipper = skipping.RequestSkipping(
+            model, prompt_len, len(x), skip=skip, cache=cache, mask_id=mask_id,
+            block_length=block_length, logits_offset=LOGITS_OFFSET, es_keep=es_keep,
+            es_depth=es_depth, es_alpha=es_alpha, es_block_update_freq=es_block_update_freq,
+            es_prompt_update_freq=es_prompt_update_freq, dyllm_threshold=dyllm_threshold,
+            dyllm_full_steps=dyllm_full_steps, dyllm_query_period=dyllm_query_period)
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         end = start + block_length
-        for i in range(steps_per_block):
-            if cache == "none":
+        i = 0
+        while i < steps_per_block or (skipper is not None
+                                      and bool((x[start:end] == mask_id).any())):
+            iteration = len(commits)
+            with_logits = None
+            if skipper is not None:
+                rows, with_logits = skipper.forward(
+                    x, iteration=iteration, step_in_block=i, start=start,
+                    last_commits=commits[-1] if commits else 0)
+            elif cache == "none":
                 rows = model(x).float()[start - LOGITS_OFFSET : end - LOGITS_OFFSET]
             elif i == 0:
                 logits, kv = model.forward_partial(x, torch.arange(len(x)))
@@ -305,8 +348,8 @@ def diffusion_generate(
                 rows = window.float()[: block_length]
             rows = rows.clone()
             rows[:, mask_id] = float("-inf")
-            iteration = len(commits)
-            masked = [p for p in range(block_length) if int(x[start + p]) == mask_id]
+            masked = [p for p in range(block_length) if int(x[start + p]) == mask_id
+                      and (with_logits is None or p in with_logits)]
             canvas_pos = torch.arange(start, end) - prompt_len
 
             def draw(stream: int) -> list[float]:
@@ -314,18 +357,24 @@ def diffusion_generate(
                                       stream).tolist()
 
             u_sample, u_remask = draw(noise.STREAM_SAMPLE), draw(noise.STREAM_REMASK)
+            step = min(i, steps_per_block - 1)
+            last = step == steps_per_block - 1
             if alg == "origin":
-                chosen = choose(alg, masked, {}, ratios[i], i == steps_per_block - 1,
-                                alg_temp, u_remask)
+                chosen = choose(alg, masked, {}, ratios[step], last, alg_temp, u_remask)
                 picks = {p: sample_row(rows[p], alg, temperature, top_p, top_k, u_sample[p])[0]
                          for p in chosen}
             else:
                 scored = {p: sample_row(rows[p], alg, temperature, top_p, top_k, u_sample[p])
                           for p in masked}
-                chosen = choose(alg, masked, {p: c for p, (_, c) in scored.items()}, ratios[i],
-                                i == steps_per_block - 1, alg_temp, u_remask)
+                chosen = choose(alg, masked, {p: c for p, (_, c) in scored.items()},
+                                ratios[step], last, alg_temp, u_remask)
                 picks = {p: scored[p][0] for p in chosen}
             for p, token in picks.items():
                 x[start + p] = token
+            if skipper is not None:
+                # ES scores rows by the raw top-1 probability of what they predict.
+                skipper.record(start, {p: float(torch.softmax(rows[p].double(), -1).max())
+                                       for p in masked}, list(picks))
             commits.append(len(picks))
+            i += 1
     return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}

@@ -137,14 +137,14 @@ def generate(
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     length = len(x)
     commits: list[int] = []
-    # Token skipping's state: K/V of every layer, its caches, what it scores by.
-    kv = None
-    hidden: dict = {}
-    contexts: dict = {}
-    ffns: dict = {}
-    last_conf = torch.zeros(length)
-    fresh = torch.zeros(length, dtype=torch.bool)
-    fractions = skipping.es_layer_fractions(list(es_keep), list(es_depth), model.n_layers)
+    skipper = None
+    if skip != "none":
+        skipper = skipping.RequestSkipping(
+            model, prompt_len, length, skip=skip, cache=cache, mask_id=mask_id,
+            block_length=block_length, logits_offset=logits_offset, es_keep=es_keep,
+            es_depth=es_depth, es_alpha=es_alpha, es_block_update_freq=es_block_update_freq,
+            es_prompt_update_freq=es_prompt_update_freq, dyllm_threshold=dyllm_threshold,
+            dyllm_full_steps=dyllm_full_steps, dyllm_query_period=dyllm_query_period)
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         block = slice(start, start + block_length)
@@ -155,54 +155,23 @@ def generate(
                if skip != "none" or policy != "fixed" else i < steps_per_block):
             iteration = len(commits)  # forwards of this request before this one
             candidates_with_logits = None
-            if skip != "none":
-                refresh = iteration == 0 or (cache != "none" and i == 0)
-                if refresh or cache == "none":
-                    lo, hi = 0, length
+            if skipper is not None:
+                rows, candidates_with_logits = skipper.forward(
+                    x, iteration=iteration, step_in_block=i, start=start,
+                    last_commits=commits[-1] if commits else 0)
+            else:
+                if cache == "none":
+                    logits = model(x).float()
+                elif i == 0:
+                    logits, kv = model.forward_partial(x, torch.arange(len(x)))
                 else:
                     lo = max(0, start - logits_offset)
-                    hi = length if cache == "prefix" else start + block_length
-                    if skip == "es" and es_prompt_update_freq and iteration % es_prompt_update_freq == 0:
-                        lo = 0
-                if skip == "es":
-                    full = refresh or bool(es_block_update_freq
-                                           and iteration % es_block_update_freq == 0)
-                else:
-                    full = refresh or iteration < dyllm_full_steps
-                    if not full and cache == "none" and iteration % dyllm_query_period:
-                        lo = max(0, prompt_len - logits_offset)
-                if kv is None:
-                    kv = [(torch.zeros(model.n_kv_heads, length, model.head_dim),
-                           torch.zeros(model.n_kv_heads, length, model.head_dim))
-                          for _ in range(model.n_layers)]
-                window = torch.arange(lo, hi)
-                if skip == "es":
-                    masks = [p for p in range(start, start + block_length) if int(x[p]) == mask_id]
-                    out_rows, out = skipping.es_forward(
-                        model, x, window, kv, hidden, fractions=fractions, sparse=not full,
-                        alpha=es_alpha, last_conf=last_conf, fresh=fresh,
-                        leftmost=masks[0] if masks else -1,
-                        last_commits=commits[-1] if commits else 0, block_length=block_length)
-                else:
-                    out_rows = window
-                    out = skipping.dyllm_forward(model, x, window, kv, contexts, ffns,
-                                                 sparse=not full, tau=dyllm_threshold, fresh=fresh)
-                logits = torch.zeros(length, out.shape[-1])
-                logits[out_rows] = out.float()
-                candidates_with_logits = {int(p) - start for p in out_rows
-                                          if start <= int(p) + logits_offset < start + block_length}
-            elif cache == "none":
-                logits = model(x).float()
-            elif i == 0:
-                logits, kv = model.forward_partial(x, torch.arange(len(x)))
-            else:
-                lo = max(0, start - logits_offset)
-                stop = len(x) if cache == "prefix" else start + block_length
-                window, _ = model.forward_partial(x, torch.arange(lo, stop), kv)
-                logits = torch.zeros(len(x), window.shape[-1])
-                logits[lo:stop] = window
-            logits = logits.float()
-            rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
+                    stop = len(x) if cache == "prefix" else start + block_length
+                    window, _ = model.forward_partial(x, torch.arange(lo, stop), kv)
+                    logits = torch.zeros(len(x), window.shape[-1])
+                    logits[lo:stop] = window
+                logits = logits.float()
+                rows = logits[start - logits_offset : start - logits_offset + block_length].clone()
             # Never predict the mask itself (the untrained models here can).
             rows[:, mask_id] = float("-inf")
             canvas_pos = torch.arange(start, start + block_length) - prompt_len
@@ -226,10 +195,6 @@ def generate(
             conf = conf.tolist()
             candidates = [p for p in range(block_length) if int(x[start + p]) == mask_id
                           and (candidates_with_logits is None or p in candidates_with_logits)]
-            if skip != "none":
-                top = probs.max(-1).values.float()
-                for p in candidates:
-                    last_conf[start + p] = top[p]
             candidates.sort(key=lambda p: (-conf[p], p))
             if policy == "fixed":
                 count = schedule[i] if i < steps_per_block else max(1, schedule[-1])
@@ -239,10 +204,8 @@ def generate(
             chosen = candidates[:n]
             for p in chosen:
                 x[start + p] = x0[p]
-            fresh[:] = False
-            for p in chosen:
-                fresh[start + p] = True
-                last_conf[start + p] = 0.0
+            if skipper is not None:
+                skipper.record(start, {p: float(probs[p].max()) for p in candidates}, chosen)
             commits.append(len(chosen))
             i += 1
     return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}

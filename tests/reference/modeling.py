@@ -73,6 +73,42 @@ class ReferenceLLaDA(torch.nn.Module):
     def w(self, name: str) -> torch.Tensor:
         return self.weights[f"model__transformer__{name}".replace(".", "__")]
 
+    # The layer's parts, shared by the forwards here and the skipping forwards
+    # (`skipping.py`), which call them one by one on the rows they keep. Leading
+    # dims of `x` [..., n, d] are kept; `positions` [n] are the rows' positions.
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.w("wte.weight"))
+
+    def project(self, i: int, x: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's post-RoPE q [..., n_heads, n, hd], k and v [..., n_kv_heads, n, hd]."""
+        p = f"blocks.{i}."
+        h = _rms_norm(x, self.w(p + "attn_norm.weight"), self.eps)
+
+        def heads(name: str, n: int) -> torch.Tensor:
+            proj = h @ self.w(p + name).T
+            return proj.view(*proj.shape[:-1], n, self.head_dim).transpose(-3, -2)
+
+        q = _rope(heads("q_proj.weight", self.n_heads), positions, self.theta)
+        k = _rope(heads("k_proj.weight", self.n_kv_heads), positions, self.theta)
+        return q, k, heads("v_proj.weight", self.n_kv_heads)
+
+    def attention_output(self, i: int, context: torch.Tensor) -> torch.Tensor:
+        """Layer i's output projection of the attention context [..., n, n_heads * hd]."""
+        return context @ self.w(f"blocks.{i}.attn_out.weight").T
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's feed-forward branch (its norm included), added to `x` by the caller."""
+        p = f"blocks.{i}."
+        h = _rms_norm(x, self.w(p + "ff_norm.weight"), self.eps)
+        gate = h @ self.w(p + "ff_proj.weight").T
+        up = h @ self.w(p + "up_proj.weight").T
+        return (F.silu(gate) * up) @ self.w(p + "ff_out.weight").T
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, self.w("ln_f.weight"), self.eps) @ self.w("ff_out.weight").T
+
     def forward(self, tokens: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         # Leading dims are kept as given (none for [L]) so the single-sequence path runs
@@ -80,30 +116,16 @@ class ReferenceLLaDA(torch.nn.Module):
         lead, length = tokens.shape[:-1], tokens.shape[-1]
         positions = torch.arange(length)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = F.embedding(tokens, self.w("wte.weight"))
+        x = self.embed(tokens)
         for i in range(self.n_layers):
-            p = f"blocks.{i}."
-            h = _rms_norm(x, self.w(p + "attn_norm.weight"), self.eps)
-
-            def heads(name: str, n: int) -> torch.Tensor:
-                proj = h @ self.w(p + name).T
-                return proj.view(*lead, length, n, self.head_dim).transpose(-3, -2)
-
-            q = _rope(heads("q_proj.weight", self.n_heads), positions, self.theta)
-            k = _rope(heads("k_proj.weight", self.n_kv_heads), positions, self.theta)
-            v = heads("v_proj.weight", self.n_kv_heads)
+            q, k, v = self.project(i, x, positions)
             if self.n_kv_heads != self.n_heads:
                 rep = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-            a = a.transpose(-3, -2).reshape(*lead, length, -1)
-            x = x + a @ self.w(p + "attn_out.weight").T
-            h = _rms_norm(x, self.w(p + "ff_norm.weight"), self.eps)
-            gate = h @ self.w(p + "ff_proj.weight").T
-            up = h @ self.w(p + "up_proj.weight").T
-            x = x + (F.silu(gate) * up) @ self.w(p + "ff_out.weight").T
-        x = _rms_norm(x, self.w("ln_f.weight"), self.eps)
-        return x @ self.w("ff_out.weight").T
+            x = x + self.attention_output(i, a.transpose(-3, -2).reshape(*lead, length, -1))
+            x = x + self.ffn(i, x)
+        return self.head(x)
 
     def forward_partial(self, tokens: torch.Tensor, query: torch.Tensor | list[torch.Tensor],
                         past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -122,22 +144,14 @@ class ReferenceLLaDA(torch.nn.Module):
         per_layer = query if isinstance(query, list) else [query] * self.n_layers
         query = per_layer[0]
         assert past is not None or len(query) == length
-        x = F.embedding(tokens[query], self.w("wte.weight"))
+        x = self.embed(tokens[query])
         present = []
         for i in range(self.n_layers):
-            p = f"blocks.{i}."
             if per_layer[i] is not query:
                 keep = torch.searchsorted(query, per_layer[i])
                 assert bool((query[keep] == per_layer[i]).all()), "layer sets must be nested"
                 x, query = x[keep], per_layer[i]
-            h = _rms_norm(x, self.w(p + "attn_norm.weight"), self.eps)
-
-            def heads(name: str, n: int) -> torch.Tensor:
-                return (h @ self.w(p + name).T).view(len(query), n, self.head_dim).transpose(0, 1)
-
-            q = _rope(heads("q_proj.weight", self.n_heads), query, self.theta)
-            k_new = _rope(heads("k_proj.weight", self.n_kv_heads), query, self.theta)
-            v_new = heads("v_proj.weight", self.n_kv_heads)
+            q, k_new, v_new = self.project(i, x, query)
             if past is None:
                 k, v = k_new, v_new
             else:
@@ -148,10 +162,6 @@ class ReferenceLLaDA(torch.nn.Module):
                 rep = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=False)
-            x = x + a.transpose(0, 1).reshape(len(query), -1) @ self.w(p + "attn_out.weight").T
-            h = _rms_norm(x, self.w(p + "ff_norm.weight"), self.eps)
-            gate = h @ self.w(p + "ff_proj.weight").T
-            up = h @ self.w(p + "up_proj.weight").T
-            x = x + (F.silu(gate) * up) @ self.w(p + "ff_out.weight").T
-        x = _rms_norm(x, self.w("ln_f.weight"), self.eps)
-        return x @ self.w("ff_out.weight").T, present
+            x = x + self.attention_output(i, a.transpose(0, 1).reshape(len(query), -1))
+            x = x + self.ffn(i, x)
+        return self.head(x), present
