@@ -39,13 +39,11 @@ ACCURACY_GEN_LENGTH = 32
 # Four blocks of 8, so the prefix and dual caches differ (with a single 32-token block
 # both would only cache the prompt).
 ACCURACY_BLOCK_LENGTH = 8
-# The bundled checkpoints the accuracy benchmark runs by default, each with the canvas and
-# block length it is measured at. The long-answer model is measured at its served shape
-# (generation_config.json), the seeds' block of 32.
-DEFAULT_MODELS = {
-    "examples/llada-tasks": (ACCURACY_GEN_LENGTH, ACCURACY_BLOCK_LENGTH),
-    "examples/llada-long": (128, 32),
-}
+# The bundled checkpoints the accuracy benchmark runs by default. Each is measured at its
+# served shape (generation_config.json) unless listed in MEASURED_SHAPES: the short model
+# serves one block of 32, which would leave nothing between the prefix and dual caches.
+DEFAULT_MODELS = ("examples/llada-tasks", "examples/llada-long")
+MEASURED_SHAPES = {"examples/llada-tasks": (ACCURACY_GEN_LENGTH, ACCURACY_BLOCK_LENGTH)}
 
 
 def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,

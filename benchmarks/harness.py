@@ -215,9 +215,9 @@ def run_accuracy(args, model_name: str) -> dict:
 
     t_start = time.perf_counter()
     model = Path(model_name) if Path(model_name).exists() else ROOT / model_name
-    # The shape: the flags, else the default table, else the checkpoint's own.
+    # The shape: the flags, else MEASURED_SHAPES, else the checkpoint's own.
     suite, gen_length, block_length = checkpoint_tasks(model)
-    gen_length, block_length = cfgs.DEFAULT_MODELS.get(model_name, (gen_length, block_length))
+    gen_length, block_length = cfgs.MEASURED_SHAPES.get(model_name, (gen_length, block_length))
     gen_length, block_length = args.gen_length or gen_length, args.block_length or block_length
     model_config = json.loads((model / "config.json").read_text())
     stop_ids = {model_config["eos_token_id"], model_config.get("eot_token_id",

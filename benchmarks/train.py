@@ -103,24 +103,51 @@ def init_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                 starts: torch.Tensor, mask_id: int, generator: torch.Generator,
-                 canvas: int) -> torch.Tensor:
-    """LLaDA SFT loss summed over the rows (the caller divides by the batch size).
+def training_masks(starts: torch.Tensor, length: int, canvas: int, generator: torch.Generator,
+                   ordered_fraction: float = 0.0, block_length: int = BLOCK_LENGTH
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which tokens are masked, which of them are scored, and the scored tokens' weights
+    ([B, L] bool, [B, L] bool, [B, L] float) for rows whose response starts at `starts`.
 
-    Per row: t ~ U(eps, 1), each response token masked with probability t (the prompt
-    never), cross-entropy on masked tokens weighted by 1/t and divided by the response
-    length, which is the fixed canvas here.
+    LLaDA's SFT masking: per row t ~ U(eps, 1), each response token masked with
+    probability t (the prompt never), every masked token scored with weight 1/t divided by
+    the response length, which is the fixed canvas here.
+
+    With `ordered_fraction` > 0, that fraction of the rows is masked the way left-to-right
+    block decoding sees the canvas instead: the answer given up to a random position, all
+    masked from there on, the rest of that position's block scored (weight 1 / block
+    length). Under independent masking a row almost never has its answer given up to a
+    point and nothing after it, yet low-confidence decoding works from such states; a model
+    trained without them learns to find the answer's end from the padding it sees, and on
+    a canvas masked to the right it does not stop.
     """
-    batch, length = tokens.shape
+    batch = len(starts)
     pos = torch.arange(length)[None]
     response = (pos >= starts[:, None]) & (pos < starts[:, None] + canvas)
     t = (1 - MASK_EPS) * torch.rand(batch, generator=generator) + MASK_EPS
     masked = response & (torch.rand(batch, length, generator=generator) < t[:, None])
+    scored, weight = masked, 1.0 / (t * canvas)
+    if ordered_fraction > 0:
+        ordered = torch.rand(batch, generator=generator) < ordered_fraction
+        cut = starts + torch.randint(canvas, (batch,), generator=generator)
+        block_end = starts + ((cut - starts) // block_length + 1) * block_length
+        after = response & (pos >= cut[:, None])
+        masked = torch.where(ordered[:, None], after, masked)
+        scored = torch.where(ordered[:, None], after & (pos < block_end[:, None]), scored)
+        weight = torch.where(ordered, 1.0 / block_length, weight)
+    return masked, scored, weight[:, None].expand(batch, length)
+
+
+def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                 starts: torch.Tensor, mask_id: int, generator: torch.Generator,
+                 canvas: int, ordered_fraction: float = 0.0) -> torch.Tensor:
+    """The SFT loss of `training_masks`, summed over the rows (the caller divides by the
+    batch size)."""
+    masked, scored, weight = training_masks(starts, tokens.shape[1], canvas, generator,
+                                            ordered_fraction)
     logits = model(torch.where(masked, mask_id, tokens), attention_mask)
-    ce = F.cross_entropy(logits[masked], tokens[masked], reduction="none")
-    weight = (1.0 / t)[:, None].expand(batch, length)[masked]
-    return (ce * weight).sum() / canvas
+    ce = F.cross_entropy(logits[scored], tokens[scored], reduction="none")
+    return (ce * weight[scored]).sum()
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -158,7 +185,7 @@ def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int], suite: str, ca
 
 
 def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Problem],
-               mask_id: int, generator: torch.Generator) -> float:
+               mask_id: int, generator: torch.Generator, ordered_fraction: float = 0.0) -> float:
     """Accumulates the gradient of one batch; returns its loss.
 
     Word problems are about twice as long as the rest, so each family is run as its own
@@ -170,7 +197,7 @@ def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Pro
         if not group:
             continue
         loss = sft_loss_sum(model, *encoder.batch(group), mask_id, generator,
-                            encoder.canvas) / len(problems)
+                            encoder.canvas, ordered_fraction) / len(problems)
         loss.backward()
         total += loss.item()
     return total
@@ -242,6 +269,9 @@ def main() -> None:
     parser.add_argument("--mix", default=None,
                         help="families drawn in this repeating order (repeat one to weight it; "
                              "default: the suite's)")
+    parser.add_argument("--ordered-fraction", type=float, default=0.0,
+                        help="fraction of rows masked as block decoding sees them (given "
+                             "blocks, a partly masked block, all masked after it); default 0")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint (a further training stage)")
     args = parser.parse_args()
@@ -280,7 +310,8 @@ def main() -> None:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         optimizer.zero_grad(set_to_none=True)
         batch = [next(problems) for _ in range(args.batch_size)]
-        losses.append(train_step(model, encoder, batch, mask_id, generator))
+        losses.append(train_step(model, encoder, batch, mask_id, generator,
+                                  args.ordered_fraction))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         if (step + 1) % args.log_every == 0:

@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from benchmarks import tasks
+from benchmarks.train import training_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +65,33 @@ def test_running_sum_writes_its_working_step_by_step():
     for step, addend in zip(steps, numbers[1:]):
         assert step == f"{total}+{addend}={total + addend}"
         total += addend
+
+
+def test_ordered_rows_give_a_prefix_and_score_the_rest_of_its_block():
+    starts = torch.tensor([5, 9, 7, 5] * 50)
+    length, canvas, block = 9 + 128, 128, 32
+    masked, scored, weight = training_masks(starts, length, canvas, torch.Generator().manual_seed(0),
+                                            ordered_fraction=1.0, block_length=block)
+    for row, start in enumerate(starts.tolist()):
+        (hidden,) = masked[row].nonzero(as_tuple=True)
+        cut = int(hidden[0])
+        # Everything before the cut given (prompt included), everything from it masked.
+        assert hidden.tolist() == list(range(cut, start + canvas))
+        block_end = start + ((cut - start) // block + 1) * block
+        assert scored[row].nonzero().squeeze(1).tolist() == list(range(cut, block_end))
+        assert torch.all(weight[row] == 1 / block)
+    cuts = (masked.long().argmax(1) - starts).tolist()
+    assert min(cuts) < 16 and max(cuts) > canvas - 16  # cuts over the whole canvas
+
+
+def test_unordered_rows_are_llada_masking():
+    starts = torch.tensor([4, 6] * 100)
+    generator = torch.Generator().manual_seed(1)
+    masked, scored, weight = training_masks(starts, 6 + 32, 32, generator)
+    assert scored.equal(masked)
+    pos = torch.arange(38)[None]
+    assert not masked[pos < starts[:, None]].any()  # the prompt is never masked
+    # Each row's weight is 1 / (t * canvas), t its masked share (about, for 32 tokens).
+    share = masked.sum(1) / 32
+    t = 1 / (weight[:, 0] * 32)
+    assert (share - t).abs().mean() < 0.1
