@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -11,6 +12,17 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from tests.helpers import inproc_engine, shutdown  # noqa: E402
 from tests.models.tiny_llada import write_random_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: reference work row by row over Dream's 151k
+    vocabulary, where OpenMP threads waiting for each other on a shared CPU cost more
+    than they bring."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -25,16 +25,58 @@ def random_prompt(seed: int, length: int, vocab: int = 96) -> list[int]:
     return torch.randint(1, vocab, (length,), generator=g).tolist()
 
 
+def cut_after_end(tokens: list[int], ends: tuple[int, ...]) -> list[int]:
+    """What the plugin returns of a canvas: up to and including the first end token."""
+    for i, t in enumerate(tokens):
+        if t in ends:
+            return tokens[: i + 1]
+    return tokens
+
+
 def reference_tokens(reference, model_dir: Path, prompt: list[int], *, stop_at_end: bool = True,
                      **params) -> list[int]:
     """What the plugin must return: the reference canvas, cut after the first end token."""
     ids = model_ids(model_dir)
     tokens = generate(reference, prompt, mask_id=ids["mask"], **params)["tokens"]
-    if stop_at_end:
-        for i, t in enumerate(tokens):
-            if t in (ids["eos"], ids["eot"]):
-                return tokens[: i + 1]
-    return tokens
+    return cut_after_end(tokens, (ids["eos"], ids["eot"])) if stop_at_end else tokens
+
+
+# Dream: `<|mask|>`, `<|endoftext|>`, `<|im_end|>` of its tokenizer.
+DREAM_MASK, DREAM_EOS, DREAM_EOT = 151666, 151643, 151645
+# The request keys the Dream tests pass through `extra_args` when a case has them.
+DREAM_EXTRA_ARGS = ("gen_length", "block_length", "steps", "alg", "alg_temp", "cache", "policy",
+                    "threshold", "frechet_delta", "skip", "es_keep", "es_depth",
+                    "es_block_update_freq", "es_prompt_update_freq", "dyllm_threshold",
+                    "dyllm_full_steps", "dyllm_query_period")
+
+
+def dream_prompt(seed: int, length: int) -> list[int]:
+    """Random ordinary tokens (below Dream's special ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, DREAM_EOS, (length,), generator=g).tolist()
+
+
+def dream_cut(tokens: list[int]) -> list[int]:
+    return cut_after_end(tokens, (DREAM_EOS, DREAM_EOT))
+
+
+def dream_sampling_params(case: dict):
+    """A Dream test case (prompt, sampling fields and extra_args keys) as SamplingParams."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=case["temperature"], seed=case["seed"],
+                          top_p=case.get("top_p", 1.0), top_k=case.get("top_k", 0),
+                          max_tokens=case["gen_length"],
+                          extra_args={k: case[k] for k in DREAM_EXTRA_ARGS if k in case})
+
+
+def dream_engine(model_dir: Path):
+    """A multiprocess engine on a random Dream, with a small KV cache (token skipping
+    sizes its per-slot caches by it)."""
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), max_model_len=256, max_num_seqs=32,
+               kv_cache_memory_bytes=32 << 20)
 
 
 class ScheduleRecorder:

@@ -7,22 +7,16 @@ Dream with `es` / `dyllm` against the reference skipping is `test_dream_skipping
 """
 
 import pytest
-import torch
 
-from tests.helpers import plugin_tokens, shutdown
+from tests.helpers import (DREAM_MASK, dream_cut, dream_engine, dream_prompt,
+                           dream_sampling_params, plugin_tokens, shutdown)
 from tests.models.tiny_dream import dream_files, write_random_model
 from tests.reference.dream import ReferenceDream, diffusion_generate
 from tests.reference.generate import generate
 
-MASK, EOS, EOT = 151666, 151643, 151645
-
-pytestmark = pytest.mark.skipif(dream_files() is None,
-                                reason="Dream's files (shared/models/dream-7b-instruct) missing")
-
-
-def _prompt(seed: int, length: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, EOS, (length,), generator=g).tolist()
+pytestmark = [pytest.mark.skipif(dream_files() is None,
+                                 reason="Dream's files (shared/models/dream-7b-instruct) missing"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 CACHES = ("none", "prefix", "dual")
@@ -37,7 +31,7 @@ SAMPLERS = [  # (alg, temperature, seed, top_p, top_k, alg_temp)
     ("topk_margin", 1.0, 9, 1.0, 20, 0.5), ("entropy", 0.5, 13, 0.95, 50, 0.3),
 ]
 CASES = [
-    dict(prompt=_prompt(i, [1, 6, 19, 40][i % 4]), gen_length=g, block_length=b, steps=s,
+    dict(prompt=dream_prompt(i, [1, 6, 19, 40][i % 4]), gen_length=g, block_length=b, steps=s,
          alg=alg, temperature=t, seed=seed, top_p=top_p, top_k=top_k, alg_temp=alg_temp,
          cache=cache)
     for i, ((alg, t, seed, top_p, top_k, alg_temp), cache) in enumerate(
@@ -47,40 +41,12 @@ CASES = [
 # Fast-dLLM's rules on maskgit_plus's confidence: at temperature 0 that is the
 # probability of the argmax, LLaDA's low_confidence, so the block decoder is the oracle.
 POLICY_CASES = [
-    dict(prompt=_prompt(100 + i, 5 + 9 * i), gen_length=32, block_length=8, steps=32,
+    dict(prompt=dream_prompt(100 + i, 5 + 9 * i), gen_length=32, block_length=8, steps=32,
          policy=policy, cache=cache, temperature=0.0, seed=None, **extra)
     for i, ((policy, extra), cache) in enumerate(
         (p, c) for p in [("threshold", {"threshold": 0.2}), ("frechet", {"frechet_delta": 0.1})]
         for c in CACHES)
 ]
-
-
-def _cut(tokens: list[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in (EOS, EOT):
-            return tokens[: i + 1]
-    return tokens
-
-
-def sampling_params(case: dict):
-    from vllm import SamplingParams
-
-    extra = {k: case[k] for k in ("gen_length", "block_length", "steps", "alg", "alg_temp",
-                                  "cache", "policy", "threshold", "frechet_delta", "skip",
-                                  "es_keep", "es_depth", "dyllm_threshold", "dyllm_full_steps",
-                                  "dyllm_query_period") if k in case}
-    return SamplingParams(temperature=case["temperature"], seed=case["seed"],
-                          top_p=case.get("top_p", 1.0), top_k=case.get("top_k", 0),
-                          max_tokens=case["gen_length"], extra_args=extra)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The reference decodes row by row over a 151k vocabulary.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +61,7 @@ def reference(tiny_dream):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dream):
-    from vllm import LLM
-
-    # A small KV cache: token skipping sizes its per-slot caches by it.
-    engine = LLM(model=str(tiny_dream), max_model_len=256, max_num_seqs=32,
-                 kv_cache_memory_bytes=32 << 20)
+    engine = dream_engine(tiny_dream)
     yield engine
     shutdown(engine)
 
@@ -111,7 +73,7 @@ def expected(reference):
         settings = {k: v for k, v in c.items() if k != "prompt"}
         settings["top_p"] = settings["top_p"] if settings["top_p"] < 1 else None
         settings["top_k"] = settings["top_k"] or None
-        out.append(_cut(diffusion_generate(reference, c["prompt"], mask_id=MASK,
+        out.append(dream_cut(diffusion_generate(reference, c["prompt"], mask_id=DREAM_MASK,
                                            **settings)["tokens"]))
     return out
 
@@ -122,7 +84,7 @@ def test_cases_are_not_trivial(reference, expected):
     def plain(case: dict, **change) -> list[int]:
         settings = {**{k: v for k, v in case.items() if k not in ("prompt", "top_p", "top_k")},
                     **change}
-        return _cut(diffusion_generate(reference, case["prompt"], mask_id=MASK,
+        return dream_cut(diffusion_generate(reference, case["prompt"], mask_id=DREAM_MASK,
                                        **settings)["tokens"])
 
     cached = [i for i, c in enumerate(CASES) if c["cache"] != "none" and c["temperature"] == 0]
@@ -133,23 +95,23 @@ def test_cases_are_not_trivial(reference, expected):
 
 
 def test_samplers_batched(llm, expected):
-    got = plugin_tokens(llm, CASES, sampling_params, batched=True)
+    got = plugin_tokens(llm, CASES, dream_sampling_params, batched=True)
     assert [(i, CASES[i]["alg"], CASES[i]["cache"]) for i in range(len(CASES))
             if got[i] != expected[i]] == []
 
 
 def test_samplers_alone(llm, expected):
     cases = CASES[::2]
-    got = plugin_tokens(llm, cases, sampling_params, batched=False)
+    got = plugin_tokens(llm, cases, dream_sampling_params, batched=False)
     assert [i for i, c in enumerate(cases) if got[i] != expected[2 * i]] == []
 
 
 def test_policies_use_the_samplers_confidence(llm, reference):
-    want = [_cut(generate(reference, c["prompt"], mask_id=MASK, logits_offset=1,
+    want = [dream_cut(generate(reference, c["prompt"], mask_id=DREAM_MASK, logits_offset=1,
                           **{k: v for k, v in c.items() if k != "prompt"})["tokens"])
             for c in POLICY_CASES]
     cases = [{**c, "alg": "maskgit_plus"} for c in POLICY_CASES]
-    assert plugin_tokens(llm, cases, sampling_params, batched=True) == want
+    assert plugin_tokens(llm, cases, dream_sampling_params, batched=True) == want
 
 
 def test_skipping_degenerate_settings_equal_no_skipping(llm):
@@ -160,7 +122,7 @@ def test_skipping_degenerate_settings_equal_no_skipping(llm):
     es_all = [{**c, "skip": "es", "es_keep": "1", "es_depth": "0"} for c in cases]
     dyllm_all = [{**c, "skip": "dyllm", "dyllm_threshold": 1.0, "dyllm_full_steps": 0,
                   "dyllm_query_period": 1} for c in cases]
-    plain, es_out, dyllm_out = (plugin_tokens(llm, c, sampling_params, batched=True)
+    plain, es_out, dyllm_out = (plugin_tokens(llm, c, dream_sampling_params, batched=True)
                                 for c in (cases, es_all, dyllm_all))
     assert es_out == plain
     assert dyllm_out == plain
@@ -211,13 +173,13 @@ def test_dream_defaults_to_its_generation_config(llm, reference):
     """No alg given: the folder's generation_config.json (Dream's own) says origin."""
     from vllm import SamplingParams
 
-    prompt = _prompt(7, 12)
+    prompt = dream_prompt(7, 12)
     xargs = {"gen_length": 16, "block_length": 8, "steps": 8}
     got = llm.generate([{"prompt_token_ids": prompt}],
                        SamplingParams(temperature=0, seed=21, max_tokens=16, extra_args=xargs),
                        use_tqdm=False)[0].outputs[0].token_ids
-    want = diffusion_generate(reference, prompt, mask_id=MASK, alg="origin", seed=21, **xargs)
-    assert list(got) == _cut(want["tokens"])
+    want = diffusion_generate(reference, prompt, mask_id=DREAM_MASK, alg="origin", seed=21, **xargs)
+    assert list(got) == dream_cut(want["tokens"])
 
 
 _MAX_LEN = """

@@ -12,15 +12,7 @@ from vllm_dllm.sampling import dream, noise
 
 MASK_ID = 151666
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Row-by-row reference work over a 151k vocabulary: OpenMP threads that wait
-    # for each other on a shared CPU cost more than they bring.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

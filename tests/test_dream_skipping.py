@@ -11,17 +11,16 @@ default keep schedule) and DyLLM's salient sets shrink over several layers.
 import itertools
 
 import pytest
-import torch
 
-from tests.helpers import plugin_tokens, shutdown
+from tests.helpers import (DREAM_MASK, dream_cut, dream_engine, dream_prompt,
+                           dream_sampling_params, plugin_tokens, shutdown)
 from tests.models.tiny_dream import dream_files, write_random_model
 from tests.reference.dream import ReferenceDream, diffusion_generate
 from tests.reference.generate import generate
 
-MASK, EOS, EOT = 151666, 151643, 151645
-
-pytestmark = pytest.mark.skipif(dream_files() is None,
-                                reason="Dream's files (shared/models/dream-7b-instruct) missing")
+pytestmark = [pytest.mark.skipif(dream_files() is None,
+                                 reason="Dream's files (shared/models/dream-7b-instruct) missing"),
+              pytest.mark.usefixtures("one_thread")]
 
 CACHES = ["none", "prefix", "dual"]
 ES = {"skip": "es", "es_block_update_freq": 5}
@@ -35,13 +34,8 @@ SKIP_PARAMS = ("skip", "es_block_update_freq", "es_prompt_update_freq", "dyllm_t
                "dyllm_full_steps", "dyllm_query_period")
 
 
-def _prompt(seed: int, length: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, EOS, (length,), generator=g).tolist()
-
-
 CASES = [
-    dict(prompt=_prompt(300 + i, [2, 9, 21][i % 3]), gen_length=16, block_length=8, steps=16,
+    dict(prompt=dream_prompt(300 + i, [2, 9, 21][i % 3]), gen_length=16, block_length=8, steps=16,
          temperature=0.0, seed=None, cache=cache, **sampler, **method)
     for i, (method, cache, sampler) in enumerate(
         (m, c, s) for j, (m, c) in enumerate(itertools.product([ES, DYLLM], CACHES))
@@ -53,40 +47,15 @@ for case in CASES:
         case["es_prompt_update_freq"] = 3
 
 
-def _cut(tokens: list[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in (EOS, EOT):
-            return tokens[: i + 1]
-    return tokens
-
-
-def sampling_params(case: dict):
-    from vllm import SamplingParams
-
-    extra = {k: case[k] for k in ("gen_length", "block_length", "steps", "alg", "cache",
-                                  "policy", "threshold", *SKIP_PARAMS) if k in case}
-    return SamplingParams(temperature=case["temperature"], seed=case["seed"],
-                          max_tokens=case["gen_length"], extra_args=extra)
-
-
 def reference_tokens(reference: ReferenceDream, case: dict) -> list[int]:
     settings = {k: v for k, v in case.items() if k != "prompt"}
     if "policy" in settings:
         # At temperature 0 maskgit_plus's confidence is LLaDA's low_confidence.
         settings.pop("alg")
-        out = generate(reference, case["prompt"], mask_id=MASK, logits_offset=1, **settings)
+        out = generate(reference, case["prompt"], mask_id=DREAM_MASK, logits_offset=1, **settings)
     else:
-        out = diffusion_generate(reference, case["prompt"], mask_id=MASK, **settings)
-    return _cut(out["tokens"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The reference decodes row by row over a 151k vocabulary.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+        out = diffusion_generate(reference, case["prompt"], mask_id=DREAM_MASK, **settings)
+    return dream_cut(out["tokens"])
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +71,7 @@ def reference(deep_dream):
 
 @pytest.fixture(scope="module")
 def llm(deep_dream):
-    from vllm import LLM
-
-    # A small KV cache: token skipping sizes its per-slot caches by it.
-    engine = LLM(model=str(deep_dream), max_model_len=256, max_num_seqs=32,
-                 kv_cache_memory_bytes=32 << 20)
+    engine = dream_engine(deep_dream)
     yield engine
     shutdown(engine)
 
@@ -121,18 +86,18 @@ def test_skipping_changes_the_decode(llm, expected):
     without skipping (decoded by the plugin, which `test_dream_decoding.py` holds to the
     reference there; the reference's full-vocabulary forwards would take minutes)."""
     plain = plugin_tokens(llm, [{k: v for k, v in c.items() if k not in SKIP_PARAMS}
-                                for c in CASES], sampling_params, batched=True)
+                                for c in CASES], dream_sampling_params, batched=True)
     changed = [a != b for a, b in zip(plain, expected)]
     assert sum(changed) > len(CASES) // 2, changed
 
 
 def test_batched(llm, expected):
-    got = plugin_tokens(llm, CASES, sampling_params, batched=True)
+    got = plugin_tokens(llm, CASES, dream_sampling_params, batched=True)
     assert [(i, CASES[i]["skip"], CASES[i]["cache"]) for i in range(len(CASES))
             if got[i] != expected[i]] == []
 
 
 def test_alone(llm, expected):
-    got = plugin_tokens(llm, CASES, sampling_params, batched=False)
+    got = plugin_tokens(llm, CASES, dream_sampling_params, batched=False)
     assert [(i, CASES[i]["skip"], CASES[i]["cache"]) for i in range(len(CASES))
             if got[i] != expected[i]] == []

@@ -70,7 +70,8 @@ def test_running_sum_writes_its_working_step_by_step():
 def test_ordered_rows_give_a_prefix_and_score_the_rest_of_its_block():
     starts = torch.tensor([5, 9, 7, 5] * 50)
     length, canvas, block = 9 + 128, 128, 32
-    masked, scored, weight = training_masks(starts, length, canvas, torch.Generator().manual_seed(0),
+    generator = torch.Generator().manual_seed(0)
+    masked, scored, weight = training_masks(starts, length, canvas, generator,
                                             ordered_fraction=1.0, block_length=block)
     for row, start in enumerate(starts.tolist()):
         (hidden,) = masked[row].nonzero(as_tuple=True)
