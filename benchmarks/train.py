@@ -59,8 +59,9 @@ class Encoder:
         return prompt, answer + [self.eos] * (self.canvas - len(answer))
 
     def batch(self, problems: list[tasks.Problem]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens [B, L], key-padding mask [B, L], response start [B]; rows right-padded."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [B, L], key-padding mask [B, L], response start [B], answer length with
+        its `<|eot_id|>` [B]; rows right-padded."""
         examples = [self.example(p) for p in problems]
         length = max(len(p) + len(r) for p, r in examples)
         tokens = torch.full((len(examples), length), self.eos)
@@ -70,7 +71,9 @@ class Encoder:
             tokens[row, : len(seq)] = torch.tensor(seq)
             attention_mask[row, : len(seq)] = 1
         starts = torch.tensor([len(p) for p, _ in examples])
-        return tokens, attention_mask, starts
+        answered = torch.tensor([r.index(self.eos) if self.eos in r else len(r)
+                                 for _, r in examples])
+        return tokens, attention_mask, starts, answered
 
 
 def init_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -103,23 +106,25 @@ def init_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def training_masks(starts: torch.Tensor, length: int, canvas: int, generator: torch.Generator,
-                   ordered_fraction: float = 0.0, block_length: int = BLOCK_LENGTH
+def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, canvas: int,
+                   generator: torch.Generator, ordered_fraction: float = 0.0,
+                   block_length: int = BLOCK_LENGTH
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which tokens are masked, which of them are scored, and the scored tokens' weights
-    ([B, L] bool, [B, L] bool, [B, L] float) for rows whose response starts at `starts`.
+    ([B, L] bool, [B, L] bool, [B, L] float) for rows whose response starts at `starts`
+    with an answer of `answered` tokens (its `<|eot_id|>` included).
 
     LLaDA's SFT masking: per row t ~ U(eps, 1), each response token masked with
     probability t (the prompt never), every masked token scored with weight 1/t divided by
     the response length, which is the fixed canvas here.
 
     With `ordered_fraction` > 0, that fraction of the rows is masked the way left-to-right
-    block decoding sees the canvas instead: the answer given up to a random position, all
-    masked from there on, the rest of that position's block scored (weight 1 / block
-    length). Under independent masking a row almost never has its answer given up to a
-    point and nothing after it, yet low-confidence decoding works from such states; a model
-    trained without them learns to find the answer's end from the padding it sees, and on
-    a canvas masked to the right it does not stop.
+    block decoding sees the canvas instead: the answer given up to a random position of it
+    (its `<|eot_id|>` included), all masked from there on, and the rest of that position's
+    block scored (weight 1 / block length). Under independent masking a row almost never
+    has its answer given up to a point and nothing after it, yet low-confidence decoding
+    works from such states; a model trained without them learns to find the answer's end
+    from the padding it sees, and on a canvas masked to the right it does not stop.
     """
     batch = len(starts)
     pos = torch.arange(length)[None]
@@ -129,7 +134,7 @@ def training_masks(starts: torch.Tensor, length: int, canvas: int, generator: to
     scored, weight = masked, 1.0 / (t * canvas)
     if ordered_fraction > 0:
         ordered = torch.rand(batch, generator=generator) < ordered_fraction
-        cut = starts + torch.randint(canvas, (batch,), generator=generator)
+        cut = starts + (torch.rand(batch, generator=generator) * answered).long()
         block_end = starts + ((cut - starts) // block_length + 1) * block_length
         after = response & (pos >= cut[:, None])
         masked = torch.where(ordered[:, None], after, masked)
@@ -139,12 +144,13 @@ def training_masks(starts: torch.Tensor, length: int, canvas: int, generator: to
 
 
 def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                 starts: torch.Tensor, mask_id: int, generator: torch.Generator,
-                 canvas: int, ordered_fraction: float = 0.0) -> torch.Tensor:
+                 starts: torch.Tensor, answered: torch.Tensor, mask_id: int,
+                 generator: torch.Generator, canvas: int, ordered_fraction: float = 0.0
+                 ) -> torch.Tensor:
     """The SFT loss of `training_masks`, summed over the rows (the caller divides by the
     batch size)."""
-    masked, scored, weight = training_masks(starts, tokens.shape[1], canvas, generator,
-                                            ordered_fraction)
+    masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
+                                            generator, ordered_fraction)
     logits = model(torch.where(masked, mask_id, tokens), attention_mask)
     ce = F.cross_entropy(logits[scored], tokens[scored], reduction="none")
     return (ce * weight[scored]).sum()

@@ -69,26 +69,29 @@ def test_running_sum_writes_its_working_step_by_step():
 
 def test_ordered_rows_give_a_prefix_and_score_the_rest_of_its_block():
     starts = torch.tensor([5, 9, 7, 5] * 50)
+    answered = torch.tensor([41, 120, 77, 63] * 50)
     length, canvas, block = 9 + 128, 128, 32
     generator = torch.Generator().manual_seed(0)
-    masked, scored, weight = training_masks(starts, length, canvas, generator,
+    masked, scored, weight = training_masks(starts, answered, length, canvas, generator,
                                             ordered_fraction=1.0, block_length=block)
-    for row, start in enumerate(starts.tolist()):
+    for row, (start, n) in enumerate(zip(starts.tolist(), answered.tolist())):
         (hidden,) = masked[row].nonzero(as_tuple=True)
         cut = int(hidden[0])
+        assert start <= cut < start + n  # a position of the answer, its end included
         # Everything before the cut given (prompt included), everything from it masked.
         assert hidden.tolist() == list(range(cut, start + canvas))
         block_end = start + ((cut - start) // block + 1) * block
         assert scored[row].nonzero().squeeze(1).tolist() == list(range(cut, block_end))
         assert torch.all(weight[row] == 1 / block)
-    cuts = (masked.long().argmax(1) - starts).tolist()
-    assert min(cuts) < 16 and max(cuts) > canvas - 16  # cuts over the whole canvas
+    cuts = (masked.long().argmax(1) - starts)[answered == 120].tolist()
+    assert min(cuts) < 16 and max(cuts) > 100  # over the whole answer
 
 
 def test_unordered_rows_are_llada_masking():
     starts = torch.tensor([4, 6] * 100)
     generator = torch.Generator().manual_seed(1)
-    masked, scored, weight = training_masks(starts, 6 + 32, 32, generator)
+    masked, scored, weight = training_masks(starts, torch.tensor([20, 9] * 100), 6 + 32, 32,
+                                            generator)
     assert scored.equal(masked)
     pos = torch.arange(38)[None]
     assert not masked[pos < starts[:, None]].any()  # the prompt is never masked
