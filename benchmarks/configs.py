@@ -39,10 +39,13 @@ ACCURACY_GEN_LENGTH = 32
 # Four blocks of 8, so the prefix and dual caches differ (with a single 32-token block
 # both would only cache the prompt).
 ACCURACY_BLOCK_LENGTH = 8
-# The bundled checkpoints the accuracy benchmark runs by default. Each is measured at its
-# served shape (generation_config.json) unless listed in MEASURED_SHAPES: the short model
-# serves one block of 32, which would leave nothing between the prefix and dual caches.
-DEFAULT_MODELS = ("examples/llada-tasks", "examples/llada-long")
+# The bundled checkpoints the accuracy benchmark runs by default, with the held-out prompts
+# each gets unless --num-prompts says otherwise: a long-answer prompt costs about 7x a short
+# one (128-token canvas, four blocks), so 200 of them take ~25 min here, 1000 short ones ~11.
+# Each is measured at its served shape (generation_config.json) unless listed in
+# MEASURED_SHAPES: the short model serves one block of 32, which would leave nothing
+# between the prefix and dual caches.
+DEFAULT_MODELS = {"examples/llada-tasks": 1000, "examples/llada-long": 200}
 MEASURED_SHAPES = {"examples/llada-tasks": (ACCURACY_GEN_LENGTH, ACCURACY_BLOCK_LENGTH)}
 
 

@@ -43,7 +43,7 @@ from benchmarks import configs as cfgs  # noqa: E402
 from benchmarks import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_NUM_PROMPTS = 1000  # total, families interleaved
+DEFAULT_NUM_PROMPTS = 1000  # per model not in configs.DEFAULT_MODELS, families interleaved
 
 
 def log(msg: str) -> None:
@@ -223,7 +223,8 @@ def run_accuracy(args, model_name: str) -> dict:
     stop_ids = {model_config["eos_token_id"], model_config.get("eot_token_id",
                                                                model_config["eos_token_id"])}
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    problems = tasks.heldout(args.num_prompts, families=suite)
+    num_prompts = args.num_prompts or cfgs.DEFAULT_MODELS.get(model_name, DEFAULT_NUM_PROMPTS)
+    problems = tasks.heldout(num_prompts, families=suite)
     prompts = [tokenizer.encode(tasks.render_chat(p.prompt)).ids for p in problems]
     families = [f for f in suite if any(p.family == f for p in problems)]
 
@@ -565,9 +566,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     acc.add_argument("--model", default=",".join(cfgs.DEFAULT_MODELS),
                      help="comma list of checkpoint folders, run one after the other "
                           "(default: %(default)s)")
-    acc.add_argument("--num-prompts", "-n", type=int, default=DEFAULT_NUM_PROMPTS,
+    acc.add_argument("--num-prompts", "-n", type=int, default=None,
                      help="held-out prompts per model (the suite's families interleaved); "
-                          f"default {DEFAULT_NUM_PROMPTS}")
+                          "default: " + ", ".join(f"{n} for {m}" for m, n in
+                                                   cfgs.DEFAULT_MODELS.items())
+                          + f", {DEFAULT_NUM_PROMPTS} for others")
     acc.add_argument("--gen-length", type=int, default=None,
                      help="default: the model's (32 for llada-tasks, 128 for llada-long)")
     acc.add_argument("--block-length", type=int, default=None,

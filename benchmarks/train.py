@@ -120,11 +120,12 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
 
     With `ordered_fraction` > 0, that fraction of the rows is masked the way left-to-right
     block decoding sees the canvas instead: the answer given up to a random position of it
-    (its `<|eot_id|>` included), all masked from there on, and the rest of that position's
-    block scored (weight 1 / block length). Under independent masking a row almost never
-    has its answer given up to a point and nothing after it, yet low-confidence decoding
-    works from such states; a model trained without them learns to find the answer's end
-    from the padding it sees, and on a canvas masked to the right it does not stop.
+    (its `<|eot_id|>` included, positions near the end likelier), all masked from there
+    on, and the rest of that position's block scored (weight 1 / block length). Under
+    independent masking a row almost never has its answer given up to a point and nothing
+    after it, yet low-confidence decoding works from such states; a model trained without
+    them learns to find the answer's end from the padding it sees, and on a canvas masked
+    to the right it does not stop.
     """
     batch = len(starts)
     pos = torch.arange(length)[None]
@@ -134,7 +135,10 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
     scored, weight = masked, 1.0 / (t * canvas)
     if ordered_fraction > 0:
         ordered = torch.rand(batch, generator=generator) < ordered_fraction
-        cut = starts + (torch.rand(batch, generator=generator) * answered).long()
+        # Drawn towards the answer's end (its distance from the end goes as u², u uniform),
+        # where the decision to stop is made: a third of the cuts fall in the last tenth.
+        from_end = (torch.rand(batch, generator=generator) ** 2 * answered).long()
+        cut = starts + answered - 1 - from_end
         block_end = starts + ((cut - starts) // block_length + 1) * block_length
         after = response & (pos >= cut[:, None])
         masked = torch.where(ordered[:, None], after, masked)
