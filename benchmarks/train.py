@@ -112,27 +112,28 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which tokens are masked, which of them are scored, and the scored tokens' weights
     ([B, L] bool, [B, L] bool, [B, L] float) for rows whose response starts at `starts`
-    with an answer of `answered` tokens (its `<|eot_id|>` included).
+    with an answer of `answered` tokens (its `<|eot_id|>` included). The loss divides the
+    weighted sum by the canvas.
 
     LLaDA's SFT masking: per row t ~ U(eps, 1), each response token masked with
-    probability t (the prompt never), every masked token scored with weight 1/t divided by
-    the response length, which is the fixed canvas here.
+    probability t (the prompt never), every masked token scored with weight 1/t (then
+    divided by the response length, which is the fixed canvas here).
 
     With `ordered_fraction` > 0, that fraction of the rows is masked the way left-to-right
     block decoding sees the canvas instead: the answer given up to a random position of it
     (its `<|eot_id|>` included, positions near the end likelier), all masked from there
-    on, and the rest of that position's block scored (weight 1 / block length). Under
-    independent masking a row almost never has its answer given up to a point and nothing
-    after it, yet low-confidence decoding works from such states; a model trained without
-    them learns to find the answer's end from the padding it sees, and on a canvas masked
-    to the right it does not stop.
+    on, and the rest of that position's block scored (weight canvas / block length: the
+    block's mean). Under independent masking a row almost never has its answer given up to
+    a point and nothing after it, yet low-confidence decoding works from such states; a
+    model trained without them learns to find the answer's end from the padding it sees,
+    and on a canvas masked to the right it does not stop.
     """
     batch = len(starts)
     pos = torch.arange(length)[None]
     response = (pos >= starts[:, None]) & (pos < starts[:, None] + canvas)
     t = (1 - MASK_EPS) * torch.rand(batch, generator=generator) + MASK_EPS
     masked = response & (torch.rand(batch, length, generator=generator) < t[:, None])
-    scored, weight = masked, 1.0 / (t * canvas)
+    scored, weight = masked, 1.0 / t
     if ordered_fraction > 0:
         ordered = torch.rand(batch, generator=generator) < ordered_fraction
         # Drawn towards the answer's end (its distance from the end goes as u², u uniform),
@@ -143,7 +144,7 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
         after = response & (pos >= cut[:, None])
         masked = torch.where(ordered[:, None], after, masked)
         scored = torch.where(ordered[:, None], after & (pos < block_end[:, None]), scored)
-        weight = torch.where(ordered, 1.0 / block_length, weight)
+        weight = torch.where(ordered, canvas / block_length, weight)
     return masked, scored, weight[:, None].expand(batch, length)
 
 
@@ -157,7 +158,7 @@ def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: to
                                             generator, ordered_fraction)
     logits = model(torch.where(masked, mask_id, tokens), attention_mask)
     ce = F.cross_entropy(logits[scored], tokens[scored], reduction="none")
-    return (ce * weight[scored]).sum()
+    return (ce * weight[scored]).sum() / canvas
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -280,8 +281,8 @@ def main() -> None:
                         help="families drawn in this repeating order (repeat one to weight it; "
                              "default: the suite's)")
     parser.add_argument("--ordered-fraction", type=float, default=0.0,
-                        help="fraction of rows masked as block decoding sees them (given "
-                             "blocks, a partly masked block, all masked after it); default 0")
+                        help="fraction of rows masked as left-to-right decoding sees them (the "
+                             "answer given up to a cut, all masked after it); default 0")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint (a further training stage)")
     args = parser.parse_args()

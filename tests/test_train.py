@@ -82,7 +82,7 @@ def test_ordered_rows_give_a_prefix_and_score_the_rest_of_its_block():
         assert hidden.tolist() == list(range(cut, start + canvas))
         block_end = start + ((cut - start) // block + 1) * block
         assert scored[row].nonzero().squeeze(1).tolist() == list(range(cut, block_end))
-        assert torch.all(weight[row] == 1 / block)
+        assert torch.all(weight[row] == canvas / block)
     cuts = (masked.long().argmax(1) - starts)[answered == 120].tolist()
     assert min(cuts) < 16 and max(cuts) > 100  # over the whole answer
 
@@ -95,7 +95,7 @@ def test_unordered_rows_are_llada_masking():
     assert scored.equal(masked)
     pos = torch.arange(38)[None]
     assert not masked[pos < starts[:, None]].any()  # the prompt is never masked
-    # Each row's weight is 1 / (t * canvas), t its masked share (about, for 32 tokens).
+    # Each row's weight is 1 / t, t its masked share (about, for 32 tokens).
     share = masked.sum(1) / 32
-    t = 1 / (weight[:, 0] * 32)
+    t = 1 / weight[:, 0]
     assert (share - t).abs().mean() < 0.1
