@@ -41,7 +41,7 @@ ACCURACY_GEN_LENGTH = 32
 ACCURACY_BLOCK_LENGTH = 8
 # The bundled checkpoints the accuracy benchmark runs by default, with the held-out prompts
 # each gets unless --num-prompts says otherwise: a long-answer prompt costs about 7x a short
-# one (128-token canvas, four blocks), so 200 of them take ~25 min here, 1000 short ones ~11.
+# one (128-token canvas, four blocks), so 200 of them take ~25 min here, 1000 short ones ~12.
 # Each is measured at its served shape (generation_config.json) unless listed in
 # MEASURED_SHAPES: the short model serves one block of 32, which would leave nothing
 # between the prefix and dual caches.
