@@ -11,7 +11,16 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.linear import QKVParallelLinear
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+
+from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
 
 
 class GatedMLP(nn.Module):
@@ -37,7 +46,31 @@ class ProjectedAttention(nn.Module):
     `kv_size` is a rank's K width), `rotate(positions, x)` (the model's RoPE on q or k
     rows), `attn` (vLLM's `Attention`: its backend writes K/V to the pages) and
     `o_proj`. Q and K/V are separate GEMMs so that a row controller can project K/V
-    for a subset of the rows (DyLLM); a row controller may call these parts one by one."""
+    for a subset of the rows (DyLLM); a row controller may call these parts one by one.
+
+    The constructor builds the projections and `attn` on a rank's share of the heads
+    (fewer KV heads than ranks: each rank keeps a replica of one); a model's subclass
+    adds its rotary embedding and `rotate`."""
+
+    def __init__(self, *, hidden_size: int, total_num_heads: int, total_num_kv_heads: int,
+                 head_dim: int, qkv_bias: bool, o_bias: bool, vllm_config: VllmConfig,
+                 prefix: str):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = head_dim
+        self.num_heads = total_num_heads // tp_size
+        self.num_kv_heads = max(1, total_num_kv_heads // tp_size)
+        self.kv_size = self.num_kv_heads * head_dim
+        self.q_proj = ColumnParallelLinear(hidden_size, total_num_heads * head_dim,
+                                           bias=qkv_bias, prefix=f"{prefix}.q_proj")
+        self.kv_proj = kv_parallel_linear(hidden_size, head_dim, total_num_kv_heads, qkv_bias,
+                                          prefix=f"{prefix}.kv_proj")
+        self.o_proj = RowParallelLinear(total_num_heads * head_dim, hidden_size, bias=o_bias,
+                                        prefix=f"{prefix}.o_proj")
+        self.attn = Attention(
+            self.num_heads, head_dim, head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn",
+            attn_backend=BidirectionalAttentionBackend)
 
     def project(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 kv_rows: torch.Tensor | None = None

@@ -15,12 +15,9 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
-    ColumnParallelLinear,
     MergedColumnParallelLinear,
     RowParallelLinear,
 )
@@ -34,14 +31,12 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
 from vllm_dllm.configs.dream import DreamConfig
 from vllm_dllm.model_executor.decoder import (
     DecoderLayer,
     GatedMLP,
     ProjectedAttention,
     RowController,
-    kv_parallel_linear,
     run_layers,
 )
 
@@ -63,31 +58,15 @@ class DreamMLP(GatedMLP):
 
 class DreamAttention(ProjectedAttention):
     def __init__(self, config: DreamConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads // tp_size
-        # Fewer KV heads than ranks: each rank keeps a replica of one.
-        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.q_proj = ColumnParallelLinear(
-            config.hidden_size, config.num_attention_heads * self.head_dim, bias=True,
-            prefix=f"{prefix}.q_proj")
-        self.kv_proj = kv_parallel_linear(
-            config.hidden_size, self.head_dim, config.num_key_value_heads, True,
-            prefix=f"{prefix}.kv_proj")
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=False,
-            prefix=f"{prefix}.o_proj")
+        super().__init__(
+            hidden_size=config.hidden_size, total_num_heads=config.num_attention_heads,
+            total_num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            qkv_bias=True, o_bias=False, vllm_config=vllm_config, prefix=prefix)
         # cos/sin in the activation dtype, as Dream's rotary embedding casts them.
         self.rotary_emb = get_rope(
             self.head_dim, max_position=config.max_position_embeddings, is_neox_style=True,
             rope_parameters=getattr(config, "rope_parameters", None)
             or {"rope_type": "default", "rope_theta": config.rope_theta})
-        self.attn = Attention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
-            prefix=f"{prefix}.attn", attn_backend=BidirectionalAttentionBackend)
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.rotary_emb(positions, x)[0]

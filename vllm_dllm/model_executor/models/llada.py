@@ -13,12 +13,9 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
-    ColumnParallelLinear,
     MergedColumnParallelLinear,
     RowParallelLinear,
 )
@@ -31,14 +28,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
 from vllm_dllm.configs.llada import LLaDAConfig
 from vllm_dllm.model_executor.decoder import (
     DecoderLayer,
     GatedMLP,
     ProjectedAttention,
     RowController,
-    kv_parallel_linear,
     run_layers,
 )
 
@@ -57,31 +52,16 @@ class LLaDAMLP(GatedMLP):
 
 class LLaDAAttention(ProjectedAttention):
     def __init__(self, config: LLaDAConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        self.head_dim = config.d_model // config.n_heads
-        self.num_heads = config.n_heads // tp_size
-        self.num_kv_heads = max(1, config.n_kv_heads // tp_size)
-        self.kv_size = self.num_kv_heads * self.head_dim
-        qkv_bias = config.include_bias or config.include_qkv_bias
-        self.q_proj = ColumnParallelLinear(
-            config.d_model, config.n_heads * self.head_dim, bias=qkv_bias,
-            prefix=f"{prefix}.q_proj")
-        self.kv_proj = kv_parallel_linear(
-            config.d_model, self.head_dim, config.n_kv_heads, qkv_bias,
-            prefix=f"{prefix}.kv_proj")
-        self.o_proj = RowParallelLinear(
-            config.n_heads * self.head_dim, config.d_model, bias=config.include_bias,
-            prefix=f"{prefix}.o_proj")
+        super().__init__(
+            hidden_size=config.d_model, total_num_heads=config.n_heads,
+            total_num_kv_heads=config.n_kv_heads, head_dim=config.d_model // config.n_heads,
+            qkv_bias=config.include_bias or config.include_qkv_bias,
+            o_bias=config.include_bias, vllm_config=vllm_config, prefix=prefix)
         # LLaDA rotates q and k in fp32 (`rope_full_precision`).
         self.rotary_emb = get_rope(
             self.head_dim, max_position=config.max_sequence_length, is_neox_style=True,
             rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
             dtype=torch.float32)
-        self.attn = Attention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
-            prefix=f"{prefix}.attn", attn_backend=BidirectionalAttentionBackend)
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.rotary_emb(positions, x.float())[0].to(x.dtype)
