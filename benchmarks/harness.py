@@ -613,7 +613,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cost.add_argument("--batch", type=int, default=1,
                       help="requests decoded together (each its own random prompt)")
     cost.add_argument("--configs", help="comma list of the configurations to run "
-                      "(default: all of none, prefix, dual, dual+es, dual+dyllm)")
+                      "(default: all of " + ", ".join(
+                          cfgs.COST_CACHES + tuple(cfgs.COST_SKIPS)) + ")")
     cost.add_argument("--repeats", type=int, default=1,
                       help="requests per cache mode (median reported)")
     cost.add_argument("--out", type=Path, default=None,

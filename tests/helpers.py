@@ -45,8 +45,8 @@ def reference_tokens(reference, model_dir: Path, prompt: list[int], *, stop_at_e
 DREAM_MASK, DREAM_EOS, DREAM_EOT = 151666, 151643, 151645
 # The request keys the Dream tests pass through `extra_args` when a case has them.
 DREAM_EXTRA_ARGS = ("gen_length", "block_length", "steps", "alg", "alg_temp", "cache", "policy",
-                    "threshold", "frechet_delta", "skip", "es_keep", "es_depth",
-                    "es_block_update_freq", "es_prompt_update_freq", "dyllm_threshold",
+                    "threshold", "frechet_delta", "refresh_period", "skip", "es_keep",
+                    "es_depth", "es_block_update_freq", "dyllm_threshold",
                     "dyllm_full_steps", "dyllm_query_period")
 
 

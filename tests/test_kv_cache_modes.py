@@ -1,4 +1,5 @@
-"""Fast-dLLM prefix and dual caches in vLLM's pages equal the reference caches."""
+"""Fast-dLLM prefix and dual caches in vLLM's pages equal the reference caches, under
+Fast-dLLM's refresh at each block start and under ES-dLLM's periodic one."""
 
 import itertools
 
@@ -14,7 +15,14 @@ CASES = [
     for i, ((g, b, s), cache, t) in enumerate(
         itertools.product(SHAPES, ["prefix", "dual"], [0.0, 0.6]))
 ] + [dict(prompt=random_prompt(300, 9), gen_length=32, block_length=8, steps=16,
-          remasking="low_confidence", temperature=0.0, seed=None, cache="none")]
+          remasking="low_confidence", temperature=0.0, seed=None, cache="none")] + [
+    # Periods that fall on block starts and between them.
+    dict(prompt=random_prompt(400 + i, [5, 23][i % 2]), gen_length=32, block_length=8,
+         steps=s, remasking="low_confidence", temperature=t, seed=i, cache=cache,
+         refresh_period=period)
+    for i, (cache, (s, period), t) in enumerate(
+        itertools.product(["prefix", "dual"], [(32, 5), (16, 4)], [0.0, 0.6]))
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +39,14 @@ def test_cache_modes_change_the_computation(reference, tiny_model):
     assert outs["none"] != outs["prefix"]
     assert outs["none"] != outs["dual"]
     assert outs["prefix"] != outs["dual"]
+
+
+def test_refresh_period_changes_the_computation(reference, tiny_model):
+    case = {k: v for k, v in CASES[0].items() if k != "prompt"}
+    fast, periodic = (reference_tokens(reference, tiny_model, CASES[0]["prompt"],
+                                       stop_at_end=False, **{**case, "refresh_period": n})
+                      for n in (0, 5))
+    assert fast != periodic
 
 
 def test_batched(llm, expected):

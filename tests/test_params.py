@@ -51,9 +51,17 @@ def test_model_defaults_sit_between_plugin_and_server():
     ({"steps": 2.5}, "steps"),
     ({"gen_length": 512}, "gen_length"),
     ({"bogus": 1}, "bogus"),
+    ({"refresh_period": -1, "cache": "dual"}, "refresh_period"),
+    ({"refresh_period": 4}, "refresh_period"),
 ])
 def test_bad_values_name_the_parameter(extra, parameter):
     with pytest.raises(ParamError) as e:
         _resolve(extra)
     assert e.value.parameter == parameter
     assert parameter in str(e.value)
+
+
+def test_a_server_refresh_period_does_not_refuse_uncached_requests():
+    defaults = server_defaults({"refresh_period": 64})
+    assert _resolve({"cache": "none"}, defaults).cache == "none"
+    assert _resolve({"cache": "dual"}, defaults).refresh_period == 64

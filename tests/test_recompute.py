@@ -5,10 +5,11 @@ from vllm_dllm.sampling.state import RequestState
 
 
 def ranges(cache: str, refresh_at: int | None = None, logits_offset: int = 0,
-           skip: str = "none") -> list[tuple[int, int]]:
+           skip: str = "none", refresh_period: int = 0) -> list[tuple[int, int]]:
     """Recompute ranges of a 10-token prompt, gen 16 in blocks of 8, 4 steps per block."""
     extra = {"dyllm_full_steps": 1, "dyllm_query_period": 8} if skip == "dyllm" else {}
-    state = RequestState(10, DllmParams(16, 8, 8, cache=cache, skip=skip, **extra), mask_id=99,
+    state = RequestState(10, DllmParams(16, 8, 8, cache=cache, skip=skip,
+                                           refresh_period=refresh_period, **extra), mask_id=99,
                          row=0, logits_offset=logits_offset)
     state.needs_refresh = False
     out = []
@@ -34,6 +35,15 @@ def test_prefix_refreshes_at_block_start_then_block_and_suffix():
 
 def test_dual_refreshes_at_block_start_then_block_only():
     assert ranges("dual") == [(0, 26)] + [(10, 18)] * 3 + [(0, 26)] + [(18, 26)] * 3
+
+
+def test_periodic_refresh_replaces_the_block_start_refresh():
+    """ES-dLLM's schedule: from 0 every 3rd iteration, never past the block (dual); a
+    block's first window reaches back to the last commits of the block before (16)."""
+    assert ranges("dual", refresh_at=0, refresh_period=3) == [
+        (0, 26), (10, 18), (10, 18), (0, 18), (16, 26), (18, 26), (0, 26), (18, 26)]
+    assert ranges("prefix", refresh_at=0, refresh_period=3) == [
+        (0, 26), (10, 26), (10, 26), (0, 26), (16, 26), (18, 26), (0, 26), (18, 26)]
 
 
 def test_shifted_logits_widen_the_cached_windows():

@@ -28,12 +28,12 @@ CASES = [
     for i, (method, cache, policy, (t, seed)) in enumerate(
         itertools.product([ES, DYLLM], CACHES, POLICIES, TEMPERATURES))
 ]
-# ES's prompt re-encoding only changes a window that does not start at 0.
+# Half the cached cases refresh on ES-dLLM's schedule instead of at block starts.
 for case in CASES:
-    if case["skip"] == "es" and case["cache"] == "dual":
-        case["es_prompt_update_freq"] = 3
-PARAMS = ("gen_length", "block_length", "steps", "cache", "policy", "threshold", "skip",
-          "es_block_update_freq", "es_prompt_update_freq", "dyllm_threshold",
+    if case["cache"] != "none" and case["policy"] == "threshold":
+        case["refresh_period"] = 3
+PARAMS = ("gen_length", "block_length", "steps", "cache", "refresh_period", "policy",
+          "threshold", "skip", "es_block_update_freq", "dyllm_threshold",
           "dyllm_full_steps", "dyllm_query_period")
 
 
@@ -81,7 +81,7 @@ def test_skipping_changes_the_reference_decode(deep_reference, deep_model, expec
     changed = []
     for case, tokens in zip(CASES, expected):
         plain = {**_settings(case), "skip": "none"}
-        for name in ("es_block_update_freq", "es_prompt_update_freq", "dyllm_threshold",
+        for name in ("es_block_update_freq", "dyllm_threshold",
                      "dyllm_full_steps", "dyllm_query_period"):
             plain.pop(name, None)
         changed.append(tokens != reference_tokens(deep_reference, deep_model, case["prompt"],
@@ -117,11 +117,12 @@ def test_alone(deep_llm, expected):
     assert [i for i in range(len(CASES)) if got[i] != expected[i]] == []
 
 
-@pytest.mark.parametrize("cache", CACHES)
-def test_degenerate_settings_equal_no_skipping(deep_llm, cache):
+@pytest.mark.parametrize("cache,refresh_period",
+                         [("none", 0), ("prefix", 0), ("dual", 0), ("dual", 3)])
+def test_degenerate_settings_equal_no_skipping(deep_llm, cache, refresh_period):
     cases = [dict(prompt=random_prompt(950 + i, 5 + 7 * i), gen_length=32, block_length=8,
                   steps=32, temperature=t, seed=seed, cache=cache, policy=policy,
-                  **POLICIES[policy])
+                  refresh_period=refresh_period, **POLICIES[policy])
              for i, (policy, (t, seed)) in enumerate(itertools.product(POLICIES, TEMPERATURES))]
     plain = plugin_tokens(deep_llm, cases, sampling_params, batched=True)
 

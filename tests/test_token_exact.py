@@ -29,7 +29,7 @@ def sampling_params(case: dict):
     return SamplingParams(
         temperature=case["temperature"], seed=case["seed"], max_tokens=case["gen_length"],
         extra_args={k: case[k] for k in ("gen_length", "block_length", "steps", "remasking",
-                                         "cache") if k in case})
+                                         "cache", "refresh_period") if k in case})
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,7 @@ _SPEC: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "alg_temp": (0.0, _non_negative_float),
     "eps": (dream.DEFAULT_EPS, _open_unit),
     "cache": ("none", _choice(CACHE_MODES)),
+    "refresh_period": (0, _non_negative_int),
     "policy": (policies.DEFAULT_POLICY, _choice(policies.POLICIES)),
     "threshold": (policies.DEFAULT_THRESHOLD, _probability),
     "factor": (policies.DEFAULT_FACTOR, _positive_float),
@@ -143,7 +144,6 @@ _SPEC: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "es_depth": (es.DEFAULT_DEPTH, _fractions(low_open=False)),
     "es_alpha": (es.DEFAULT_ALPHA, _unit),
     "es_block_update_freq": (es.DEFAULT_BLOCK_UPDATE_FREQ, _non_negative_int),
-    "es_prompt_update_freq": (es.DEFAULT_PROMPT_UPDATE_FREQ, _non_negative_int),
     "dyllm_threshold": (dyllm.DEFAULT_THRESHOLD, _probability),
     "dyllm_full_steps": (dyllm.DEFAULT_FULL_STEPS, _non_negative_int),
     "dyllm_query_period": (dyllm.DEFAULT_QUERY_PERIOD, _positive_int),
@@ -163,6 +163,8 @@ class DllmParams:
     alg_temp: float = 0.0
     eps: float = dream.DEFAULT_EPS
     cache: str = "none"
+    # 0: Fast-dLLM's refresh at each block start; n: ES-dLLM's every n-th iteration.
+    refresh_period: int = 0
     policy: str = policies.DEFAULT_POLICY
     threshold: float = policies.DEFAULT_THRESHOLD
     factor: float = policies.DEFAULT_FACTOR
@@ -183,7 +185,6 @@ class DllmParams:
     es_depth: str = es.DEFAULT_DEPTH
     es_alpha: float = es.DEFAULT_ALPHA
     es_block_update_freq: int = es.DEFAULT_BLOCK_UPDATE_FREQ
-    es_prompt_update_freq: int = es.DEFAULT_PROMPT_UPDATE_FREQ
     dyllm_threshold: float = dyllm.DEFAULT_THRESHOLD
     dyllm_full_steps: int = dyllm.DEFAULT_FULL_STEPS
     dyllm_query_period: int = dyllm.DEFAULT_QUERY_PERIOD
@@ -311,6 +312,10 @@ def resolve(
         raise ParamError("steps", f"steps ({steps}) must split evenly over the "
                          f"{num_blocks} blocks of gen_length {gen_length} / "
                          f"block_length {block_length}")
+    if values["refresh_period"] and values["cache"] == "none" and "refresh_period" in given:
+        # A default period stays inert under cache none, which recomputes everything anyway.
+        raise ParamError("refresh_period", "refresh_period applies to cache prefix or dual, "
+                         "but cache is 'none'")
     _check_skip(given, values)
     _check_sampler(given, values, sampler)
     if prompt_len + gen_length > max_model_len:

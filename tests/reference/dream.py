@@ -283,12 +283,12 @@ def diffusion_generate(
     eps: float = 1e-3,
     seed: int | None = None,
     cache: str = "none",
+    refresh_period: int = 0,
     skip: str = "none",
     es_keep: tuple[float, ...] = (1.0, 0.5, 0.25),
     es_depth: tuple[float, ...] = (0.0, 0.125, 0.25),
     es_alpha: float = 0.5,
     es_block_update_freq: int = 16,
-    es_prompt_update_freq: int = 0,
     dyllm_threshold: float = 0.99,
     dyllm_full_steps: int = 4,
     dyllm_query_period: int = 4,
@@ -317,13 +317,14 @@ def diffusion_generate(
     prompt_len = len(prompt)
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     commits: list[int] = []
+    last_picked: list[int] = []
     skipper = None
     if skip != "none":
         skipper = skipping.RequestSkipping(
             model, prompt_len, len(x), skip=skip, cache=cache, mask_id=mask_id,
             block_length=block_length, logits_offset=LOGITS_OFFSET, es_keep=es_keep,
             es_depth=es_depth, es_alpha=es_alpha, es_block_update_freq=es_block_update_freq,
-            es_prompt_update_freq=es_prompt_update_freq, dyllm_threshold=dyllm_threshold,
+            refresh_period=refresh_period, dyllm_threshold=dyllm_threshold,
             dyllm_full_steps=dyllm_full_steps, dyllm_query_period=dyllm_query_period)
     for b in range(num_blocks):
         start = prompt_len + b * block_length
@@ -339,13 +340,18 @@ def diffusion_generate(
                     last_commits=commits[-1] if commits else 0)
             elif cache == "none":
                 rows = model(x).float()[start - LOGITS_OFFSET : end - LOGITS_OFFSET]
-            elif i == 0:
+            elif iteration == 0 or (i == 0 and not refresh_period):
                 logits, kv = model.forward_partial(x, torch.arange(len(x)))
                 rows = logits.float()[start - LOGITS_OFFSET : end - LOGITS_OFFSET]
             else:
-                lo, hi = start - LOGITS_OFFSET, len(x) if cache == "prefix" else end
-                window, _ = model.forward_partial(x, torch.arange(lo, hi), kv)
-                rows = window.float()[: block_length]
+                hi = len(x) if cache == "prefix" else end
+                if refresh_period and iteration % refresh_period == 0:
+                    lo = 0
+                else:
+                    lo = min([start - LOGITS_OFFSET] + last_picked)
+                # What a window recomputes stays cached (ES-dLLM's scatter update).
+                window, kv = model.forward_partial(x, torch.arange(lo, hi), kv)
+                rows = window.float()[start - LOGITS_OFFSET - lo : end - LOGITS_OFFSET - lo]
             rows = rows.clone()
             rows[:, mask_id] = float("-inf")
             masked = [p for p in range(block_length) if int(x[start + p]) == mask_id
@@ -376,5 +382,6 @@ def diffusion_generate(
                 skipper.record(start, {p: float(torch.softmax(rows[p].double(), -1).max())
                                        for p in masked}, list(picks))
             commits.append(len(picks))
+            last_picked = [start + p for p in picks]
             i += 1
     return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}

@@ -102,6 +102,7 @@ def generate(
     seed: int | None = None,
     logits_offset: int = 0,
     cache: str = "none",
+    refresh_period: int = 0,
     policy: str = "fixed",
     threshold: float = 0.9,
     factor: float = 1.0,
@@ -111,7 +112,6 @@ def generate(
     es_depth: tuple[float, ...] = (0.0, 0.125, 0.25),
     es_alpha: float = 0.5,
     es_block_update_freq: int = 16,
-    es_prompt_update_freq: int = 0,
     dyllm_threshold: float = 0.99,
     dyllm_full_steps: int = 4,
     dyllm_query_period: int = 4,
@@ -137,13 +137,14 @@ def generate(
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     length = len(x)
     commits: list[int] = []
+    last_chosen: list[int] = []
     skipper = None
     if skip != "none":
         skipper = skipping.RequestSkipping(
             model, prompt_len, length, skip=skip, cache=cache, mask_id=mask_id,
             block_length=block_length, logits_offset=logits_offset, es_keep=es_keep,
             es_depth=es_depth, es_alpha=es_alpha, es_block_update_freq=es_block_update_freq,
-            es_prompt_update_freq=es_prompt_update_freq, dyllm_threshold=dyllm_threshold,
+            refresh_period=refresh_period, dyllm_threshold=dyllm_threshold,
             dyllm_full_steps=dyllm_full_steps, dyllm_query_period=dyllm_query_period)
     for b in range(num_blocks):
         start = prompt_len + b * block_length
@@ -162,12 +163,17 @@ def generate(
             else:
                 if cache == "none":
                     logits = model(x).float()
-                elif i == 0:
+                elif iteration == 0 or (i == 0 and not refresh_period):
                     logits, kv = model.forward_partial(x, torch.arange(len(x)))
                 else:
-                    lo = max(0, start - logits_offset)
                     stop = len(x) if cache == "prefix" else start + block_length
-                    window, _ = model.forward_partial(x, torch.arange(lo, stop), kv)
+                    if refresh_period and iteration % refresh_period == 0:
+                        lo = 0
+                    else:
+                        # ES-dLLM's schedule: the last commits' K/V may lie before the block.
+                        lo = max(0, min([start - logits_offset] + last_chosen))
+                    # What a window recomputes stays cached (ES-dLLM's scatter update).
+                    window, kv = model.forward_partial(x, torch.arange(lo, stop), kv)
                     logits = torch.zeros(len(x), window.shape[-1])
                     logits[lo:stop] = window
                 logits = logits.float()
@@ -207,5 +213,6 @@ def generate(
             if skipper is not None:
                 skipper.record(start, {p: float(probs[p].max()) for p in candidates}, chosen)
             commits.append(len(chosen))
+            last_chosen = [start + p for p in chosen]
             i += 1
     return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}

@@ -161,15 +161,14 @@ class RequestSkipping:
     def __init__(self, model, prompt_len: int, length: int, *, skip: str, cache: str,
                  mask_id: int, block_length: int, logits_offset: int,
                  es_keep: tuple[float, ...], es_depth: tuple[float, ...], es_alpha: float,
-                 es_block_update_freq: int, es_prompt_update_freq: int,
+                 es_block_update_freq: int, refresh_period: int,
                  dyllm_threshold: float, dyllm_full_steps: int, dyllm_query_period: int):
         assert skip in ("es", "dyllm"), skip
         self.model, self.skip, self.cache, self.mask_id = model, skip, cache, mask_id
         self.prompt_len, self.length, self.block_length = prompt_len, length, block_length
         self.offset = logits_offset
         self.es_alpha = es_alpha
-        self.es_block_update_freq, self.es_prompt_update_freq = (es_block_update_freq,
-                                                                 es_prompt_update_freq)
+        self.es_block_update_freq, self.refresh_period = es_block_update_freq, refresh_period
         self.dyllm_threshold, self.dyllm_full_steps = dyllm_threshold, dyllm_full_steps
         self.dyllm_query_period = dyllm_query_period
         self.fractions = es_layer_fractions(list(es_keep), list(es_depth), model.n_layers)
@@ -191,15 +190,24 @@ class RequestSkipping:
         rows that reached the last layer); the head runs on those rows only, since
         over Dream's 151k vocabulary it is most of a forward's cost, and the other
         rows stay 0."""
-        refresh = iteration == 0 or (self.cache != "none" and step_in_block == 0)
-        if refresh or self.cache == "none":
+        period = self.refresh_period
+        if self.cache == "none":
+            refresh = iteration == 0
+        elif period:
+            refresh = iteration % period == 0
+        else:
+            refresh = step_in_block == 0
+        if self.cache == "none" or iteration == 0 or (refresh and not period):
             lo, hi = 0, self.length
         else:
-            lo = max(0, start - self.offset)
             hi = self.length if self.cache == "prefix" else start + self.block_length
-            if (self.skip == "es" and self.es_prompt_update_freq
-                    and iteration % self.es_prompt_update_freq == 0):
+            if refresh:
                 lo = 0
+            else:
+                # The previous iteration's commits (ES-dLLM's schedule: maybe in the
+                # block before) need their K/V recomputed.
+                committed = self.fresh.nonzero().flatten().tolist()
+                lo = max(0, min([start - self.offset] + committed[:1]))
         if self.skip == "es":
             full = refresh or bool(self.es_block_update_freq
                                    and iteration % self.es_block_update_freq == 0)

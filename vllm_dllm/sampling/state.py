@@ -8,7 +8,7 @@ updated from the one packed transfer each iteration returns.
 """
 
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.recompute import recompute_range
+from vllm_dllm.sampling.recompute import recompute_range, refreshes
 from vllm_dllm.skipping import es
 from vllm_dllm.skipping.plan import RequestSkip
 
@@ -31,6 +31,8 @@ class RequestState:
         # Forwards so far, and how many tokens the last one committed.
         self.iterations = 0
         self.last_commits = 0
+        # The leftmost position (absolute) the last forward committed, if any.
+        self.previous_commit: int | None = None
 
     @property
     def block_start(self) -> int:
@@ -47,7 +49,7 @@ class RequestState:
     def _full(self, refresh: bool) -> bool:
         """Whether this iteration recomputes its whole window in every layer."""
         p = self.params
-        if refresh or (p.cache != "none" and self.step_in_block == 0):
+        if refresh or refreshes(p.cache, self.step_in_block, p.refresh_period, self.iterations):
             return True
         if p.skip == "es":
             return bool(p.es_block_update_freq) and self.iterations % p.es_block_update_freq == 0
@@ -55,20 +57,16 @@ class RequestState:
             return self.iterations < p.dyllm_full_steps
         return True
 
-    def _window(self, refresh: bool, iterations: int) -> tuple[int, int]:
+    def _window(self, refresh: bool) -> tuple[int, int]:
         p = self.params
-        lo, hi = recompute_range(p.cache, self.prompt_len, p.gen_length, self.block_start,
-                                 p.block_length, self.step_in_block, refresh,
-                                 self.logits_offset)
-        if lo == 0 or refresh:
-            return lo, hi
-        if p.skip == "es" and p.es_prompt_update_freq and iterations % p.es_prompt_update_freq == 0:
-            return 0, hi
-        return lo, hi
+        return recompute_range(p.cache, self.prompt_len, p.gen_length, self.block_start,
+                               p.block_length, self.step_in_block, refresh,
+                               self.logits_offset, p.refresh_period, self.iterations,
+                               self.previous_commit)
 
     def recompute_range(self) -> tuple[int, int]:
         """Absolute [lo, hi) this iteration's first layer computes."""
-        lo, hi = self._window(self.needs_refresh, self.iterations)
+        lo, hi = self._window(self.needs_refresh)
         p = self.params
         if (p.skip == "dyllm" and p.cache == "none" and not self._full(self.needs_refresh)
                 and self.iterations % p.dyllm_query_period):
@@ -92,7 +90,7 @@ class RequestState:
 
     def next_rows(self) -> int:
         """Rows the next iteration's first layer computes, if the cache still holds the request."""
-        lo, hi = self._window(False, self.iterations)
+        lo, hi = self._window(False)
         return hi - lo
 
     def masked_columns(self) -> list[int]:
@@ -107,7 +105,9 @@ class RequestState:
         length = self.params.block_length
         start = self.block_start
         before = self.canvas[start : start + length]
-        self.last_commits = sum(a != b for a, b in zip(before, packed[:length]))
+        changed = [c for c, (a, b) in enumerate(zip(before, packed[:length])) if a != b]
+        self.last_commits = len(changed)
+        self.previous_commit = self.prompt_len + start + changed[0] if changed else None
         self.canvas[start : start + length] = packed[:length]
         self.needs_refresh = False
         self.iterations += 1

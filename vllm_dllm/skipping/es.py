@@ -24,8 +24,6 @@ DEFAULT_DEPTH = "0,0.125,0.25"
 DEFAULT_ALPHA = 0.5
 # ES-dLLM's LLaDA GSM8K setting (spec §5.5): a pass without skipping every 16 iterations.
 DEFAULT_BLOCK_UPDATE_FREQ = 16
-# 0: the prompt and earlier blocks are re-encoded by the cache mode's own refreshes.
-DEFAULT_PROMPT_UPDATE_FREQ = 0
 
 TOP_CONF_BONUS = 2.0
 LEFTMOST_MASK_BONUS = 5.0
