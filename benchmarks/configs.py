@@ -115,11 +115,13 @@ COST_SKIPS = {
     "dual+dyllm": {"skip": "dyllm"},
     f"dual-p{ES_REFRESH_PERIOD}": {"refresh_period": ES_REFRESH_PERIOD},
     f"dual-p{ES_REFRESH_PERIOD}+es": {"refresh_period": ES_REFRESH_PERIOD, "skip": "es"},
+    f"dual-p{ES_REFRESH_PERIOD}+dyllm": {"refresh_period": ES_REFRESH_PERIOD, "skip": "dyllm"},
 }
 # Acceptance targets at gen 256 / block 32: the caches' throughput vs cache "none"
 # (issue 4), token skipping's vs "dual" without skipping (issue 11).
 COST_TARGETS = {"prefix": 2.0, "dual": 4.0}
-COST_SKIP_TARGETS = {"dual+es": 1.6, "dual+dyllm": 1.5, f"dual-p{ES_REFRESH_PERIOD}+es": 1.6}
+COST_SKIP_TARGETS = {"dual+es": 1.6, "dual+dyllm": 1.5, f"dual-p{ES_REFRESH_PERIOD}+es": 1.6,
+                     f"dual-p{ES_REFRESH_PERIOD}+dyllm": 1.5}
 
 
 def cost_configs(gen_length: int = COST_GEN_LENGTH, block_length: int = COST_BLOCK_LENGTH,
