@@ -39,11 +39,12 @@ def recompute_range(cache: str, prompt_len: int, gen_length: int, block_start: i
     (at a block start it lies in the block before).
     """
     length = prompt_len + gen_length
-    if cache == "none" or refresh or (not refresh_period and step_in_block == 0):
+    if cache == "none" or refresh:
         return 0, length
     hi = length if cache == "prefix" else prompt_len + block_start + block_length
     if refreshes(cache, step_in_block, refresh_period, iteration):
-        return 0, hi
+        # Fast-dLLM's refresh is the whole sequence; ES-dLLM's stops at the window's end.
+        return 0, hi if refresh_period else length
     lo = prompt_len + block_start - logits_offset
     if previous_commit is not None:
         lo = min(lo, previous_commit)
