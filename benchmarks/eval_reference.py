@@ -1,6 +1,6 @@
 """Scores a LLaDA checkpoint on held-out tasks with the reference decoders, on the CPU.
 
-    python -m benchmarks.eval_reference examples/llada-tasks [-n 300] [--block-length 32]
+    python -m benchmarks.eval_reference examples/llada-tasks [-n 300] [--skip 0] [--block-length 32]
 
 The checkpoint's `tasks.json` names its suite of benchmarks/tasks.py (short if absent) and
 its generation_config.json the canvas and block length. Two decoders, at temperature 0:
@@ -93,7 +93,9 @@ def answer_text(tokenizer: Tokenizer, tokens: list[int], stop_ids: set[int]) -> 
 
 
 def evaluate(path: str | Path, n: int, block_length: int | None = None,
-             threshold: float = 0.9) -> Report:
+             threshold: float = 0.9, skip: int = 0) -> Report:
+    """Scores held-out prompts skip .. skip + n - 1 (the split's order is fixed, so prompts
+    past those a checkpoint was chosen on give an unbiased second look)."""
     path = Path(path)
     families, gen_length, default_block = checkpoint_tasks(path)
     block_length = block_length or default_block
@@ -103,7 +105,7 @@ def evaluate(path: str | Path, n: int, block_length: int | None = None,
     stop_ids = {model.config["eot_token_id"], model.config["eos_token_id"]}
     report = Report(gen_length, block_length, threshold)
     with torch.inference_mode():
-        for problem in tasks.heldout(n, families=families):
+        for problem in tasks.heldout(skip + n, families=families)[skip:]:
             prompt = tokenizer.encode(tasks.render_chat(problem.prompt)).ids
             vanilla = generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
                                block_length=block_length, steps=gen_length,
@@ -139,6 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("-n", "--num-prompts", type=int, default=300)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="start after this many held-out prompts (default 0)")
     parser.add_argument("--block-length", type=int, default=None,
                         help="default: the checkpoint's generation_config.json")
     parser.add_argument("--threshold", type=float, default=0.9)
@@ -146,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(format_report(evaluate(args.checkpoint, args.num_prompts, args.block_length,
-                                 args.threshold)))
+                                 args.threshold, args.skip)))
 
 
 if __name__ == "__main__":
