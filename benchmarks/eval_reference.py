@@ -37,21 +37,28 @@ def checkpoint_tasks(path: str | Path) -> tuple[tuple[str, ...], int, int]:
 
 def threshold_generate(model: ReferenceLLaDA, prompt: list[int], *, mask_id: int,
                        gen_length: int, block_length: int, threshold: float = 0.9) -> dict:
-    """Greedy threshold decoding; returns the canvas and the number of forward passes."""
+    """Greedy threshold decoding; returns the canvas, the number of forward passes, and
+    per canvas position the forward that committed it and its confidence then."""
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
+    committed_at = torch.zeros(len(x), dtype=torch.long)
+    confidence = torch.zeros(len(x), dtype=torch.double)
     forwards = 0
     for start in range(len(prompt), len(prompt) + gen_length, block_length):
         block = slice(start, start + block_length)
         while bool((x[block] == mask_id).any()):
             probs = torch.softmax(model(x)[block].double(), -1)
-            forwards += 1
             conf, x0 = probs.max(-1)
             masked = x[block] == mask_id
             conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
             commit = masked & (conf >= threshold)
             commit[conf.argmax()] = True
             x[block] = torch.where(commit, x0, x[block])
-    return {"tokens": x[len(prompt):].tolist(), "forwards": forwards}
+            committed_at[block] = torch.where(commit, forwards, committed_at[block])
+            confidence[block] = torch.where(commit, conf, confidence[block])
+            forwards += 1
+    n = len(prompt)
+    return {"tokens": x[n:].tolist(), "forwards": forwards,
+            "committed_at": committed_at[n:].tolist(), "confidence": confidence[n:].tolist()}
 
 
 @dataclass
