@@ -66,12 +66,15 @@ def calibrate(path: Path, n: int, threshold: float) -> str:
             lines.append(f"{family}: block starts")
             lo = 0.0
             for i, hi in enumerate(BANDS):
-                lines.append(f"  confidence [{lo:.3f}, {hi:.3f}{']' if i == len(BANDS) - 1 else ')'}:"
-                             f" {counts[i]:5d} predictions, {wrong[i] / max(1, counts[i]):6.1%} wrong")
+                close = "]" if i == len(BANDS) - 1 else ")"
+                share = wrong[i] / max(1, counts[i])
+                lines.append(f"  confidence [{lo:.3f}, {hi:.3f}{close}: {counts[i]:5d} "
+                             f"predictions, {share:6.1%} wrong")
                 lo = hi
             traced = ", ".join(f"{c:.3f}" for c in sorted(first_errors))
-            lines.append(f"{family}: threshold decoding, {failed} of {n} answers wrong; first wrong "
-                         f"token's confidence in {len(first_errors)} of them: {traced or '-'}")
+            lines.append(f"{family}: threshold decoding, {failed} of {n} answers wrong; first "
+                         f"wrong token's confidence in {len(first_errors)} of them: "
+                         f"{traced or '-'}")
     return "\n".join(lines)
 
 
