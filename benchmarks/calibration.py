@@ -52,8 +52,9 @@ def calibrate(path: Path, n: int, threshold: float) -> str:
                     rows = slice(len(prompt) + b, len(prompt) + min(b + block_length, len(gold)))
                     conf, top = torch.softmax(model(x)[rows].double(), -1).max(-1)
                     for c, t, g in zip(conf.tolist(), top.tolist(), gold[b:b + block_length]):
-                        counts[band_of(c)] += 1
-                        wrong[band_of(c)] += t != g
+                        band = band_of(c)
+                        counts[band] += 1
+                        wrong[band] += t != g
                 out = threshold_generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
                                          block_length=block_length, threshold=threshold)
                 if tasks.score(answer_text(tokenizer, out["tokens"], stop_ids), problem.answer):
