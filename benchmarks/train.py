@@ -40,6 +40,7 @@ DEFAULT_MIX = {
 # Response tokens per example: answer + <|eot_id|> + <|endoftext|> padding.
 DEFAULT_CANVAS = {"short": 32, "long": 128}
 BLOCK_LENGTH = 32  # the served block length (generation_config.json)
+THRESHOLD = 0.9  # Fast-dLLM's default confidence threshold
 
 
 class Encoder:
@@ -148,14 +149,61 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
     return masked, scored, weight[:, None].expand(batch, length)
 
 
+@torch.no_grad()
+def threshold_state_masks(model: ReferenceLLaDA, tokens: torch.Tensor,
+                          attention_mask: torch.Tensor, starts: torch.Tensor,
+                          answered: torch.Tensor, canvas: int, mask_id: int,
+                          generator: torch.Generator, threshold: float = THRESHOLD,
+                          max_forwards: int = 3, block_length: int = BLOCK_LENGTH
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`training_masks`' triple for rows masked the way threshold decoding leaves them
+    inside a block: the answer given up to the start of a random block it touches, all
+    masked from there, then 0 … `max_forwards` (per row) forwards of the model, each giving
+    the block's masked tokens it is at least `threshold` confident of and its most
+    confident one, as threshold decoding commits them. The given tokens are the answer's
+    (a wrong confident guess is not kept: the row stays an example of the right answer).
+    The block's masked tokens are scored, weight canvas / block length.
+
+    This is where the model's own confidence picks what is visible, which neither random
+    nor ordered masking reproduces: after a block's first forward the easy tokens
+    (separators, copies) are given and the hard ones (a sum's digits) are not, and a model
+    never trained on such states commits from them at 0.90–0.99 and is wrong.
+    """
+    batch, length = tokens.shape
+    pos = torch.arange(length)[None]
+    blocks = (answered + block_length - 1) // block_length
+    block_start = starts + (torch.rand(batch, generator=generator) * blocks).long() * block_length
+    in_block = (pos >= block_start[:, None]) & (pos < block_start[:, None] + block_length)
+    masked = (pos >= block_start[:, None]) & (pos < starts[:, None] + canvas)
+    forwards = torch.randint(0, max_forwards + 1, (batch,), generator=generator)
+    for i in range(int(forwards.max())):
+        logits = model(torch.where(masked, mask_id, tokens), attention_mask)
+        open_ = masked & in_block
+        conf = torch.where(open_, torch.softmax(logits.float(), -1).amax(-1), -1.0)
+        commit = open_ & ((conf >= threshold) | (pos == conf.argmax(1, keepdim=True)))
+        # A row past its forwards, or whose block this forward would finish, stays as it is.
+        done = (forwards <= i) | (commit.sum(1) == open_.sum(1))
+        masked &= ~(commit & ~done[:, None])
+    scored = masked & in_block
+    return masked, scored, torch.full((batch, length), canvas / block_length)
+
+
 def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: torch.Tensor,
                  starts: torch.Tensor, answered: torch.Tensor, mask_id: int,
-                 generator: torch.Generator, canvas: int, ordered_fraction: float = 0.0
-                 ) -> torch.Tensor:
+                 generator: torch.Generator, canvas: int, ordered_fraction: float = 0.0,
+                 threshold_fraction: float = 0.0) -> torch.Tensor:
     """The SFT loss of `training_masks`, summed over the rows (the caller divides by the
-    batch size)."""
+    batch size); with `threshold_fraction` > 0 that fraction of the rows is masked by
+    `threshold_state_masks` instead."""
     masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
                                             generator, ordered_fraction)
+    if threshold_fraction > 0:
+        rows = (torch.rand(len(starts), generator=generator) < threshold_fraction).nonzero()[:, 0]
+        if len(rows):
+            weight = weight.clone()
+            masked[rows], scored[rows], weight[rows] = threshold_state_masks(
+                model, tokens[rows], attention_mask[rows], starts[rows], answered[rows],
+                canvas, mask_id, generator)
     logits = model(torch.where(masked, mask_id, tokens), attention_mask)
     ce = F.cross_entropy(logits[scored], tokens[scored], reduction="none")
     return (ce * weight[scored]).sum() / canvas
@@ -196,7 +244,8 @@ def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int], suite: str, ca
 
 
 def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Problem],
-               mask_id: int, generator: torch.Generator, ordered_fraction: float = 0.0) -> float:
+               mask_id: int, generator: torch.Generator, ordered_fraction: float = 0.0,
+               threshold_fraction: float = 0.0) -> float:
     """Accumulates the gradient of one batch; returns its loss.
 
     Word problems are about twice as long as the rest, so each family is run as its own
@@ -208,7 +257,7 @@ def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Pro
         if not group:
             continue
         loss = sft_loss_sum(model, *encoder.batch(group), mask_id, generator,
-                            encoder.canvas, ordered_fraction) / len(problems)
+                            encoder.canvas, ordered_fraction, threshold_fraction) / len(problems)
         loss.backward()
         total += loss.item()
     return total
@@ -283,6 +332,10 @@ def main() -> None:
     parser.add_argument("--ordered-fraction", type=float, default=0.0,
                         help="fraction of rows masked as left-to-right decoding sees them (the "
                              "answer given up to a cut, all masked after it); default 0")
+    parser.add_argument("--threshold-fraction", type=float, default=0.0,
+                        help="fraction of the rows masked as threshold decoding (0.9) leaves a "
+                             "block after 0-3 of its forwards, the model's own confidence "
+                             "choosing what is given; default 0")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint (a further training stage)")
     args = parser.parse_args()
@@ -322,7 +375,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         batch = [next(problems) for _ in range(args.batch_size)]
         losses.append(train_step(model, encoder, batch, mask_id, generator,
-                                  args.ordered_fraction))
+                                  args.ordered_fraction, args.threshold_fraction))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         if (step + 1) % args.log_every == 0:

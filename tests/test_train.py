@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks import tasks
-from benchmarks.train import training_masks
+from benchmarks.train import Encoder, threshold_state_masks, training_masks
+from tests.models.tiny_llada import build_vocab
+from tests.reference.modeling import ReferenceLLaDA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,13 +22,14 @@ def train(out: Path, seed: int) -> None:
         [sys.executable, "-m", "benchmarks.train", "--suite", "long", "--out", str(out),
          "--seed", str(seed), "--steps", "3", "--batch-size", "6", "--warmup", "1",
          "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--mlp-hidden-size", "64",
-         "--eval-prompts", "0", "--threads", "1"],
+         "--eval-prompts", "0", "--threads", "1", "--ordered-fraction", "0.5",
+         "--threshold-fraction", "0.3"],
         cwd=ROOT, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Checkpoints a and b trained with seed 0, c with seed 1."""
+    """Checkpoints a and b trained with seed 0, c with seed 1 (every kind of row)."""
     root = tmp_path_factory.mktemp("train")
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         train(root / name, seed)
@@ -85,6 +88,44 @@ def test_ordered_rows_give_a_prefix_and_score_the_rest_of_its_block():
         assert torch.all(weight[row] == canvas / block)
     cuts = (masked.long().argmax(1) - starts)[answered == 120].tolist()
     assert min(cuts) < 16 and max(cuts) > 100  # over the whole answer
+
+
+def threshold_states(threshold: float, seed: int = 3):
+    problems = tasks.heldout(24, families=tasks.LONG)
+    tokens, attention_mask, starts, answered = Encoder(build_vocab(), 128).batch(problems)
+    model = ReferenceLLaDA.from_pretrained(ROOT / "examples" / "llada-long")
+    mask_id = model.config["mask_token_id"]
+    masks = threshold_state_masks(model, tokens, attention_mask, starts, answered, 128,
+                                  mask_id, torch.Generator().manual_seed(seed),
+                                  threshold=threshold, max_forwards=3)
+    return model, tokens, attention_mask, starts, answered, masks
+
+
+def test_threshold_states_give_a_block_start_then_what_the_model_commits():
+    model, tokens, attention_mask, starts, answered, (masked, scored, weight) = \
+        threshold_states(1.01)
+    mask_id = model.config["mask_token_id"]
+    revealed = []
+    for row, (start, n) in enumerate(zip(starts.tolist(), answered.tolist())):
+        block = (int(masked[row].nonzero()[0]) - start) // 32 * 32 + start
+        assert start <= block < start + n and not masked[row, :block].any()
+        assert masked[row, block + 32: start + 128].all()
+        assert scored[row].nonzero()[:, 0].tolist() == [
+            i for i in range(block, block + 32) if masked[row, i]]
+        # At a threshold nothing reaches, each forward commits only its most confident token.
+        given = (~masked[row, block: block + 32]).nonzero()[:, 0].tolist()
+        revealed.append(len(given))
+        if len(given) == 1:
+            pos = torch.arange(tokens.shape[1])
+            x = torch.where((pos >= block) & (pos < start + 128), mask_id, tokens[row])
+            with torch.no_grad():
+                logits = model(x[None], attention_mask[row][None])[0, block: block + 32]
+            assert given == [int(torch.softmax(logits, -1).amax(-1).argmax())]
+    assert set(revealed) == {0, 1, 2, 3}
+    assert torch.all(weight == 128 / 32)
+    # At 0.9 a forward commits many tokens, yet never a whole block.
+    scored = threshold_states(0.9)[-1][1]
+    assert (32 - scored.sum(1)).max() > 3 and scored.sum(1).min() >= 1
 
 
 def test_unordered_rows_are_llada_masking():
