@@ -28,6 +28,7 @@ from benchmarks import tasks
 from benchmarks.eval_reference import evaluate, format_report
 from tests.models.tiny_llada import build_tokenizer, build_vocab, llada_config, write_checkpoint
 from tests.reference.modeling import ReferenceLLaDA
+from vllm_dllm.sampling.policies import DEFAULT_THRESHOLD, select_threshold
 
 MASK_EPS = 1e-3  # LLaDA's forward process: t ~ U(0, 1) mapped to p = (1 - eps) t + eps
 # Families drawn in this repeating order. Short suite: sorting and uppercasing are learnt
@@ -40,7 +41,6 @@ DEFAULT_MIX = {
 # Response tokens per example: answer + <|eot_id|> + <|endoftext|> padding.
 DEFAULT_CANVAS = {"short": 32, "long": 128}
 BLOCK_LENGTH = 32  # the served block length (generation_config.json)
-THRESHOLD = 0.9  # Fast-dLLM's default confidence threshold
 
 
 class Encoder:
@@ -153,7 +153,7 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
 def threshold_state_masks(model: ReferenceLLaDA, tokens: torch.Tensor,
                           attention_mask: torch.Tensor, starts: torch.Tensor,
                           answered: torch.Tensor, canvas: int, mask_id: int,
-                          generator: torch.Generator, threshold: float = THRESHOLD,
+                          generator: torch.Generator, threshold: float = DEFAULT_THRESHOLD,
                           max_forwards: int = 3, block_length: int = BLOCK_LENGTH
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`training_masks`' triple for rows masked the way threshold decoding leaves them
@@ -179,8 +179,8 @@ def threshold_state_masks(model: ReferenceLLaDA, tokens: torch.Tensor,
     for i in range(int(forwards.max())):
         logits = model(torch.where(masked, mask_id, tokens), attention_mask)
         open_ = masked & in_block
-        conf = torch.where(open_, torch.softmax(logits.float(), -1).amax(-1), -1.0)
-        commit = open_ & ((conf >= threshold) | (pos == conf.argmax(1, keepdim=True)))
+        conf = torch.softmax(logits.float(), -1).amax(-1).masked_fill(~open_, float("-inf"))
+        commit = select_threshold(conf, torch.full((batch,), threshold))
         # A row past its forwards, or whose block this forward would finish, stays as it is.
         done = (forwards <= i) | (commit.sum(1) == open_.sum(1))
         masked &= ~(commit & ~done[:, None])
