@@ -11,7 +11,7 @@ setup(
     name="vllm-dllm",
     version="0.1.0",
     description="Diffusion language models (LLaDA) served by vLLM",
-    packages=find_packages(include=["vllm_dllm", "vllm_dllm.*"]),
+    packages=find_packages(include=["vllm_dllm", "vllm_dllm.*", "dllm_reference"]),
     data_files=[(SITE_PACKAGES, ["vllm_dllm_dist_alias.pth"])],
     python_requires=">=3.11",
     install_requires=["safetensors", "tokenizers"],

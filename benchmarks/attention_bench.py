@@ -24,12 +24,21 @@ from benchmarks.timing import timed
 from vllm_dllm.attention_backends.paged_attention import (
     paged_attention_torch,
     paged_attention_triton,
-    read_kv,
     write_kv,
 )
 
 HEADS, HEAD_DIM = 32, 128  # LLaDA-8B: 32 heads (no GQA), head_dim 128
 ROWS, KEYS = 32, 512
+
+
+def read_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All K/V of one request: two [num_kv_heads, seq_len, head_size] tensors."""
+    num_kv_heads, block_size, width = kv_cache.shape[1:]
+    num_blocks = -(-seq_len // block_size)
+    pages = kv_cache[block_ids[:num_blocks].long()]
+    kv = pages.transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, width)[:, :seq_len]
+    return kv[..., : width // 2], kv[..., width // 2 :]
 
 
 def per_request_loop(query, kv_cache, starts, seq_lens, block_table, scale, out):

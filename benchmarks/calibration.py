@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from benchmarks import tasks
 from benchmarks.eval_reference import answer_text, checkpoint_tasks, threshold_generate
-from tests.reference.modeling import ReferenceLLaDA
+from dllm_reference import tasks
+from dllm_reference.modeling import ReferenceLLaDA
 
 BANDS = (0.5, 0.9, 0.99, 0.999, 1.0)
 

@@ -49,7 +49,8 @@ DEFAULT_MODELS = {"examples/llada-tasks": 1000, "examples/llada-long": 200}
 MEASURED_SHAPES = {"examples/llada-tasks": (ACCURACY_GEN_LENGTH, ACCURACY_BLOCK_LENGTH)}
 
 
-# ES-dLLM's cache schedule in its LLaDA GSM8K runs (spec §5.5: prompt_update_freq 64).
+# ES-dLLM's cache schedule in its LLaDA GSM8K runs (arXiv:2603.10088; its eval scripts
+# re-encode the prompt every 64 iterations, `prompt_update_freq`).
 ES_REFRESH_PERIOD = 64
 
 

@@ -2,10 +2,10 @@
 
     python -m benchmarks.eval_reference examples/llada-tasks [-n 300] [--skip 0] [--block-length 32]
 
-The checkpoint's `tasks.json` names its suite of benchmarks/tasks.py (short if absent) and
+The checkpoint's `tasks.json` names its suite of dllm_reference/tasks.py (short if absent) and
 its generation_config.json the canvas and block length. Two decoders, at temperature 0:
 
-* vanilla: tests/reference/generate.py with steps = gen_length (one token per step,
+* vanilla: dllm_reference/generate.py with steps = gen_length (one token per step,
   low-confidence remasking), the quality reference;
 * threshold: per block, every forward commits each masked position whose confidence
   is >= the threshold, and always the most confident one (Fast-dLLM's parallel rule).
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from benchmarks import tasks
-from tests.reference.generate import generate
-from tests.reference.modeling import ReferenceLLaDA
+from dllm_reference import tasks
+from dllm_reference.generate import generate
+from dllm_reference.modeling import ReferenceLLaDA
 
 def checkpoint_tasks(path: str | Path) -> tuple[tuple[str, ...], int, int]:
     """The families a checkpoint was trained on, and its gen_length and block_length."""

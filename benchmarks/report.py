@@ -146,7 +146,7 @@ def accuracy_markdown(data: dict) -> str:
     families = s["families"]
     lines = _header(data, "dLLM decoding: accuracy vs speed")
     lines += [
-        f"- Model: `{s['model']}`; {s['num_prompts']} held-out prompts of benchmarks/tasks.py "
+        f"- Model: `{s['model']}`; {s['num_prompts']} held-out prompts of dllm_reference/tasks.py "
         f"({', '.join(f'{f} {n}' for f, n in s['prompts_per_family'].items())}), chat form, "
         f"gen_length {s.get('gen_length', '?')}, block_length {s.get('block_length', '?')}, "
         f"temperature 0",
@@ -191,7 +191,7 @@ def accuracy_markdown(data: dict) -> str:
                      + (f" — {r['note']}" if r.get("note") else ""))
     checked = [r for r in data["results"] if "reference" in r]
     if checked:
-        lines += ["", "Checked against the reference decoder (tests/reference, same prompts "
+        lines += ["", "Checked against the reference decoder (dllm_reference, same prompts "
                   "and resolved parameters):", ""]
         for r in checked:
             ref = r["reference"]

@@ -58,7 +58,7 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from tests.models.tiny_llada import write_random_model
+    from dllm_reference.tiny_llada import write_random_model
 
     t_start = time.perf_counter()
     meta = report.run_metadata()

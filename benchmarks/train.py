@@ -1,10 +1,10 @@
-"""Trains a small LLaDA on benchmarks/tasks.py with LLaDA's SFT objective, on the CPU.
+"""Trains a small LLaDA on dllm_reference/tasks.py with LLaDA's SFT objective, on the CPU.
 
     python -m benchmarks.train --out examples/llada-tasks [--steps N] [--seed S] ...
     python -m benchmarks.train --suite long --canvas 128 --out examples/llada-long ...
 
-The model is tests/reference/modeling.py's ReferenceLLaDA with trainable weights, the
-tokenizer is tests/models/tiny_llada.py's character vocabulary, and the checkpoint is
+The model is dllm_reference/modeling.py's ReferenceLLaDA with trainable weights, the
+tokenizer is dllm_reference/tiny_llada.py's character vocabulary, and the checkpoint is
 written in LLaDA's original format (so the plugin and the reference load it alike). A
 partial checkpoint is saved every `--save-every` steps; at the end the held-out accuracy
 is measured and a README.md recording the run goes into the output folder; `tasks.json`
@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import tasks
 from benchmarks.eval_reference import evaluate, format_report
-from tests.models.tiny_llada import build_tokenizer, build_vocab, llada_config, write_checkpoint
-from tests.reference.modeling import ReferenceLLaDA
-from vllm_dllm.sampling.policies import DEFAULT_THRESHOLD, select_threshold
+from dllm_reference import tasks
+from dllm_reference.modeling import ReferenceLLaDA
+from dllm_reference.tiny_llada import build_tokenizer, build_vocab, llada_config, write_checkpoint
+from vllm_dllm.params import DEFAULTS
+from vllm_dllm.sampling.policies import select_threshold
 
 MASK_EPS = 1e-3  # LLaDA's forward process: t ~ U(0, 1) mapped to p = (1 - eps) t + eps
 # Families drawn in this repeating order. Short suite: sorting and uppercasing are learnt
@@ -153,7 +154,7 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
 def threshold_state_masks(model: ReferenceLLaDA, tokens: torch.Tensor,
                           attention_mask: torch.Tensor, starts: torch.Tensor,
                           answered: torch.Tensor, canvas: int, mask_id: int,
-                          generator: torch.Generator, threshold: float = DEFAULT_THRESHOLD,
+                          generator: torch.Generator, threshold: float = DEFAULTS["threshold"],
                           max_forwards: int = 3, block_length: int = BLOCK_LENGTH
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`training_masks`' triple for rows masked the way threshold decoding leaves them
@@ -276,9 +277,9 @@ def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: in
     (out / "README.md").write_text(f"""# {out.name}
 
 A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective on the
-synthetic tasks of `benchmarks/tasks.py` ({args.suite} suite, families: \
+synthetic tasks of `dllm_reference/tasks.py` ({args.suite} suite, families: \
 {", ".join(tasks.SUITES[args.suite])}).
-Tokenizer: the character vocabulary of `tests/models/tiny_llada.py`, LLaDA's chat template.
+Tokenizer: the character vocabulary of `dllm_reference/tiny_llada.py`, LLaDA's chat template.
 
 ## Training record
 

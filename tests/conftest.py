@@ -10,8 +10,8 @@ sys.path.insert(0, str(ROOT))
 # Keep each engine's KV cache small so several fit beside each other.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from dllm_reference.tiny_llada import write_random_model  # noqa: E402
 from tests.helpers import inproc_engine, shutdown  # noqa: E402
-from tests.models.tiny_llada import write_random_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference(tiny_model):
-    from tests.reference.modeling import ReferenceLLaDA
+    from dllm_reference.modeling import ReferenceLLaDA
 
     return ReferenceLLaDA.from_pretrained(tiny_model)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reference.generate import generate
+from dllm_reference.generate import generate
 
 
 def model_ids(model_dir: Path) -> dict:
@@ -99,11 +99,27 @@ class ScheduleRecorder:
             return out
 
         self.scheduler.schedule = schedule
+        # Per iteration and request: (rows the scheduler charged, rows the runner computed).
+        self.charges: list[dict[str, tuple[int, int]]] = []
+        update = self.scheduler.update_from_output
+
+        def update_from_output(scheduler_output, runner_output):
+            self.charges.append({
+                self._external(rid): (scheduler_output.num_scheduled_tokens[rid], rows)
+                for rid, rows in getattr(runner_output, "dllm_rows", {}).items()})
+            return update(scheduler_output, runner_output)
+
+        self.scheduler.update_from_output = update_from_output
 
     @staticmethod
     def _external(request_id: str) -> str:
         # vLLM appends "-<8 random chars>" to the id a caller gives.
         return request_id.rsplit("-", 1)[0]
+
+    def mischarged(self) -> list[tuple[int, str, int, int]]:
+        """(iteration, request, charged, computed) wherever the two differ."""
+        return [(i, rid, charged, rows) for i, step in enumerate(self.charges)
+                for rid, (charged, rows) in step.items() if charged != rows]
 
     def iterations(self, request_id: str) -> int:
         return sum(request_id in s["scheduled"] for s in self.steps)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from benchmarks import tasks
 from benchmarks.calibration import calibrate
 from benchmarks.eval_reference import threshold_generate
-from tests.reference.generate import generate
-from tests.reference.modeling import ReferenceLLaDA
+from dllm_reference import tasks
+from dllm_reference.generate import generate
+from dllm_reference.modeling import ReferenceLLaDA
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-long"
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from dllm_reference.generate import generate
 from tests.helpers import model_ids, random_prompt
-from tests.reference.generate import generate
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling import noise
 from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
@@ -192,3 +192,25 @@ def test_sampling_in_chunks_equals_one_pass(monkeypatch):
     whole = noise.sample(logits, torch.full((37,), 0.7), u)
     monkeypatch.setattr(noise, "SAMPLE_CHUNK_ELEMENTS", 101 * 5)
     assert torch.equal(noise.sample(logits, torch.full((37,), 0.7), u), whole)
+
+
+@pytest.mark.parametrize("skip", ["none", "es"])
+def test_delayed_eos_goes_last_and_is_scored_as_es_stores_it(skip):
+    """`delay_eos_generation`: an EOS predicted after a mask gets confidence 0 (it commits
+    last), and token skipping reads that 0 as the position's last confidence, as ES-dLLM
+    stores it after the delay."""
+    vocab, mask, eos = 8, 7, 6
+    batch = DenoiseBatch(1, 16, SpecialTokens(mask, eos=eos, eot=None))
+    row = batch.add([1, 2], DllmParams(4, 4, 4, delay_eos_generation=True, skip=skip), 0.0, 1)
+    logits = torch.full((4, vocab), -10.0)
+    logits[0, 3] = 1.0  # a plain token, p ~ 0.9999
+    logits[1, eos] = 5.0  # EOS after a mask, most confident of all
+    logits[2, 4] = 0.0  # p ~ 0.99
+    logits[3, 5] = 2.0
+    plan = batch.plan([row], torch.zeros(4, dtype=torch.long), torch.arange(4))
+    packed = batch.step(plan, logits).tolist()[0]
+    # Without the delay the EOS at column 1 would be the step's one commit.
+    assert [c for c in range(4) if packed[c] != mask] == [3]
+    if skip == "es":
+        assert float(batch.last_conf[row, 2 + 1]) == 0.0
+        assert float(batch.last_conf[row, 2 + 0]) > 0.9

@@ -21,12 +21,13 @@ import pytest
 import requests
 import torch
 
-from tests.models.tiny_dream import dream_files, write_random_model
-from tests.reference.dream import ReferenceDream, diffusion_generate
+from dllm_reference.dream import ReferenceDream, diffusion_generate
+from dllm_reference.tiny_dream import dream_files, write_random_model
 from tests.helpers import free_port
 
 MASK, EOS, EOT = 151666, 151643, 151645
-# models.md §2.5: the chat template's rendering of this conversation.
+# This conversation as Dream's chat template (its tokenizer_config.json) renders it: the
+# default system turn first.
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
 CHAT_IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198,
             3838, 374, 220, 17, 10, 17, 30, 151645, 198, 151644, 77091, 198]

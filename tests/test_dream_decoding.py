@@ -8,11 +8,11 @@ Dream with `es` / `dyllm` against the reference skipping is `test_dream_skipping
 
 import pytest
 
+from dllm_reference.dream import ReferenceDream, diffusion_generate
+from dllm_reference.generate import generate
+from dllm_reference.tiny_dream import dream_files, write_random_model
 from tests.helpers import (DREAM_MASK, dream_cut, dream_engine, dream_prompt,
                            dream_sampling_params, plugin_tokens, shutdown)
-from tests.models.tiny_dream import dream_files, write_random_model
-from tests.reference.dream import ReferenceDream, diffusion_generate
-from tests.reference.generate import generate
 
 pytestmark = [pytest.mark.skipif(dream_files() is None,
                                  reason="Dream's files (shared/models/dream-7b-instruct) missing"),

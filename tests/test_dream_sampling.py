@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from tests.models.tiny_dream import dream_files, write_random_model
-from tests.reference import dream as ref
+from dllm_reference import dream as ref
+from dllm_reference.tiny_dream import dream_files, write_random_model
 from vllm_dllm.sampling import dream, noise
 
 MASK_ID = 151666

@@ -31,6 +31,30 @@ SPECS = {
 }
 
 
+def test_the_scheduler_charges_exactly_the_rows_each_iteration_computes(inproc):
+    """Every cache mode x skip mode x refresh schedule, batched: each iteration's charge
+    (the token budget, vLLM's scheduled-token counts) equals the rows the runner lays out
+    for that request, and the recomputed-rows metric counts the same rows."""
+    llm, recorder = inproc
+    charges_before = len(recorder.charges)
+    arrivals = []
+    for i, (cache, skip, period) in enumerate(
+            (c, s, p) for c in ("none", "prefix", "dual") for s in ("none", "es", "dyllm")
+            for p in ((0,) if c == "none" else (0, 3))):
+        extra = dict(cache=cache, skip=skip, refresh_period=period)
+        if skip == "es":
+            extra["es_block_update_freq"] = 3
+        if skip == "dyllm":
+            extra.update(dyllm_full_steps=1, dyllm_query_period=3)
+        arrivals.append((f"charge-{i}", random_prompt(70 + i, 5 + i),
+                         make_params(32, 8, 32, ignore_eos=True, **extra)))
+    run_to_completion(llm, {0: arrivals[::2], 3: arrivals[1::2]})
+    charges = recorder.charges[charges_before:]
+    computed = {rows for step in charges for _, rows in step.values()}
+    assert len(computed) > 5, computed  # the cases exercise windows of many widths
+    assert [m for m in recorder.mischarged() if m[0] >= charges_before] == []
+
+
 def test_requests_join_mid_generation(inproc, reference, tiny_model):
     llm, recorder = inproc
     recorder.steps.clear()
@@ -97,6 +121,7 @@ def test_preempted_request_resumes_with_same_tokens(tiny_model, reference):
         10: [("high", high[0], make_params(**high[1]), 0)],
     })
     assert any("low" in s["preempted"] for s in recorder.steps)
+    assert recorder.charges and recorder.mischarged() == []
     for rid, (prompt, p) in (("low", low), ("high", high)):
         p = {k: v for k, v in p.items() if k != "ignore_eos"}
         assert done[rid] == reference_tokens(reference, tiny_model, prompt,

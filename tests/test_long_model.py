@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from benchmarks import tasks
+from dllm_reference import tasks
+from dllm_reference.modeling import ReferenceLLaDA
 from tests.helpers import reference_tokens, shutdown
-from tests.reference.modeling import ReferenceLLaDA
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-long"
 PROMPTS = 6  # three of each family

@@ -44,7 +44,7 @@ XARGS = {"gen_length": 32, "block_length": 8, "steps": 16}
 
 
 def test_completion_stream_joins_to_full_text(client, model_name):
-    from benchmarks.tasks import render_chat
+    from dllm_reference.tasks import render_chat
 
     # A raw prompt in chat form, so the trained model writes text rather than end tokens.
     kwargs = dict(model=model_name, prompt=render_chat("Uppercase: streamed"), max_tokens=32,
@@ -84,9 +84,9 @@ def test_chat_answers_held_out_tasks(client, model_name):
     exactly what the reference decodes with the same defaults, and mostly right."""
     from tokenizers import Tokenizer
 
-    from benchmarks import tasks
+    from dllm_reference import tasks
+    from dllm_reference.modeling import ReferenceLLaDA
     from tests.helpers import reference_tokens
-    from tests.reference.modeling import ReferenceLLaDA
 
     reference = ReferenceLLaDA.from_pretrained(MODEL)
     tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
@@ -113,9 +113,9 @@ def test_token_skipping_through_vllm_xargs(client, model_name, xargs):
     """Skipping chosen per request through vllm_xargs decodes what the reference does."""
     from tokenizers import Tokenizer
 
-    from benchmarks import tasks
+    from dllm_reference import tasks
+    from dllm_reference.modeling import ReferenceLLaDA
     from tests.helpers import reference_tokens
-    from tests.reference.modeling import ReferenceLLaDA
 
     reference = ReferenceLLaDA.from_pretrained(MODEL)
     tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))

@@ -65,3 +65,20 @@ def test_a_server_refresh_period_does_not_refuse_uncached_requests():
     defaults = server_defaults({"refresh_period": 64})
     assert _resolve({"cache": "none"}, defaults).cache == "none"
     assert _resolve({"cache": "dual"}, defaults).refresh_period == 64
+
+
+def test_readme_lists_exactly_the_declared_parameters():
+    """README's parameter table is the declarations' own (`params.readme_table`): every
+    parameter, its default and its doc, nothing else."""
+    from pathlib import Path
+
+    from vllm_dllm.params import readme_table
+
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index("| parameter | default | meaning |")
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    assert lines[start:end] == readme_table()
+    names = [line.split("`")[1] for line in lines[start + 2:end]]
+    assert names == list(DEFAULTS)

@@ -1,13 +1,13 @@
-"""Commit policies (spec §1.3, §3.2, §4) and the EOS options, on hand-computed rows."""
+"""Commit policies and the EOS options, on hand-computed rows: the fixed schedule and EOS
+options of LLaDA's `generate.py` (arXiv:2502.09992), Fast-dLLM's threshold and factor rules
+(arXiv:2505.22618) and Fast-dLLM++'s Fréchet rule (arXiv:2606.02955)."""
 
 import pytest
 import torch
 
 from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
+from vllm_dllm.params import DEFAULTS
 from vllm_dllm.sampling.policies import (
-    DEFAULT_FACTOR,
-    DEFAULT_FRECHET_DELTA,
-    DEFAULT_THRESHOLD,
     POLICIES,
     PolicyBatch,
     rank_in_row,
@@ -56,9 +56,17 @@ def reference_factor(row: torch.Tensor, factor: float) -> tuple[torch.Tensor, bo
     return commit, quirk
 
 
+def policy_batch(names, counts, thresholds, factors, deltas) -> PolicyBatch:
+    def floats(values):
+        return torch.tensor(values, dtype=torch.float64)
+
+    return PolicyBatch(torch.tensor([POLICIES.index(n) for n in names]), counts,
+                       floats(thresholds), floats(factors), floats(deltas), frozenset(names))
+
+
 def test_names_and_defaults():
     assert POLICIES == ("fixed", "threshold", "factor", "frechet")
-    assert (DEFAULT_THRESHOLD, DEFAULT_FACTOR, DEFAULT_FRECHET_DELTA) == (0.9, 1.0, 0.25)
+    assert (DEFAULTS["threshold"], DEFAULTS["factor"], DEFAULTS["frechet_delta"]) == (0.9, 1.0, 0.25)
 
 
 def test_rank_ties_go_to_lower_position():
@@ -192,11 +200,11 @@ class TestFrechet:
 
 def test_default_policy_parameters_give_documented_results():
     c = conf([0.95, 0.85, 0.8, 0.3, 0.2])
-    assert cols(select_threshold(c, per_row(DEFAULT_THRESHOLD))) == [[0]]
-    assert cols(select_factor(c, per_row(DEFAULT_FACTOR))) == [[0, 1, 2]]
+    assert cols(select_threshold(c, per_row(DEFAULTS["threshold"]))) == [[0]]
+    assert cols(select_factor(c, per_row(DEFAULTS["factor"]))) == [[0, 1, 2]]
     # G_2 = 0.8 - 0.15 = 0.65, G_3 = 0.6 - 0.2 = 0.4, G_4 = -0.1 - 0.7 < 0.25.
     # Factor 1: 0.85 >= 2/3, 0.8 >= 0.75, 0.3 < 0.8.
-    assert cols(select_frechet(c, per_row(DEFAULT_FRECHET_DELTA))) == [[0, 1, 2]]
+    assert cols(select_frechet(c, per_row(DEFAULTS["frechet_delta"]))) == [[0, 1, 2]]
 
 
 def test_mixed_batch_equals_rows_alone():
@@ -210,7 +218,7 @@ def test_mixed_batch_equals_rows_alone():
     thresholds = [0.9, 0.9, 0.9, 0.9, 0.5, 0.9, 0.9, 0.9]
     factors = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
     deltas = [0.25, 0.25, 0.25, 0.0, 0.25, 0.25, 0.25, 0.25]
-    batch = PolicyBatch.build(names, counts, thresholds, factors, deltas)
+    batch = policy_batch(names, counts, thresholds, factors, deltas)
     got = select(c, batch)
     for b, name in enumerate(names):
         row = c[b : b + 1]
@@ -224,12 +232,13 @@ def test_mixed_batch_equals_rows_alone():
     assert not got[5].any()
 
 
-def test_select_skips_unused_policies_and_rejects_unknown():
-    batch = PolicyBatch.build(["threshold"], torch.tensor([0]), [0.9], [1.0], [0.25])
-    assert batch.used == frozenset({"threshold"})
+def test_select_runs_only_the_policies_in_use():
+    batch = policy_batch(["threshold"], torch.tensor([0]), [0.9], [1.0], [0.25])
     assert cols(select(conf([0.2, 0.95, 0.91]), batch)) == [[1, 2]]
-    with pytest.raises(ValueError, match="unknown policy"):
-        PolicyBatch.build(["greedy"], torch.tensor([0]), [0.9], [1.0], [0.25])
+    # A row whose policy is not listed in `used` commits nothing.
+    unused = PolicyBatch(batch.policy, batch.counts, batch.threshold, batch.factor,
+                         batch.frechet_delta, used=frozenset({"fixed"}))
+    assert cols(select(conf([0.2, 0.95, 0.91]), unused)) == [[]]
 
 
 class TestEos:

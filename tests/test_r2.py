@@ -1,16 +1,17 @@
-"""R²-dLLM rules (spec §7) on hand-computed rows."""
+"""R²-dLLM's extra commit rules (arXiv:2604.18995) on hand-computed rows."""
 
 import pytest
 import torch
 
-from vllm_dllm.sampling.r2 import (
-    AGGREGATIONS,
-    TOKEN_CLUSTER_MODES,
-    R2Batch,
-    R2Settings,
-    StreakState,
-    apply_r2,
-)
+import functools
+from dataclasses import asdict
+
+from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling import r2
+from vllm_dllm.sampling.r2 import AGGREGATIONS, TOKEN_CLUSTER_MODES, R2Batch, StreakState, apply_r2
+
+# Settings default to the plugin's declared R² parameters.
+R2Settings = functools.partial(r2.R2Settings, **asdict(DllmParams(r2=True).r2_settings))
 
 NO = float("-inf")
 SPATIAL = R2Settings(token_cluster=None, temporal_steps=None)
@@ -246,20 +247,16 @@ class TestTemporal:
         assert done == [[], [], [], []]
 
 
-def test_streak_state_reorder():
+def test_streak_state_widen_keeps_every_row():
     s = StreakState(2, 3)
     none, every = torch.zeros((2, 3), dtype=torch.bool), torch.ones((2, 3), dtype=torch.bool)
     s.observe(torch.tensor([4, 5]), none, every,
               torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.full((2, 3), 0.5, dtype=torch.float64))
-    s.reorder(torch.tensor([1, -1, 0]), width=4)  # row 1 moves up, a newcomer, row 0 moves down
-    assert s.ids.tolist() == [[4, 5, 6, -1], [-1, -1, -1, -1], [1, 2, 3, -1]]
-    assert s.count.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]]
-    assert s.block.tolist() == [5, -1, 4]
-    s.reorder(torch.tensor([2]), width=2)  # the others leave, columns shrink
-    assert s.ids.tolist() == [[1, 2]] and s.conf_sum.tolist() == [[0.5, 0.5]]
-    empty = StreakState(0, 3)
-    empty.reorder(torch.tensor([-1, -1]))
-    assert empty.ids.shape == (2, 3) and (empty.block == -1).all()
+    s.widen(4)
+    assert s.ids.tolist() == [[1, 2, 3, -1], [4, 5, 6, -1]]
+    assert s.count.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0]]
+    assert s.conf_sum.tolist() == [[0.5, 0.5, 0.5, 0.0]] * 2
+    assert s.block.tolist() == [4, 5]
 
 
 def test_mixed_batch_equals_rows_alone():

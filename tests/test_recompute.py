@@ -7,7 +7,7 @@ from vllm_dllm.sampling.state import RequestState
 def ranges(cache: str, refresh_at: int | None = None, logits_offset: int = 0,
            skip: str = "none", refresh_period: int = 0) -> list[tuple[int, int]]:
     """Recompute ranges of a 10-token prompt, gen 16 in blocks of 8, 4 steps per block."""
-    extra = {"dyllm_full_steps": 1, "dyllm_query_period": 8} if skip == "dyllm" else {}
+    extra = {"dyllm_full_steps": 1, "dyllm_query_period": 2} if skip == "dyllm" else {}
     state = RequestState(10, DllmParams(16, 8, 8, cache=cache, skip=skip,
                                            refresh_period=refresh_period, **extra), mask_id=99,
                          row=0, logits_offset=logits_offset)
@@ -53,19 +53,37 @@ def test_shifted_logits_widen_the_cached_windows():
     assert ranges("dual", logits_offset=1) == [(0, 26)] + [(9, 18)] * 3 + [(0, 26)] + [
         (17, 26)] * 3
     # DyLLM's canvas-only queries under `none` start at the last prompt row.
-    assert ranges("none", logits_offset=1, skip="dyllm")[1:3] == [(9, 26)] * 2
-    assert ranges("none", skip="dyllm")[1:3] == [(10, 26)] * 2
+    assert ranges("none", logits_offset=1, skip="dyllm")[2:5:2] == [(9, 26)] * 2
+    assert ranges("none", skip="dyllm")[2:5:2] == [(10, 26)] * 2
+
+
+def test_dyllm_queries_the_whole_sequence_on_its_papers_schedule():
+    """DyLLM's engine (younjoo0614/DyLLM, `prepare_sparse`) queries the canvas only at
+    1-based steps past the 4th that are not multiples of 4: after 4 full steps, step 5
+    is canvas-only and steps 8, 12, 16 query everything."""
+    params = DllmParams(32, 32, 32, skip="dyllm")
+    state = RequestState(10, params, mask_id=99, row=0)
+    whole = []
+    for step in range(1, 17):
+        if state.recompute_range() == (0, 42):
+            whole.append(step)
+        else:
+            assert state.recompute_range() == (10, 42)
+        block = state.canvas[:32]
+        block[block.index(99)] = 0
+        state.apply(block + [0])
+    assert whole == [1, 2, 3, 4, 8, 12, 16]
 
 
 def test_lost_cache_forces_a_full_pass():
     assert ranges("dual", refresh_at=2)[2] == (0, 26)
 
 
-def test_next_rows_is_what_the_scheduler_is_charged():
+def test_the_window_after_an_iteration_is_the_next_ones():
     state = RequestState(10, DllmParams(16, 8, 8, cache="dual"), mask_id=99, row=0)
-    assert state.next_rows() == 26
+    assert state.recompute_range() == (0, 26)
     state.apply([0] * 2 + [99] * 6 + [0])
-    assert state.next_rows() == 8
+    assert state.recompute_range() == (10, 18)
 
 
 def test_apply_hands_out_the_committed_prefix_once():

@@ -3,9 +3,9 @@
 import pytest
 
 from benchmarks.reference_check import decode_with_reference, reference_settings
+from dllm_reference.generate import generate
+from dllm_reference.modeling import ReferenceLLaDA
 from tests.helpers import random_prompt
-from tests.reference.generate import generate
-from tests.reference.modeling import ReferenceLLaDA
 
 
 def resolved(**changes):

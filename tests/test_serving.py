@@ -43,7 +43,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    from tests.reference.modeling import ReferenceLLaDA
+    from dllm_reference.modeling import ReferenceLLaDA
 
     return ReferenceLLaDA.from_pretrained(MODEL)
 
@@ -109,8 +109,8 @@ def test_dllm_metrics_count_what_the_engine_did(server, reference):
     """Requests decoded alone, with ignore_eos so the whole canvas runs: the dLLM series grow
     by exactly the iterations, commits and recomputed rows of the reference decode, whose
     tokens the server returned."""
+    from dllm_reference.generate import generate
     from tests.helpers import random_prompt
-    from tests.reference.generate import generate
 
     base, _, log = server
     cases = [
@@ -162,7 +162,7 @@ def test_lm_eval_task_scores_what_the_reference_decodes(server, reference, tmp_p
     its answers are the reference's vanilla decodes and its accuracy is theirs."""
     from tokenizers import Tokenizer
 
-    from benchmarks import tasks
+    from dllm_reference import tasks
     from tests.helpers import reference_tokens
 
     base, _, _ = server
@@ -300,7 +300,7 @@ def test_load_aborts_preemption_and_bad_input(server):
     chunk, beside 32 requests with fuzzed parameter values. Every bad request gets a 400
     naming its parameter; every finished `cache=none` request without skipping equals its
     result alone; nothing is lost; the server serves on and returns to idle."""
-    from benchmarks.tasks import heldout, render_chat
+    from dllm_reference.tasks import heldout, render_chat
 
     base, proc, _ = server
     wait_idle(base)

@@ -9,10 +9,10 @@ import itertools
 
 import pytest
 
+from dllm_reference.generate import generate
+from dllm_reference.modeling import ReferenceLLaDA
+from dllm_reference.tiny_llada import write_random_model
 from tests.helpers import model_ids, plugin_tokens, random_prompt, reference_tokens, shutdown
-from tests.models.tiny_llada import write_random_model
-from tests.reference.generate import generate
-from tests.reference.modeling import ReferenceLLaDA
 
 CACHES = ["none", "prefix", "dual"]
 POLICIES = {"fixed": {}, "threshold": {"threshold": 0.3}}
@@ -90,7 +90,7 @@ def test_skipping_changes_the_reference_decode(deep_reference, deep_model, expec
 
 
 def test_reference_es_keeps_fewer_rows(deep_reference, deep_model, monkeypatch):
-    from tests.reference import skipping
+    from dllm_reference import skipping
 
     kept: list[int] = []
     original = skipping.es_forward

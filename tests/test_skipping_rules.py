@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.reference import skipping as reference
+from dllm_reference import skipping as reference
 from vllm_dllm.params import ParamError, resolve, server_defaults
 from vllm_dllm.skipping import dyllm, es
 
@@ -20,7 +20,8 @@ def test_keep_fractions_by_depth_match_the_reference(n_layers):
 
 
 def test_llada_depth_schedule():
-    # Spec §5.2: LLaDA (32 layers) keeps all rows through layer 4, half through layer 8.
+    # ES-dLLM's default schedule (arXiv:2603.10088; keep 1, 0.5, 0.25 from depths 0, 1/8,
+    # 1/4): LLaDA (32 layers) keeps all rows through layer 4, half through layer 8.
     fractions = es.layer_fractions((1, 0.5, 0.25), (0, 0.125, 0.25), 32)
     assert fractions[:4] == [1] * 4 and fractions[4:8] == [0.5] * 4 and fractions[8:] == [0.25] * 24
     assert es.keep_counts(fractions, window=32, last_commits=1, block_length=32) == {4: 16, 8: 8}
@@ -79,6 +80,7 @@ def test_bad_skip_parameters_name_the_parameter(extra, parameter):
 
 def test_skip_parameters_resolve():
     p = _resolve({"skip": "es", "es_keep": [1, 0.5, 0.125], "es_alpha": 1})
-    assert (p.skip, p.es_keep, p.es_alpha) == ("es", "1.0,0.5,0.125", 1.0)
-    assert p.es_fractions(8) == [1.0, 0.5, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125]
+    assert (p.skip, p.es_keep, p.es_alpha) == ("es", (1.0, 0.5, 0.125), 1.0)
+    assert es.layer_fractions(p.es_keep, p.es_depth, 8) == [
+        1.0, 0.5, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125]
     assert _resolve({"skip": "dyllm", "dyllm_threshold": 1}).dyllm_threshold == 1.0

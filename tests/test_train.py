@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks import tasks
 from benchmarks.train import Encoder, threshold_state_masks, training_masks
-from tests.models.tiny_llada import build_vocab
-from tests.reference.modeling import ReferenceLLaDA
+from dllm_reference import tasks
+from dllm_reference.modeling import ReferenceLLaDA
+from dllm_reference.tiny_llada import build_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,18 +1,20 @@
-"""Per-request decoding parameters: defaults, validation and resolution.
+"""Per-request decoding parameters: the one table that declares them.
 
-Requests pass them in `SamplingParams.extra_args` (OpenAI: `vllm_xargs`); the
-server sets defaults with `--additional-config '{"dllm": {...}}'`. Resolution
-happens once, when a request enters the engine, and the resolved values are
-written back into `extra_args` so every later stage reads complete parameters.
+Each parameter is one field of `DllmParams`: its type, default, check (which
+raises `ParamError` naming it, turned into HTTP 400 at admission), one-line doc
+(README's parameter table is rendered from it) and, where it belongs to one
+sampler or one skipping method, which. Requests pass parameters in
+`SamplingParams.extra_args` (OpenAI: `vllm_xargs`); the model folder and the
+server give defaults. `resolve` runs once, in the front end, and the resolved
+object travels with the request (`to_wire` / `from_wire`).
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from vllm_dllm.sampling import dream, policies
 from vllm_dllm.sampling import r2 as r2_rules
-from vllm_dllm.skipping import dyllm, es
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
@@ -20,8 +22,6 @@ SKIP_MODES = ("none", "es", "dyllm")
 # How an architecture turns logits into commits: LLaDA's remasking rules, or
 # Dream's samplers (`alg`).
 SAMPLERS = ("llada", "dream")
-_DREAM_ONLY = ("alg", "alg_temp", "eps")
-_LLADA_ONLY = ("remasking",)
 
 
 class ParamError(ValueError):
@@ -32,40 +32,25 @@ class ParamError(ValueError):
         self.parameter = parameter
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ParamError(name, f"{name} must be a positive integer, got {value!r}")
-    return value
+Check = Callable[[str, Any], Any]
 
 
-def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ParamError(name, f"{name} must be a non-negative integer, got {value!r}")
-    return value
+def _number(test: Callable[[float], bool], what: str, integer: bool = False) -> Check:
+    def check(name: str, value: Any) -> Any:
+        kinds = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not test(value):
+            raise ParamError(name, f"{name} must be {what}, got {value!r}")
+        return value if integer else float(value)
+    return check
 
 
-def _probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ParamError(name, f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ParamError(name, f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _non_negative_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ParamError(name, f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
-
-
-def _open_unit(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ParamError(name, f"{name} must be a number in (0, 1), got {value!r}")
-    return float(value)
+_positive_int = _number(lambda v: v > 0, "a positive integer", integer=True)
+_non_negative_int = _number(lambda v: v >= 0, "a non-negative integer", integer=True)
+_probability = _number(lambda v: 0 < v <= 1, "a number in (0, 1]")
+_positive_float = _number(lambda v: v > 0, "a positive number")
+_non_negative_float = _number(lambda v: v >= 0, "a non-negative number")
+_open_unit = _number(lambda v: 0 < v < 1, "a number in (0, 1)")
+_unit = _number(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -75,28 +60,24 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _unit(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ParamError(name, f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _fractions(low_open: bool) -> Callable[[str, Any], str]:
-    """A comma-separated list (or JSON list) of numbers in (0, 1] / [0, 1], kept as text."""
-    def check(name: str, value: Any) -> str:
-        text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+def _fractions(low_open: bool) -> Check:
+    """Comma-separated numbers (or a JSON list) in (0, 1] / [0, 1], as a tuple."""
+    def check(name: str, value: Any) -> tuple[float, ...]:
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
         try:
-            values = es.parse_fractions(text)
+            values = tuple(float(v) for v in items)
         except (TypeError, ValueError):
+            values = ()
+        if not values:
             raise ParamError(name, f"{name} must be comma-separated numbers, got {value!r}")
         if any(not (0 < v <= 1 if low_open else 0 <= v <= 1) for v in values):
             raise ParamError(name, f"{name} values must lie in {'(0, 1]' if low_open else '[0, 1]'}"
                              f", got {value!r}")
-        return ",".join(repr(v) for v in values)
+        return values
     return check
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
+def _choice(options: tuple[str, ...]) -> Check:
     def check(name: str, value: Any) -> str:
         if value not in options:
             raise ParamError(name, f"{name} must be one of {', '.join(options)}, got {value!r}")
@@ -104,90 +85,129 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
     return check
 
 
-def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+def _optional(check: Check) -> Check:
     return lambda name, value: None if value is None else check(name, value)
 
 
-# name -> (default, check). gen_length, block_length and steps are checked
-# together in `resolve`. LLaDA's reference defaults (spec §1.3) except
-# block_length, where the README examples' 32 is what semi-autoregressive
-# serving wants; `steps=None` means one step per generated token, LLaDA's
-# best-quality setting.
-_SPEC: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
-    "gen_length": (128, _positive_int),
-    "block_length": (32, _positive_int),
-    "steps": (None, _optional(_positive_int)),
-    "remasking": ("low_confidence", _choice(REMASKING)),
-    # Dream's samplers; `alg` None until `resolve` knows the architecture.
-    "alg": (None, _optional(_choice(dream.ALGS))),
-    "alg_temp": (0.0, _non_negative_float),
-    "eps": (dream.DEFAULT_EPS, _open_unit),
-    "cache": ("none", _choice(CACHE_MODES)),
-    "refresh_period": (0, _non_negative_int),
-    "policy": (policies.DEFAULT_POLICY, _choice(policies.POLICIES)),
-    "threshold": (policies.DEFAULT_THRESHOLD, _probability),
-    "factor": (policies.DEFAULT_FACTOR, _positive_float),
-    "frechet_delta": (policies.DEFAULT_FRECHET_DELTA, _positive_float),
-    "r2": (False, _flag),
-    "r2_window": (r2_rules.DEFAULT_WINDOW, _non_negative_int),
-    "r2_spatial_threshold": (r2_rules.DEFAULT_SPATIAL_THRESHOLD, _probability),
-    "r2_unmasked_limit": (r2_rules.DEFAULT_UNMASKED_LIMIT, _non_negative_int),
-    "r2_token_cluster": (r2_rules.DEFAULT_TOKEN_CLUSTER, _choice(r2_rules.TOKEN_CLUSTER_MODES + ("none",))),
-    "r2_temporal_steps": (r2_rules.DEFAULT_TEMPORAL_STEPS, _non_negative_int),
-    "r2_temporal_threshold": (r2_rules.DEFAULT_TEMPORAL_THRESHOLD, _probability),
-    "r2_temporal_aggregation": (r2_rules.DEFAULT_AGGREGATION, _choice(r2_rules.AGGREGATIONS)),
-    "logits_eos_inf": (False, _flag),
-    "confidence_eos_eot_inf": (False, _flag),
-    "delay_eos_generation": (False, _flag),
-    "skip": ("none", _choice(SKIP_MODES)),
-    "es_keep": (es.DEFAULT_KEEP, _fractions(low_open=True)),
-    "es_depth": (es.DEFAULT_DEPTH, _fractions(low_open=False)),
-    "es_alpha": (es.DEFAULT_ALPHA, _unit),
-    "es_block_update_freq": (es.DEFAULT_BLOCK_UPDATE_FREQ, _non_negative_int),
-    "dyllm_threshold": (dyllm.DEFAULT_THRESHOLD, _probability),
-    "dyllm_full_steps": (dyllm.DEFAULT_FULL_STEPS, _non_negative_int),
-    "dyllm_query_period": (dyllm.DEFAULT_QUERY_PERIOD, _positive_int),
-}
-DEFAULTS: dict[str, Any] = {name: default for name, (default, _) in _SPEC.items()}
+def _param(default: Any, check: Check, doc: str, *, sampler: str | None = None,
+           skip: str | None = None) -> Any:
+    """One parameter: `sampler` / `skip` name the only sampler / skipping method it
+    applies to (it is refused with any other)."""
+    return field(default=default,
+                 metadata={"check": check, "doc": doc, "sampler": sampler, "skip": skip})
 
 
 @dataclass(frozen=True)
 class DllmParams:
-    gen_length: int
-    block_length: int
-    steps: int
-    remasking: str = "low_confidence"
-    # Dream's sampler (None: LLaDA's remasking rule decides), its Gumbel
-    # temperature and the end of its linspace(1, eps, steps + 1) schedule.
-    alg: str | None = None
-    alg_temp: float = 0.0
-    eps: float = dream.DEFAULT_EPS
-    cache: str = "none"
-    # 0: Fast-dLLM's refresh at each block start; n: ES-dLLM's every n-th iteration.
-    refresh_period: int = 0
-    policy: str = policies.DEFAULT_POLICY
-    threshold: float = policies.DEFAULT_THRESHOLD
-    factor: float = policies.DEFAULT_FACTOR
-    frechet_delta: float = policies.DEFAULT_FRECHET_DELTA
-    r2: bool = False
-    r2_window: int = r2_rules.DEFAULT_WINDOW
-    r2_spatial_threshold: float = r2_rules.DEFAULT_SPATIAL_THRESHOLD
-    r2_unmasked_limit: int = r2_rules.DEFAULT_UNMASKED_LIMIT
-    r2_token_cluster: str = r2_rules.DEFAULT_TOKEN_CLUSTER
-    r2_temporal_steps: int = r2_rules.DEFAULT_TEMPORAL_STEPS
-    r2_temporal_threshold: float = r2_rules.DEFAULT_TEMPORAL_THRESHOLD
-    r2_temporal_aggregation: str = r2_rules.DEFAULT_AGGREGATION
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    delay_eos_generation: bool = False
-    skip: str = "none"
-    es_keep: str = es.DEFAULT_KEEP
-    es_depth: str = es.DEFAULT_DEPTH
-    es_alpha: float = es.DEFAULT_ALPHA
-    es_block_update_freq: int = es.DEFAULT_BLOCK_UPDATE_FREQ
-    dyllm_threshold: float = dyllm.DEFAULT_THRESHOLD
-    dyllm_full_steps: int = dyllm.DEFAULT_FULL_STEPS
-    dyllm_query_period: int = dyllm.DEFAULT_QUERY_PERIOD
+    """A request's resolved decoding parameters. Defaults are LLaDA's reference
+    settings (arXiv:2502.09992, Appendix B) except `block_length`, where 32 is what
+    semi-autoregressive serving wants, and the papers' own for each method."""
+
+    gen_length: int = _param(
+        128, _positive_int,
+        "canvas length (unset: the default shrunk to `max_tokens` rounded up to whole blocks);"
+        " prompt + canvas must fit `max_model_len`")
+    block_length: int = _param(
+        32, _positive_int, "semi-autoregressive block; must divide `gen_length`")
+    steps: int | None = _param(
+        None, _optional(_positive_int),
+        "iterations of the `fixed` policy (unset: `gen_length`, one token per step); must split"
+        " evenly over the blocks")
+    remasking: str = _param(
+        "low_confidence", _choice(REMASKING),
+        "LLaDA: `low_confidence` commits the most probable predictions first, `random` in"
+        " random order", sampler="llada")
+    alg: str | None = _param(
+        None, _optional(_choice(dream.ALGS)),
+        "Dream (unset: the model's `generation_config.json`, else `origin`): `origin` reveals"
+        " each mask with the step's probability, `maskgit_plus` / `topk_margin` / `entropy` the"
+        " step's count of masks with the highest top-1 probability / top-1 − top-2 margin /"
+        " negative entropy", sampler="dream")
+    alg_temp: float = _param(
+        0.0, _non_negative_float,
+        "Dream: > 0 draws the step's positions without replacement from softmax(confidence /"
+        " `alg_temp`) instead of taking the best", sampler="dream")
+    eps: float = _param(
+        1e-3, _open_unit,
+        "Dream: the schedule `linspace(1, eps, steps_per_block + 1)`; step i reveals the share"
+        " 1 − t[i+1]/t[i] of the block's masks", sampler="dream")
+    cache: str = _param(
+        "none", _choice(CACHE_MODES),
+        "`none` recomputes the whole sequence every iteration; `prefix` / `dual` are"
+        " Fast-dLLM's approximate KV caches")
+    refresh_period: int = _param(
+        0, _non_negative_int,
+        "`prefix` / `dual`: 0 refreshes the whole sequence at each block start (Fast-dLLM);"
+        " n > 0 every n-th iteration (ES-dLLM's `prompt_update_freq`)")
+    policy: str = _param(
+        "fixed", _choice(policies.POLICIES), "which masked positions to commit")
+    threshold: float = _param(
+        0.9, _probability,
+        "`threshold` policy: commit every prediction with confidence ≥ τ (always the top one)")
+    factor: float = _param(
+        1.0, _positive_float,
+        "`factor` policy: commit the largest n with (k+1)(1−c_k) < f for all k ≤ n")
+    frechet_delta: float = _param(
+        0.25, _positive_float,
+        "`frechet` policy (Fast-dLLM++): commit the prefix of the confidence profile whose gap"
+        " exceeds δ")
+    r2: bool = _param(False, _flag, "add R²-dLLM's redundancy rules to the policy")
+    r2_window: int = _param(
+        3, _non_negative_int,
+        "R² confidence cluster: window width (0: off); a window whose masked mean confidence"
+        " ≥ `r2_spatial_threshold` commits whole")
+    r2_spatial_threshold: float = _param(
+        0.8, _probability, "R² confidence and token clusters: τs")
+    r2_unmasked_limit: int = _param(
+        1, _non_negative_int,
+        "R² confidence cluster: windows with more unmasked positions are skipped")
+    r2_token_cluster: str = _param(
+        "confidence", _choice(r2_rules.TOKEN_CLUSTER_MODES + ("none",)),
+        "R² token cluster: in a run of adjacent masks predicting the same id, commit one"
+        " (`confidence`, `mid`, `random`, or `none`)")
+    r2_temporal_steps: int = _param(
+        3, _non_negative_int,
+        "R² temporal rule: a position whose top-1 id held n steps commits (0: off)")
+    r2_temporal_threshold: float = _param(
+        0.8, _probability, "R² temporal rule: τt on the aggregated confidence")
+    r2_temporal_aggregation: str = _param(
+        "last", _choice(r2_rules.AGGREGATIONS),
+        "R² temporal rule: how a streak's confidences aggregate (`last`, `ave`, `max`)")
+    logits_eos_inf: bool = _param(False, _flag, "never predict `<|endoftext|>`")
+    confidence_eos_eot_inf: bool = _param(
+        False, _flag, "predictions of `<|endoftext|>` / `<|eot_id|>` get confidence 0 (go last)")
+    delay_eos_generation: bool = _param(
+        False, _flag,
+        "ES-dLLM's rule: an `<|endoftext|>` prediction gets confidence 0 while the canvas has"
+        " none yet and the position before it is still a mask")
+    skip: str = _param(
+        "none", _choice(SKIP_MODES),
+        "token skipping inside the forward pass: `es` (ES-dLLM) or `dyllm` (DyLLM)")
+    es_keep: tuple[float, ...] = _param(
+        (1.0, 0.5, 0.25), _fractions(low_open=True),
+        "ES keep fraction by depth: layer l keeps the last fraction whose depth × layers ≤ l",
+        skip="es")
+    es_depth: tuple[float, ...] = _param(
+        (0.0, 0.125, 0.25), _fractions(low_open=False),
+        "ES: the depths (fractions of the layers) where each keep fraction starts", skip="es")
+    es_alpha: float = _param(
+        0.5, _unit,
+        "ES importance: α · last confidence + (1 − α) · relative hidden-state change",
+        skip="es")
+    es_block_update_freq: int = _param(
+        16, _non_negative_int, "ES: every n-th iteration of a request skips nothing (0: never)",
+        skip="es")
+    dyllm_threshold: float = _param(
+        0.99, _probability,
+        "DyLLM τ: rows whose attention context has cosine similarity < τ to their cached one"
+        " are recomputed (1: all)", skip="dyllm")
+    dyllm_full_steps: int = _param(
+        4, _non_negative_int, "DyLLM: the first n iterations of a request recompute everything",
+        skip="dyllm")
+    dyllm_query_period: int = _param(
+        4, _positive_int,
+        "DyLLM with `cache=none`: the prompt is queried at every n-th step and during the"
+        " first n only", skip="dyllm")
 
     @property
     def num_blocks(self) -> int:
@@ -211,33 +231,65 @@ class DllmParams:
             aggregation=self.r2_temporal_aggregation,
         )
 
-    def es_fractions(self, n_layers: int) -> list[float]:
-        return es.layer_fractions(es.parse_fractions(self.es_keep),
-                                  es.parse_fractions(self.es_depth), n_layers)
+    def to_wire(self) -> dict[str, Any]:
+        """The resolved parameters as `extra_args` entries (they cross process boundaries)."""
+        return asdict(self)
 
     @classmethod
-    def from_resolved(cls, extra_args: dict[str, Any]) -> "DllmParams":
-        return cls(**{name: extra_args[name] for name in DEFAULTS})
+    def from_wire(cls, extra_args: dict[str, Any]) -> "DllmParams":
+        """Inverse of `to_wire` (msgpack turns tuples into lists on the way)."""
+        return cls(**{f.name: tuple(v) if isinstance(v := extra_args[f.name], list) else v
+                      for f in fields(cls)})
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+_PARAMS = {f.name: f for f in fields(DllmParams)}
+DEFAULTS: dict[str, Any] = {name: f.default for name, f in _PARAMS.items()}
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "`" + ",".join(f"{v:g}" for v in value) + "`"
+    if isinstance(value, str):
+        return f"`{value}`"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def readme_table() -> list[str]:
+    """README's parameter table, one row per declared parameter."""
+    rows = ["| parameter | default | meaning |", "|---|---|---|"]
+    for name, f in _PARAMS.items():
+        rows.append(f"| `{name}` | {_shown(f.default)} | {f.metadata['doc']} |")
+    return rows
 
 
 def _check_known(source: str, values: dict[str, Any]) -> None:
-    unknown = sorted(set(values) - set(DEFAULTS))
+    unknown = sorted(set(values) - set(_PARAMS))
     if unknown:
         raise ParamError(unknown[0], f"unknown {source} parameter {unknown[0]!r}; "
-                         f"known: {', '.join(DEFAULTS)}")
+                         f"known: {', '.join(_PARAMS)}")
+
+
+def _refuse_other_sampler(given: dict[str, Any], sampler: str) -> None:
+    for name in given:
+        owner = _PARAMS[name].metadata["sampler"]
+        if owner not in (None, sampler):
+            uses = "alg (Dream's samplers)" if sampler == "dream" else "remasking"
+            raise ParamError(name, f"{name} does not apply to this model, which decodes "
+                             f"with {uses}")
 
 
 def _check_skip(given: dict[str, Any], values: dict[str, Any]) -> None:
     """Refuse a method's own parameters without that method, and what skipping cannot follow."""
     skip = values["skip"]
     for name in given:
-        for method in ("es", "dyllm"):
-            if name.startswith(method + "_") and skip != method:
-                raise ParamError(name, f"{name} applies to skip={method}, but skip is {skip!r}")
-    if len(es.parse_fractions(values["es_keep"])) != len(es.parse_fractions(values["es_depth"])):
+        method = _PARAMS[name].metadata["skip"]
+        if method not in (None, skip):
+            raise ParamError(name, f"{name} applies to skip={method}, but skip is {skip!r}")
+    if len(values["es_keep"]) != len(values["es_depth"]):
         raise ParamError("es_keep", "es_keep and es_depth must list as many values")
     if skip == "es" and values["r2"]:
         # R²'s temporal streaks follow every masked position's prediction each
@@ -245,30 +297,10 @@ def _check_skip(given: dict[str, Any], values: dict[str, Any]) -> None:
         raise ParamError("r2", "r2 cannot be combined with skip=es")
 
 
-def _refuse_other_sampler(given: dict[str, Any], sampler: str) -> None:
-    """Refuse the other architecture's decoding parameters."""
-    other = _DREAM_ONLY if sampler == "llada" else _LLADA_ONLY
-    for name in other:
-        if name in given:
-            uses = "alg (Dream's samplers)" if sampler == "dream" else "remasking"
-            raise ParamError(name, f"{name} does not apply to this model, which decodes "
-                             f"with {uses}")
-
-
-def _check_sampler(given: dict[str, Any], values: dict[str, Any], sampler: str) -> None:
-    """The request's own parameters of the other sampler are refused; Dream always has
-    an `alg`."""
-    _refuse_other_sampler(given, sampler)
-    if sampler == "llada":
-        values["alg"] = None
-    elif values["alg"] is None:
-        values["alg"] = dream.DEFAULT_ALG
-
-
 def server_defaults(dllm_config: dict[str, Any] | None,
                     model_defaults: dict[str, Any] | None = None,
                     sampler: str = "llada") -> dict[str, Any]:
-    """Defaults for this server: `DEFAULTS`, then the model folder's own (its
+    """Defaults for this server: the table's, then the model folder's own (its
     generation_config.json `dllm` entry), then `--additional-config`'s `dllm`; the
     other sampler's parameters are refused there too."""
     from_model = dict(model_defaults or {})
@@ -288,15 +320,12 @@ def resolve(
     max_model_len: int,
     sampler: str = "llada",
 ) -> DllmParams:
-    """Complete and check a request's parameters for a model decoding with `sampler`.
-
-    Without an explicit `gen_length` the canvas is the server default, shrunk to
-    `max_tokens` rounded up to whole blocks.
-    """
+    """Complete and check a request's parameters for a model decoding with `sampler`."""
     given = dict(extra_args or {})
     _check_known("request", given)
+    _refuse_other_sampler(given, sampler)
     merged = {**defaults, **given}
-    values = {name: check(name, merged[name]) for name, (_, check) in _SPEC.items()}
+    values = {name: f.metadata["check"](name, merged[name]) for name, f in _PARAMS.items()}
 
     block_length = values["block_length"]
     gen_length = values["gen_length"]
@@ -317,8 +346,10 @@ def resolve(
         raise ParamError("refresh_period", "refresh_period applies to cache prefix or dual, "
                          "but cache is 'none'")
     _check_skip(given, values)
-    _check_sampler(given, values, sampler)
     if prompt_len + gen_length > max_model_len:
         raise ParamError("gen_length", f"prompt ({prompt_len} tokens) + gen_length "
                          f"({gen_length}) exceeds max_model_len ({max_model_len})")
-    return DllmParams(**{**values, "gen_length": gen_length, "steps": steps})
+    alg = values["alg"] if sampler == "dream" else None
+    if sampler == "dream" and alg is None:
+        alg = dream.DEFAULT_ALG
+    return DllmParams(**{**values, "gen_length": gen_length, "steps": steps, "alg": alg})

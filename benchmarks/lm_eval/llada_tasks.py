@@ -1,8 +1,9 @@
-"""The held-out prompts of `benchmarks/tasks.py` as an lm-eval dataset (see llada_tasks.yaml)."""
+"""The held-out prompts of `dllm_reference/tasks.py` as an lm-eval dataset (see
+llada_tasks.yaml)."""
 
 import datasets
 
-from benchmarks import tasks
+from dllm_reference import tasks
 
 
 def dataset(num_prompts: int = 1000, **_) -> datasets.DatasetDict:

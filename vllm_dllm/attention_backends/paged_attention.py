@@ -33,15 +33,6 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, val
     kv_cache[blocks, :, offsets, head_size:] = value
 
 
-def read_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All K/V of one request: two [num_kv_heads, seq_len, head_size] tensors."""
-    num_kv_heads, block_size, width = kv_cache.shape[1:]
-    num_blocks = -(-seq_len // block_size)
-    pages = kv_cache[block_ids[:num_blocks].long()]
-    kv = pages.transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, width)[:, :seq_len]
-    return kv[..., : width // 2], kv[..., width // 2 :]
-
-
 def paged_attention_torch(
     query: torch.Tensor,
     kv_cache: torch.Tensor,

@@ -77,7 +77,7 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
         )
     except ParamError as e:
         raise VLLMValidationError(str(e), parameter=e.parameter) from e
-    params.extra_args = {**(params.extra_args or {}), **resolved.as_dict()}
+    params.extra_args = {**(params.extra_args or {}), **resolved.to_wire()}
     params.max_tokens = min(params.max_tokens or resolved.gen_length, resolved.gen_length)
     if params.seed is None:
         # Drawn once here and carried by the request, so that every tensor-parallel

@@ -35,7 +35,9 @@ else:
 
 @dataclass
 class DllmRunnerOutput(ModelRunnerOutput):
-    # Rows each request will recompute in its next iteration, for the scheduler's budget.
+    # Rows each request's first layer computed in this iteration, and will compute in
+    # its next one (the scheduler's budget); both are `RequestState.recompute_range`.
+    dllm_rows: dict[str, int] = field(default_factory=dict)
     dllm_next_rows: dict[str, int] = field(default_factory=dict)
     # For the scheduler's stats: tokens each request committed this iteration, and the
     # block it decodes next.
@@ -78,7 +80,7 @@ class DllmModelRunner(PlatformModelRunner):
                 self.batch.remove(state.row)
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
-            params = DllmParams.from_resolved(sp.extra_args)
+            params = DllmParams.from_wire(sp.extra_args)
             row = self.batch.add(new.prompt_token_ids, params, sp.temperature, sp.seed,
                                  sp.top_p, sp.top_k)
             self.requests[new.req_id] = RequestState(
@@ -193,7 +195,12 @@ class DllmModelRunner(PlatformModelRunner):
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
-            dllm_next_rows={r: s.next_rows() for r, s in zip(req_ids, states)},
+            dllm_rows=dict(zip(req_ids, query.counts)),
+            dllm_next_rows={r: _width(s.recompute_range()) for r, s in zip(req_ids, states)},
             dllm_committed={r: s.last_commits for r, s in zip(req_ids, states)},
             dllm_block={r: s.block for r, s in zip(req_ids, states)},
         )
+
+
+def _width(window: tuple[int, int]) -> int:
+    return window[1] - window[0]

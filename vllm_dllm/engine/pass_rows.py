@@ -86,11 +86,11 @@ class PassRows:
         }
         if self.uses_dyllm:
             self.rows["dy_sparse"] = per_row([s.method == "dyllm" and s.sparse for s in skips])
-            self.rows["tau"] = per_row([s.dyllm_threshold for s in skips])
+            self.rows["tau"] = per_row([s.params.dyllm_threshold for s in skips])
             # The first layer's salient rows: those whose token the last iteration set.
             self.rows["kv"] = ~self.rows["dy_sparse"] | fresh
         if self.es_layers:
-            self.rows["alpha"] = per_row([s.es_alpha for s in skips])
+            self.rows["alpha"] = per_row([s.params.es_alpha for s in skips])
         # Query rows and FFN rows per layer, summed over the batch (for reports).
         self.rows_per_layer: list[int] = []
         self.ffn_rows_per_layer: list[int] = []

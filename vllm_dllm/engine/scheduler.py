@@ -18,6 +18,7 @@ rows recomputed), iterations per request and requests per block
 """
 
 import time
+from dataclasses import dataclass
 
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -31,34 +32,40 @@ from vllm_dllm.engine.stats import DllmStats
 from vllm_dllm.params import DllmParams
 
 
+@dataclass
+class Progress:
+    """What the scheduler knows of one request's decoding."""
+
+    # Prompt + canvas: what a new or resumed request recomputes first.
+    sequence_length: int
+    # The rows its next iteration recomputes, as the runner reported them
+    # (`RequestState.recompute_range`); None until it has run or after preemption.
+    next_rows: int | None = None
+    iterations: int = 0
+    block: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.sequence_length if self.next_rows is None else self.next_rows
+
+
 class DllmScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Per request id: its whole sequence (parsed once, when it arrives), and the
-        # rows its next iteration recomputes, once the runner has said.
-        self._sequence_length: dict[str, int] = {}
-        self._next_rows: dict[str, int] = {}
-        # Stats since the last `make_stats`, iterations run and current block per request.
+        self._progress: dict[str, Progress] = {}
+        # Stats since the last `make_stats`.
         self._dllm_stats = DllmStats()
-        self._iterations: dict[str, int] = {}
-        self._block: dict[str, int] = {}
 
     def add_request(self, request: Request) -> None:
-        params = DllmParams.from_resolved(request.sampling_params.extra_args)
-        self._sequence_length[request.request_id] = request.num_prompt_tokens + params.gen_length
+        params = DllmParams.from_wire(request.sampling_params.extra_args)
+        self._progress[request.request_id] = Progress(request.num_prompt_tokens + params.gen_length)
         super().add_request(request)
 
     def _free_request(self, request: Request, *args, **kwargs):
-        self._sequence_length.pop(request.request_id, None)
-        self._next_rows.pop(request.request_id, None)
-        self._block.pop(request.request_id, None)
-        iterations = self._iterations.pop(request.request_id, 0)
-        if iterations:
-            self._dllm_stats.request_iterations[iterations] += 1
+        progress = self._progress.pop(request.request_id, None)
+        if progress is not None and progress.iterations:
+            self._dllm_stats.request_iterations[progress.iterations] += 1
         return super()._free_request(request, *args, **kwargs)
-
-    def _rows(self, request: Request) -> int:
-        return self._next_rows.get(request.request_id, self._sequence_length[request.request_id])
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         budget = self.max_num_scheduled_tokens
@@ -67,7 +74,7 @@ class DllmScheduler(Scheduler):
         scheduled: list[Request] = []
         skipped: list[Request] = []
         for request in self.running:
-            rows = self._rows(request)
+            rows = self._progress[request.request_id].rows
             if rows <= budget:
                 num_scheduled[request.request_id] = rows
                 scheduled.append(request)
@@ -79,7 +86,7 @@ class DllmScheduler(Scheduler):
         while self.waiting and len(self.running) < self.max_num_running_reqs:
             request = self.waiting.peek_request()
             # A new or resumed request recomputes its whole sequence first.
-            rows = self._sequence_length[request.request_id]
+            rows = self._progress[request.request_id].sequence_length
             if rows > budget:
                 break
             if self.kv_cache_manager.allocate_slots(request, rows) is None:
@@ -91,7 +98,7 @@ class DllmScheduler(Scheduler):
                     budget += num_scheduled.pop(victim.request_id)
                     scheduled.remove(victim)
                 skipped = [r for r in skipped if r is not victim]
-                self._next_rows.pop(victim.request_id, None)
+                self._progress[victim.request_id].next_rows = None
                 self._preempt_request(victim, now)
                 continue
             self.waiting.pop_request()
@@ -152,7 +159,9 @@ class DllmScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput):
-        self._next_rows.update(getattr(model_runner_output, "dllm_next_rows", {}))
+        for request_id, rows in getattr(model_runner_output, "dllm_next_rows", {}).items():
+            if request_id in self._progress:
+                self._progress[request_id].next_rows = rows
         if self.log_stats:
             self._count_iterations(scheduler_output, model_runner_output)
         return super().update_from_output(scheduler_output, model_runner_output)
@@ -160,18 +169,23 @@ class DllmScheduler(Scheduler):
     def _count_iterations(self, scheduler_output: SchedulerOutput,
                           model_runner_output: ModelRunnerOutput) -> None:
         committed = getattr(model_runner_output, "dllm_committed", {})
-        self._block.update(getattr(model_runner_output, "dllm_block", {}))
+        blocks = getattr(model_runner_output, "dllm_block", {})
+        rows = getattr(model_runner_output, "dllm_rows", {})
         for request_id in model_runner_output.req_ids:
-            self._iterations[request_id] = self._iterations.get(request_id, 0) + 1
+            progress = self._progress.get(request_id)
+            if progress is None:
+                continue
+            progress.iterations += 1
+            progress.block = blocks.get(request_id, progress.block)
             self._dllm_stats.observe_iteration(
-                committed.get(request_id, 0), scheduler_output.num_scheduled_tokens[request_id])
+                committed.get(request_id, 0),
+                rows.get(request_id, scheduler_output.num_scheduled_tokens[request_id]))
 
     def make_stats(self, *args, **kwargs) -> SchedulerStats | None:
         stats = super().make_stats(*args, **kwargs)
         if stats is not None:
             dllm, self._dllm_stats = self._dllm_stats, DllmStats()
-            dllm.block.update(self._block[r.request_id] for r in self.running
-                              if r.request_id in self._block)
+            dllm.block.update(self._progress[r.request_id].block for r in self.running)
             # See engine/stats.py for why the counters travel in this field.
             stats.running_lora_adapters.update(dllm.to_wire())
         return stats

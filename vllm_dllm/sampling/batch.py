@@ -136,7 +136,7 @@ class DenoiseBatch:
         self._composition = None
         if params.block_length > self.width:
             self.width = params.block_length
-            self.streaks.reorder(torch.arange(len(self.params), device=self.device), self.width)
+            self.streaks.widen(self.width)
         self.tokens[row] = self.special.mask
         self.tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self.last_conf[row] = 0
@@ -314,8 +314,15 @@ class DenoiseBatch:
             use = self.confidence_eos_eot_inf[rows][req]
             confidence = torch.where(use, eos_eot_confidence(logits, x0, special.eos, special.eot),
                                      confidence)
+        # What token skipping scores a position by next time (ES-dLLM's `all_confidence`).
+        tracked = top_conf
         if plan.delay_eos_generation:
-            confidence = self._delay_eos(rows, req, position, x0, confidence)
+            delayed = self._eos_delayed(rows, req, position, x0)
+            confidence = torch.where(delayed, torch.zeros_like(confidence), confidence)
+            if not plan.dream:
+                # ES-dLLM stores LLaDA's confidence after its EOS delay, Dream's before it
+                # (zhuzj19/ES-dLLM generate.py, sample_tokens_LLaDA / sample_tokens_Dream).
+                tracked = torch.where(delayed, torch.zeros_like(tracked), tracked)
         if plan.random_remasking:
             scores = noise.uniforms(seed, iteration, position, noise.STREAM_REMASK)
             confidence = torch.where(self.random_remasking[rows][req], scores, confidence)
@@ -345,7 +352,7 @@ class DenoiseBatch:
         after = torch.where(commit & valid, tokens, current)
         self.tokens[rows[:, None], cells] = after
         if plan.tracks_positions:
-            self._track_positions(rows, cells, scatter(top_conf.float(), -1.0), after != current)
+            self._track_positions(rows, cells, scatter(tracked.float(), -1.0), after != current)
         clean = ~((after == special.mask) & valid).any(-1)
         step = step + 1
         fixed = self.policy[rows] == POLICIES.index("fixed")
@@ -392,19 +399,19 @@ class DenoiseBatch:
         fixed = self.policy[rows] == POLICIES.index("fixed")
         return torch.where(fixed[:, None], scheduled, commit)
 
-    def _delay_eos(self, rows: torch.Tensor, req: torch.Tensor, position: torch.Tensor,
-                   x0: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-        """ES-dLLM's `delay_eos_generation`: an EOS prediction gets confidence 0 while the
-        canvas has no EOS yet and the position before it is still a mask."""
+    def _eos_delayed(self, rows: torch.Tensor, req: torch.Tensor, position: torch.Tensor,
+                     x0: torch.Tensor) -> torch.Tensor:
+        """ES-dLLM's `delay_eos_generation`: the logits rows whose EOS prediction gets
+        confidence 0, because the canvas has no EOS yet and the position before it is
+        still a mask."""
         eos, mask = self.special.eos, self.special.mask
         prompt_len = self.prompt_len[rows]
         column = torch.arange(self.tokens.shape[1], device=self.device)
         in_canvas = (column >= prompt_len[:, None]) & (column < self.max_len)
         has_eos = ((self.tokens[rows] == eos) & in_canvas).any(-1)
         before = self.tokens[rows[req], (prompt_len[req] + position - 1).clamp(max=self.max_len)]
-        delay = (self.delay_eos_generation[rows][req] & (x0 == eos) & ~has_eos[req]
-                 & (before == mask))
-        return torch.where(delay, torch.zeros_like(confidence), confidence)
+        return (self.delay_eos_generation[rows][req] & (x0 == eos) & ~has_eos[req]
+                & (before == mask))
 
     def _track_positions(self, rows: torch.Tensor, cells: torch.Tensor, top_conf: torch.Tensor,
                          committed: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Dream's samplers (`diffusion_generate`, spec algorithms.md §2.2), batched.
+"""Dream's samplers (`diffusion_generate`, Dream-org's `generation_utils.py`, arXiv:2508.15487), batched.
 
 Plain PyTorch on whatever device the logits are on, no host synchronisation;
 per-row parameters are tensors so one call serves rows with different settings.
@@ -25,7 +25,6 @@ from vllm_dllm.sampling.policies import select_fixed
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 ORIGIN, MASKGIT_PLUS, TOPK_MARGIN, ENTROPY = range(len(ALGS))
 DEFAULT_ALG = "origin"  # Dream's generation_config.json, and diffusion_generate's default
-DEFAULT_EPS = 1e-3  # Dream's generation_config.json
 # Dream's entropy adds this inside the log so that removed tokens (p = 0) count 0.
 ENTROPY_EPS = 1e-10
 

@@ -1,4 +1,4 @@
-"""LLaDA's optional end-of-text handling (`logits_eos_inf`, `confidence_eos_eot_inf`, spec §1.3).
+"""LLaDA's optional end-of-text handling (`logits_eos_inf`, `confidence_eos_eot_inf`, LLaDA's `generate.py`).
 
 Instruct LLaDA fills the tail of its canvas with EOS; these options keep it
 from ending, or from ending early, by changing what the rules see.

@@ -9,7 +9,7 @@ batch of rows at once on the logits' device.
 
 Sampling at temperature T > 0 draws a token from softmax(logits / T) by inverting
 the row's cumulative distribution at one such uniform. That is the distribution
-LLaDA's float64 Gumbel-max (`exp(l) / (-log u)^T`, spec §1.3) samples from, with
+LLaDA's float64 Gumbel-max (`exp(l) / (-log u)^T`, LLaDA's `generate.py`) samples from, with
 one uniform per row instead of one per vocabulary entry. The cost is a float64
 softmax and a cumulative sum over the sampled rows, done in chunks of at most
 `SAMPLE_CHUNK_ELEMENTS` elements, so the extra memory is bounded by about

@@ -6,7 +6,8 @@ committed) and returns a [B, K] boolean commit mask. Per-request parameters
 are [B] tensors, so one call serves requests with different settings. Ties in
 confidence go to the lower position everywhere, as in `rank_in_row`.
 
-The rules (spec §1.3, §3.2, §4):
+The rules (LLaDA arXiv:2502.09992; Fast-dLLM arXiv:2505.22618 §3.3;
+Fast-dLLM++ arXiv:2606.02955):
 * fixed:     LLaDA's schedule, the `counts[b]` most confident candidates.
 * threshold: Fast-dLLM, every candidate with conf >= tau, and always the top-1.
 * factor:    Fast-dLLM, the largest prefix of the sorted candidates with
@@ -16,16 +17,11 @@ The threshold-type rules (all but fixed) commit at least one token whenever a
 row has a candidate, so a block always makes progress.
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 POLICIES = ("fixed", "threshold", "factor", "frechet")
-DEFAULT_POLICY = "fixed"
-DEFAULT_THRESHOLD = 0.9  # Fast-dLLM paper, spec §3.3
-DEFAULT_FACTOR = 1.0  # Fast-dLLM eval script, spec §3.3
-DEFAULT_FRECHET_DELTA = 0.25  # Fast-dLLM++ main tables, spec §4
 
 
 def _sort_desc(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +90,7 @@ def select_frechet(confidence: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
 
     With c(1) >= c(2) >= ... the sorted candidate confidences,
     G_n = (sum_{j<=n} c(j) - (n - 1)) - (1 - c(n)): the Fréchet lower bound on
-    all n being right minus the upper bound on any competitor (spec §4). As in
+    all n being right minus the upper bound on any competitor (Fast-dLLM++, arXiv:2606.02955). As in
     the Fast-dLLM++ reference the max(0, .) of the lower bound is left out and
     n* is the number of n with G_n > delta, which is the largest such n
     because G_n never increases with n.
@@ -125,33 +121,6 @@ class PolicyBatch:
     factor: torch.Tensor  # float64
     frechet_delta: torch.Tensor  # float64
     used: frozenset[str]
-
-    @classmethod
-    def build(
-        cls,
-        policies: Sequence[str],
-        counts: torch.Tensor,
-        threshold: Sequence[float],
-        factor: Sequence[float],
-        frechet_delta: Sequence[float],
-    ) -> "PolicyBatch":
-        """Assemble the batch from each request's resolved settings (names must be in POLICIES)."""
-        unknown = set(policies) - set(POLICIES)
-        if unknown:
-            raise ValueError(f"unknown policy {sorted(unknown)[0]!r}; known: {', '.join(POLICIES)}")
-        device = counts.device
-
-        def floats(values: Sequence[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float64, device=device)
-
-        return cls(
-            policy=torch.tensor([POLICIES.index(p) for p in policies], dtype=torch.long, device=device),
-            counts=counts,
-            threshold=floats(threshold),
-            factor=floats(factor),
-            frechet_delta=floats(frechet_delta),
-            used=frozenset(policies),
-        )
 
 
 def select(confidence: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:

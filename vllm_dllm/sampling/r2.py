@@ -1,4 +1,4 @@
-"""R²-dLLM's extra commit rules (spec §7), run after any base policy.
+"""R²-dLLM's extra commit rules (arXiv:2604.18995; GATECH-EIC/R2-dLLM), run after any base policy.
 
 One step, for each row of the batch, in this order; every rule sees the
 commits of the rules before it:
@@ -42,27 +42,20 @@ import torch
 
 TOKEN_CLUSTER_MODES = ("confidence", "mid", "random")
 AGGREGATIONS = ("last", "ave", "max")
-# The settings of every eval script R²-dLLM ships (spec §7).
-DEFAULT_WINDOW = 3
-DEFAULT_SPATIAL_THRESHOLD = 0.8
-DEFAULT_UNMASKED_LIMIT = 1
-DEFAULT_TOKEN_CLUSTER = "confidence"
-DEFAULT_TEMPORAL_STEPS = 3
-DEFAULT_TEMPORAL_THRESHOLD = 0.8
-DEFAULT_AGGREGATION = "last"
 
 
 @dataclass(frozen=True)
 class R2Settings:
-    """One request's R² settings; None switches the part it belongs to off."""
+    """One request's R² settings (`DllmParams.r2_settings`, where their defaults are
+    declared); None switches the part it belongs to off."""
 
-    window: int | None = DEFAULT_WINDOW
-    spatial_threshold: float | None = DEFAULT_SPATIAL_THRESHOLD
-    unmasked_limit: int | None = DEFAULT_UNMASKED_LIMIT  # None: no limit
-    token_cluster: str | None = DEFAULT_TOKEN_CLUSTER
-    temporal_steps: int | None = DEFAULT_TEMPORAL_STEPS
-    temporal_threshold: float | None = DEFAULT_TEMPORAL_THRESHOLD
-    aggregation: str = DEFAULT_AGGREGATION
+    window: int | None
+    spatial_threshold: float | None
+    unmasked_limit: int | None  # None: no limit
+    token_cluster: str | None
+    temporal_steps: int | None
+    temporal_threshold: float | None
+    aggregation: str
 
     @property
     def spatial(self) -> bool:
@@ -76,7 +69,8 @@ class R2Settings:
                 and self.temporal_threshold is not None)
 
 
-_OFF = R2Settings(window=None, temporal_steps=None)
+_OFF = R2Settings(window=None, spatial_threshold=None, unmasked_limit=None, token_cluster=None,
+                  temporal_steps=None, temporal_threshold=None, aggregation=AGGREGATIONS[0])
 
 
 @dataclass(frozen=True)
@@ -147,27 +141,14 @@ class StreakState:
         self.conf_max = torch.zeros((batch, width), dtype=torch.float64, device=device)
         self.block = torch.full((batch,), -1, dtype=torch.long, device=device)
 
-    def reorder(self, rows: torch.Tensor, width: int | None = None) -> None:
-        """Lay the rows out for a new batch: new row b continues old row `rows[b]`,
-        or starts empty where `rows[b] < 0`.
-
-        This covers requests that join (-1), leave (not listed) or move.
-        `width` changes the number of columns; new ones start empty. A request
-        that sits out a step and comes back as a new row restarts its streaks,
-        which only delays rule 3.
-        """
-        width = self.ids.shape[1] if width is None else width
-        fresh = StreakState(len(rows), width, self.ids.device)
-        if self.ids.shape[0]:
-            rows = rows.to(self.ids.device)
-            keep = rows >= 0
-            source = rows.clamp(min=0)
-            cols = min(width, self.ids.shape[1])
-            for name in ("ids", "count", "conf_sum", "conf_max"):
-                now = getattr(fresh, name)
-                now[:, :cols] = torch.where(keep[:, None], getattr(self, name)[source, :cols], now[:, :cols])
-            fresh.block = torch.where(keep, self.block[source], fresh.block)
-        self.__dict__.update(fresh.__dict__)
+    def widen(self, width: int) -> None:
+        """Grow to `width` columns (a request with a longer block joined); new ones start empty."""
+        old = self.ids.shape[1]
+        fresh = StreakState(self.ids.shape[0], width, self.ids.device)
+        for name in ("ids", "count", "conf_sum", "conf_max"):
+            getattr(fresh, name)[:, :old] = getattr(self, name)
+        self.ids, self.count = fresh.ids, fresh.count
+        self.conf_sum, self.conf_max = fresh.conf_sum, fresh.conf_max
 
     def observe(self, block_index: torch.Tensor, settled: torch.Tensor, active: torch.Tensor,
                 top_ids: torch.Tensor, top_conf: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
-"""Which positions of a request an iteration recomputes (Fast-dLLM caches, spec §3.1;
-ES-dLLM's refresh schedule, spec §5.2).
+"""Which positions of a request an iteration recomputes (Fast-dLLM caches,
+arXiv:2505.22618 §3.2; ES-dLLM's refresh schedule, zhuzj19/ES-dLLM `generate.py`).
 
 Positions are absolute (prompt first). Everything outside the range keeps the
 K/V an earlier iteration left in the cache. A model whose logits row p predicts

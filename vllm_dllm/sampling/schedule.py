@@ -1,4 +1,4 @@
-"""LLaDA's fixed transfer schedule (`get_num_transfer_tokens`, spec §1.3)."""
+"""LLaDA's fixed transfer schedule (`get_num_transfer_tokens`, LLaDA's `generate.py`, arXiv:2502.09992 Appendix B)."""
 
 import torch
 

@@ -33,6 +33,8 @@ class RequestState:
         self.last_commits = 0
         # The leftmost position (absolute) the last forward committed, if any.
         self.previous_commit: int | None = None
+        # ES keep fraction per layer, from the parameters on first use.
+        self._es_fractions: list[float] | None = None
 
     @property
     def block_start(self) -> int:
@@ -46,10 +48,11 @@ class RequestState:
     def sequence_length(self) -> int:
         return self.prompt_len + self.params.gen_length
 
-    def _full(self, refresh: bool) -> bool:
+    def _full(self) -> bool:
         """Whether this iteration recomputes its whole window in every layer."""
         p = self.params
-        if refresh or refreshes(p.cache, self.step_in_block, p.refresh_period, self.iterations):
+        if self.needs_refresh or refreshes(p.cache, self.step_in_block, p.refresh_period,
+                                           self.iterations):
             return True
         if p.skip == "es":
             return bool(p.es_block_update_freq) and self.iterations % p.es_block_update_freq == 0
@@ -57,41 +60,35 @@ class RequestState:
             return self.iterations < p.dyllm_full_steps
         return True
 
-    def _window(self, refresh: bool) -> tuple[int, int]:
-        p = self.params
-        return recompute_range(p.cache, self.prompt_len, p.gen_length, self.block_start,
-                               p.block_length, self.step_in_block, refresh,
-                               self.logits_offset, p.refresh_period, self.iterations,
-                               self.previous_commit)
-
     def recompute_range(self) -> tuple[int, int]:
-        """Absolute [lo, hi) this iteration's first layer computes."""
-        lo, hi = self._window(self.needs_refresh)
+        """Absolute [lo, hi) this iteration's first layer computes: the scheduler's charge,
+        the metrics' recomputed rows and the runner's layout all read it."""
         p = self.params
-        if (p.skip == "dyllm" and p.cache == "none" and not self._full(self.needs_refresh)
-                and self.iterations % p.dyllm_query_period):
-            # DyLLM queries the canvas (from the row predicting its first position)
-            # only, and the whole sequence periodically.
-            lo = max(0, self.prompt_len - self.logits_offset)
+        lo, hi = recompute_range(p.cache, self.prompt_len, p.gen_length, self.block_start,
+                                 p.block_length, self.step_in_block, self.needs_refresh,
+                                 self.logits_offset, p.refresh_period, self.iterations,
+                                 self.previous_commit)
+        if p.skip == "dyllm" and p.cache == "none" and not self._full():
+            # DyLLM queries the whole sequence at its 1-based steps n, 2n, 3n, ... and during
+            # its first n, the canvas (from the row predicting its first position) otherwise
+            # (`prepare_sparse` in younjoo0614/DyLLM's engine/model_runner.py, n = 4).
+            step = self.iterations + 1
+            if step > p.dyllm_query_period and step % p.dyllm_query_period:
+                lo = max(0, self.prompt_len - self.logits_offset)
         return lo, hi
 
     def skip_plan(self, n_layers: int, window: int) -> RequestSkip:
         p = self.params
-        if p.skip == "none":
-            return RequestSkip()
-        sparse = not self._full(self.needs_refresh)
-        if p.skip == "dyllm":
-            return RequestSkip("dyllm", sparse, dyllm_threshold=p.dyllm_threshold)
-        fractions = p.es_fractions(n_layers)
+        sparse = p.skip != "none" and not self._full()
+        if p.skip != "es":
+            return RequestSkip(p, sparse)
+        if self._es_fractions is None:
+            self._es_fractions = es.layer_fractions(p.es_keep, p.es_depth, n_layers)
+        fractions = self._es_fractions
         layers = tuple(i for i in range(1, n_layers) if fractions[i] < fractions[i - 1])
         counts = es.keep_counts(fractions, window, self.last_commits,
                                 p.block_length) if sparse else {}
-        return RequestSkip("es", sparse, counts, layers, es_alpha=p.es_alpha)
-
-    def next_rows(self) -> int:
-        """Rows the next iteration's first layer computes, if the cache still holds the request."""
-        lo, hi = self._window(False)
-        return hi - lo
+        return RequestSkip(p, sparse, counts, layers)
 
     def masked_columns(self) -> list[int]:
         """Columns of the current block that are still masks."""

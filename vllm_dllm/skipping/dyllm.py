@@ -1,4 +1,4 @@
-"""DyLLM salient-token recompute (spec §6): which rows a layer really computes.
+"""DyLLM salient-token recompute (arXiv:2603.08026; younjoo0614/DyLLM): which rows a layer really computes.
 
 After the first `full_steps` iterations of a request, a layer computes K/V only
 for its salient rows, every query row attends (exactly, over the pages), and
@@ -8,7 +8,7 @@ the next layer's K/V. The other rows add their cached FFN output. The first
 layer's salient rows are the positions the previous iteration committed: only
 their input changed.
 
-Choices where the spec says NOT VERIFIED: the rows of a layer's salient set are
+Choices where the paper leaves details open: the rows of a layer's salient set are
 not forced into the next one (the similarity test decides alone), and the
 non-salient queries get exact attention over the current pages rather than a
 rank-|S| correction of their cached context (same order of cost, no error of
@@ -18,11 +18,6 @@ its own). tau >= 1 makes every row salient: the pass is then exactly the plain o
 from collections.abc import Callable
 
 import torch
-
-DEFAULT_THRESHOLD = 0.99  # DyLLM's Config.threshold (spec §6.3)
-DEFAULT_FULL_STEPS = 4  # run.py and the GSM8K script
-# Without a cache mode, three iterations in four query only the canvas.
-DEFAULT_QUERY_PERIOD = 4
 
 
 def salient(context: torch.Tensor, cached: torch.Tensor, tau: torch.Tensor,

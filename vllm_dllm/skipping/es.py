@@ -1,11 +1,11 @@
-"""ES-dLLM early skipping (spec §5): which rows continue past the skip layers.
+"""ES-dLLM early skipping (arXiv:2603.10088; zhuzj19/ES-dLLM): which rows continue past the skip layers.
 
 Every iteration computes the cache mode's window in the first layers; at the end
 of each layer where the keep fraction drops, the rows are scored by importance
 and only the best ones go on. The dropped rows keep the K/V an earlier pass left
 in the pages and produce no logits this iteration.
 
-Importance (mode `HiddenState`, §5.3), per row t of a request's window at layer l:
+Importance (ES-dLLM's mode `HiddenState`, `early_skipping.py`), per row t of a request's window at layer l:
   change_t = mean_d |h_t - H_l[t]| / (||H_l[t]||_2 / sqrt(d) + 1e-6), divided by
              max(max_t change_t, 1);
   score_t  = alpha * last_conf_t + (1 - alpha) * change_t
@@ -19,23 +19,9 @@ committed).
 
 import torch
 
-DEFAULT_KEEP = "1,0.5,0.25"
-DEFAULT_DEPTH = "0,0.125,0.25"
-DEFAULT_ALPHA = 0.5
-# ES-dLLM's LLaDA GSM8K setting (spec §5.5): a pass without skipping every 16 iterations.
-DEFAULT_BLOCK_UPDATE_FREQ = 16
-
 TOP_CONF_BONUS = 2.0
 LEFTMOST_MASK_BONUS = 5.0
 FRESH_BONUS = 3.0
-
-
-def parse_fractions(text: str) -> tuple[float, ...]:
-    """'1,0.5,0.25' -> (1.0, 0.5, 0.25); raises ValueError on anything else."""
-    values = tuple(float(v) for v in str(text).split(","))
-    if not values:
-        raise ValueError("empty list")
-    return values
 
 
 def layer_fractions(keep: tuple[float, ...], depth: tuple[float, ...], n_layers: int

@@ -2,19 +2,21 @@
 
 from dataclasses import dataclass, field
 
-from vllm_dllm.skipping import dyllm, es
+from vllm_dllm.params import DllmParams
 
 
-@dataclass
+@dataclass(frozen=True)
 class RequestSkip:
-    """What one request's skipping does in this pass (host values)."""
+    """One request's skipping in this pass: its parameters, whether this pass is
+    sparse (False: every row computed, caches refilled) and, for ES, the rows kept
+    after each layer where the keep fraction drops and the layers whose hidden
+    states it caches."""
 
-    method: str = "none"
-    # False on full iterations: every row computed, caches refilled.
+    params: DllmParams
     sparse: bool = False
-    # ES: rows kept after each layer where the keep fraction drops (sparse only),
-    # and the layers whose hidden states it caches.
     es_counts: dict[int, int] = field(default_factory=dict)
     es_layers: tuple[int, ...] = ()
-    es_alpha: float = es.DEFAULT_ALPHA
-    dyllm_threshold: float = dyllm.DEFAULT_THRESHOLD
+
+    @property
+    def method(self) -> str:
+        return self.params.skip

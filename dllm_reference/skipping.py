@@ -1,11 +1,12 @@
-"""Reference ES-dLLM and DyLLM forwards of one request (algorithms.md §5, §6).
+"""Reference ES-dLLM (arXiv:2603.10088) and DyLLM (arXiv:2603.08026) forwards of one
+request.
 
-Written from the spec with per-row loops where that reads plainest, on the layer
-parts every reference model has (`embed`, `project`, `attention_output`, `ffn`,
-`head`: `ReferenceLLaDA` and `ReferenceDream`); `RequestSkipping` holds one
-request's state across its forwards and is what `generate.generate(...,
-skip=...)` and `dream.diffusion_generate(..., skip=...)` drive. The conventions
-the plugin follows too:
+Written from the methods as their papers and released code describe them, with
+per-row loops where that reads plainest, on the layer parts every reference model
+has (`embed`, `project`, `attention_output`, `ffn`, `head`: `ReferenceLLaDA` and
+`ReferenceDream`); `RequestSkipping` holds one request's state across its forwards
+and is what `generate.generate(..., skip=...)` and `dream.diffusion_generate(...,
+skip=...)` drive. The conventions the plugin follows too:
 
 * Both methods work on the cache mode's window (the positions the first layer
   computes) and skip nothing in a full iteration: a cache refresh (the first
@@ -20,20 +21,22 @@ the plugin follows too:
 * ES: after each layer l where the keep fraction p_l drops (p_l = the last keep
   value whose depth * n_layers <= l), a sparse iteration keeps the
   max(int(p_l * W), min(last commits + 2, block_length)) best rows (W the window,
-  at most the rows the layer had) by the importance score of §5.3, ties to the
-  lower position; the kept rows' hidden states at that layer are cached. Rows
-  dropped get no logits. A row is scored by what it predicts and by its own
-  token: its confidence (and the top-2 bonus) is the last top-1 probability of
-  the position it predicts (0 once that is committed, and 0 for a row predicting
-  past the sequence), the +5 goes to the row predicting the block's leftmost
-  mask, and the +3 to rows whose own token the previous iteration committed
-  (§5.3's reason: their K/V must be refreshed); with offset 0 these are one row.
+  at most the rows the layer had) by ES-dLLM's importance score (its default
+  `HiddenState` mode), ties to the lower position; the kept rows' hidden states
+  at that layer are cached. Rows dropped get no logits. A row is scored by what
+  it predicts and by its own token: its confidence (and the top-2 bonus) is the
+  last top-1 probability of the position it predicts (0 once that is committed,
+  and 0 for a row predicting past the sequence), the +5 goes to the row
+  predicting the block's leftmost mask, and the +3 to rows whose own token the
+  previous iteration committed (ES-dLLM's reason: their K/V must be refreshed);
+  with offset 0 these are one row.
 * DyLLM: layer 0 refreshes K/V only for the positions the previous iteration
   committed; every row is a query with exact attention over the current K/V;
   rows whose context has cosine similarity < tau to their cached one (tau >= 1:
   all rows) run the FFN and refresh K/V in the next layer; the others add their
   cached FFN output. Under cache `none` a sparse iteration queries the canvas
-  only, unless its index is a multiple of `dyllm_query_period`.
+  only, unless its 1-based step is a multiple of `dyllm_query_period` or within
+  the first period.
 """
 
 import math
@@ -213,7 +216,10 @@ class RequestSkipping:
                                    and iteration % self.es_block_update_freq == 0)
         else:
             full = refresh or iteration < self.dyllm_full_steps
-            if not full and self.cache == "none" and iteration % self.dyllm_query_period:
+            # DyLLM's `prepare_sparse`: the canvas only, except at 1-based steps that
+            # are multiples of the period, and during the first period.
+            step, period = iteration + 1, self.dyllm_query_period
+            if not full and self.cache == "none" and step > period and step % period:
                 lo = max(0, self.prompt_len - self.offset)
         window = torch.arange(lo, hi)
         if self.skip == "es":

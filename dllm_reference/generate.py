@@ -1,4 +1,7 @@
-"""Reference LLaDA decoding (algorithms.md §1.3, §3, §4), one request at a time.
+"""Reference LLaDA decoding, one request at a time: LLaDA's semi-autoregressive block
+decoding (`generate()` of the LLaDA repository, arXiv:2502.09992), with Fast-dLLM's caches
+and parallel commit rules (arXiv:2505.22618) and Fast-dLLM++'s Fréchet rule
+(arXiv:2606.02955).
 
 The oracle the plugin is checked against; it shares no decoding code with the
 plugin (only the noise definition below), and chooses commits with a plain loop
@@ -22,29 +25,30 @@ Conventions shared with the plugin so that runs can be compared token for token:
   - `fixed`: LLaDA's `get_num_transfer_tokens` schedule, computed once per block
     from its masks: the block's masks split evenly over steps / num_blocks
     iterations, remainder first; exactly that many iterations per block.
-  - `threshold` (Fast-dLLM, §3.2b): every candidate with confidence >= tau, and
-    always the top-1 candidate.
-  - `factor` (Fast-dLLM, §3.2c): the largest n >= 1 such that the sorted
-    candidates satisfy c(k) >= 1 - f / (k + 1) (float64, equality accepted) for
-    every 2 <= k <= n (k = 1 always passes). Fast-dLLM v1's loop also commits the
+  - `threshold` (Fast-dLLM's confidence-aware parallel decoding): every
+    candidate with confidence >= tau, and always the top-1 candidate.
+  - `factor` (the factor rule of Fast-dLLM's code): the largest n >= 1 such that
+    the sorted candidates satisfy c(k) >= 1 - f / (k + 1) (float64, equality
+    accepted) for every 2 <= k <= n (k = 1 always passes). Fast-dLLM v1's loop also commits the
     first failing candidate when it is the last one; like the plugin, we do not.
-  - `frechet` (Fast-dLLM++, §4): n* = the number of n with
+  - `frechet` (Fast-dLLM++'s Fréchet profile decoding): n* = the number of n with
     G_n = (sum_{j<=n} c(j) - (n - 1)) - (1 - c(n)) > delta, at least 1; the
     prefix sum is accumulated in float64 in rank order. The max(0, .) of the
     lower bound is left out as in Fast-dLLM++'s code (it changes no decision for
     delta >= 0).
   Non-fixed policies leave a block as soon as it has no mask left (at least one
   iteration each, no fixed number: `steps` is then unused).
-* Caches (§3.1): with `prefix` / `dual` the first iteration of every block is a
-  full forward (which also decodes); later ones recompute block + suffix
-  (`prefix`) or the block only (`dual`) against the K/V that forward left,
-  from `logits_offset` rows before the block (the rows that predict it; so do
-  the skipping windows, and DyLLM's canvas-only queries under `none`).
+* Caches (Fast-dLLM's PrefixCache and DualCache, arXiv:2505.22618 §3.2): with
+  `prefix` / `dual` the first iteration of every block is a full forward (which
+  also decodes); later ones recompute block + suffix (`prefix`) or the block
+  only (`dual`) against the K/V that forward left, from `logits_offset` rows
+  before the block (the rows that predict it; so do the skipping windows, and
+  DyLLM's canvas-only queries under `none`).
 """
 
 import torch
 
-from tests.reference import skipping
+from dllm_reference import skipping
 from vllm_dllm.sampling import noise
 
 POLICIES = ("fixed", "threshold", "factor", "frechet")

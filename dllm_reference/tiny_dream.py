@@ -7,7 +7,7 @@ Qwen2 vocabulary, merges, added tokens and chat template), only with a small
 random network. The embedding keeps one row per real token (151,667, padded to a
 multiple of 64) so every special id of the tokenizer is a valid row.
 
-    python -m tests.models.tiny_dream OUT_DIR [--seed 0] [--hidden-size 64] ...
+    python -m dllm_reference.tiny_dream OUT_DIR [--seed 0] [--hidden-size 64] ...
 """
 
 import argparse
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt")
 # Real tokens are 0..151666 (`<|mask|>` is the last one).

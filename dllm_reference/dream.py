@@ -1,5 +1,7 @@
-"""Plain PyTorch Dream and its `diffusion_generate`, written from the spec
-(models.md §2.3-2.7, algorithms.md §2.2-2.3). The oracle the plugin is checked
+"""Plain PyTorch Dream (arXiv:2508.15487) and its `diffusion_generate`: the forward of
+Dream's released `modeling_dream.py` (Qwen2 layers, bidirectional attention, logits
+shifted by one), its original samplers (`generation_utils.py`) and Fast-dLLM's
+block-cached variant of them (arXiv:2505.22618). The oracle the plugin is checked
 against for Dream; it shares no decoding code with the plugin, only the noise
 definition of `vllm_dllm.sampling.noise`.
 
@@ -54,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tests.reference import skipping
+from dllm_reference import skipping
 from vllm_dllm.sampling import noise
 
 LOGITS_OFFSET = 1

@@ -5,7 +5,7 @@ schema, generation_config.json, safetensors with `model.transformer.*` names,
 tokenizer.json, tokenizer_config.json with LLaDA's chat template), only smaller:
 a character-level vocabulary plus LLaDA's special tokens.
 
-    python -m tests.models.tiny_llada OUT_DIR [--seed 0] [--d-model 128] ...
+    python -m dllm_reference.tiny_llada OUT_DIR [--seed 0] [--d-model 128] ...
 """
 
 import argparse
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-# LLaDA-8B-Instruct's chat template, verbatim (models.md §1.6).
+# LLaDA-8B-Instruct's chat template, verbatim from its tokenizer_config.json.
 CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"

@@ -1,4 +1,5 @@
-"""Plain PyTorch LLaDA, written from the spec (algorithms.md §1.1, models.md §1.3).
+"""Plain PyTorch LLaDA (arXiv:2502.09992): the Llama-style blocks of LLaDA-8B-Instruct's
+`modeling_llada.py` (RMSNorm, RoPE, SwiGLU), with fully bidirectional attention.
 
 It reads the original checkpoint format (config.json + safetensors with
 `model.transformer.*` names) and is the oracle the plugin is checked against.
