@@ -42,15 +42,15 @@ def in_process(model: Path, batch_sizes: list[int], repeats: int) -> list[dict]:
               max_num_batched_tokens=max(batch_sizes) * 256)
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     forward_time = [0.0]
-    original = runner.forward_query_batch
+    original = runner.run_pass
 
-    def timed(batch):
+    def timed(*args):
         start = time.perf_counter()
-        out = original(batch)
+        out = original(*args)
         forward_time[0] += time.perf_counter() - start
         return out
 
-    runner.forward_query_batch = timed
+    runner.run_pass = timed
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     work = {"iterations": 0, "rows": 0}
     schedule = scheduler.schedule

@@ -49,8 +49,10 @@ class BidirectionalMetadata:
     Rows of request b are `query_start_loc[b]:query_start_loc[b+1]`; the request
     has `seq_lens[b]` positions in the pages listed by `block_table[b]`;
     `slot_mapping[t]` is the cache slot that K/V row t is written to (negative:
-    not written). There are as many K/V rows as query rows unless `num_kv_tokens`
-    says otherwise (a pass that refreshes K/V for some of its queries only).
+    not written). A layer may get fewer K/V rows than query rows (a sparse layer
+    refreshes the K/V of some rows only); `slot_mapping` then lists theirs. Built
+    once per row set (`rows_metadata`, or vLLM's builder for its own dummy passes)
+    and only read afterwards.
     """
 
     num_actual_tokens: int
@@ -60,7 +62,24 @@ class BidirectionalMetadata:
     slot_mapping: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    num_kv_tokens: int | None = None
+
+
+def rows_metadata(counts: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                  slot_mapping: torch.Tensor, device: torch.device) -> BidirectionalMetadata:
+    """The metadata of a pass whose request b has `counts[b]` query rows; `counts` and
+    `seq_lens` [B] are host tensors, `block_table` [B, pages] and `slot_mapping` [N]
+    are on `device`."""
+    starts = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return BidirectionalMetadata(
+        num_actual_tokens=int(starts[-1]),
+        query_start_loc=starts.to(device, non_blocking=True),
+        seq_lens=seq_lens.to(device, torch.int32, non_blocking=True),
+        block_table=block_table,
+        slot_mapping=slot_mapping,
+        max_query_len=int(counts.max()) if len(counts) else 0,
+        max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+    )
 
 
 class BidirectionalAttentionBackend(AttentionBackend):
@@ -102,8 +121,8 @@ class BidirectionalAttentionBackend(AttentionBackend):
 
 
 class BidirectionalMetadataBuilder(AttentionMetadataBuilder[BidirectionalMetadata]):
-    """Used by vLLM's own dummy and profiling passes; the dLLM runner builds
-    `BidirectionalMetadata` itself because its query rows are not a suffix."""
+    """vLLM's own dummy and profiling passes; the dLLM runner's passes, whose query
+    rows are not a suffix of the sequence, use `rows_metadata`."""
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -169,7 +188,7 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
-        nk = n if m.num_kv_tokens is None else m.num_kv_tokens
+        nk = len(m.slot_mapping)
         isa = _cpu_kernel_isa(kv_cache.device.type, self.head_size, kv_cache.dtype,
                               tuple(kv_cache.shape), tuple(kv_cache.stride()))
         if isa is not None:

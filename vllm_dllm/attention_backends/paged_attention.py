@@ -23,11 +23,12 @@ except ImportError:  # a CPU-only install: the torch path still works
 
 
 def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Store K/V rows [N, num_kv_heads, head_size] at their cache slots; rows whose
-    slot is negative keep the cache as it is (vLLM's convention for padding)."""
+    """Store K/V rows [N, num_kv_heads, head_size] at their cache slots. Rows whose slot
+    is negative (vLLM's convention for padding) are not stored: they go to page 0,
+    which vLLM's block pool keeps back as its null block and never gives a request, so
+    no boolean index (a host synchronisation on CUDA) is needed."""
     block_size, head_size = kv_cache.shape[2], key.shape[-1]
-    written = slots >= 0
-    slots, key, value = slots[written], key[written], value[written]
+    slots = slots.clamp(min=0)
     blocks, offsets = slots // block_size, slots % block_size
     kv_cache[blocks, :, offsets, :head_size] = key
     kv_cache[blocks, :, offsets, head_size:] = value

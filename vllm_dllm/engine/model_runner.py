@@ -12,6 +12,7 @@ one batched decoding step, and one copy of its packed result to the host, from
 which each record takes the tokens that became final.
 """
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.platforms import current_platform
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
@@ -95,64 +97,70 @@ class DllmModelRunner(PlatformModelRunner):
                 self._set_pages(state.row, block_ids[0])
                 state.needs_refresh = True
 
-    def forward_query_batch(self, batch: QueryBatch, rows: PassRows | None = None
-                            ) -> torch.Tensor:
-        """Runs the model over `batch`; returns the hidden states of the rows its last
-        layer computed. Every layer reads the batch's one metadata object, which `rows`
-        (the pass's row controller, if any request skips tokens) rewrites between layers."""
-        layer_names = self.kv_cache_config.kv_cache_groups[0].layer_names
-        metadata = dict.fromkeys(layer_names, batch.metadata)
-        with set_forward_context(metadata, self.vllm_config, num_tokens=len(batch.input_ids)):
-            return self.model(input_ids=batch.input_ids, positions=batch.positions, rows=rows)
-
     def _slot_caches(self) -> SlotCaches:
         if self.slot_caches is None:
             num_slots = self.kv_cache_config.num_blocks * self.block_size
             self.slot_caches = SlotCaches(num_slots, self.device, self.model_config.dtype)
         return self.slot_caches
 
-    def _pass_rows(self, states: list[RequestState], query: QueryBatch, rows: torch.Tensor
-                   ) -> PassRows:
-        """The row controller of a pass where some request skips tokens, with what its
-        rules read from the decoding state."""
-        metadata, counts = query.metadata, query.counts
-        positions = query.positions
-        request = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
-                                          torch.tensor(counts, device=self.device),
-                                          output_size=len(positions))
-        batch_rows = rows[request]
-        starts = torch.tensor([s.prompt_len + s.block_start for s in states], device=self.device)
-        leftmost = self.batch.leftmost_mask(rows, starts)
-        # A row is scored by the position it predicts; its K/V are its own position's.
-        predicted = (positions + self.model.dllm_logits_offset).clamp(max=self.batch.max_len)
-        return PassRows(
-            metadata, counts, positions, metadata.slot_mapping,
-            [s.skip_plan(self.n_layers, c) for s, c in zip(states, counts)],
-            self._slot_caches(),
-            last_conf=self.batch.last_conf[batch_rows, predicted],
-            fresh=self.batch.fresh[batch_rows, positions],
-            leftmost=predicted == leftmost[request])
+    def _controller(self, states: list[RequestState], query: QueryBatch, rows: torch.Tensor,
+                    metadata: dict) -> PassRows:
+        """The pass's row controller, with what skipping rules read from the decoding
+        state when some request skips tokens."""
+        counts, positions = query.counts, query.positions
+        skips = [s.skip_plan(self.n_layers, c) for s, c in zip(states, counts)]
+        features: dict[str, torch.Tensor] = {}
+        caches = None
+        if any(s.method != "none" for s in skips):
+            request = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
+                                              torch.tensor(counts, device=self.device),
+                                              output_size=len(positions))
+            batch_rows = rows[request]
+            starts = torch.tensor([s.prompt_len + s.block_start for s in states],
+                                  device=self.device)
+            leftmost = self.batch.leftmost_mask(rows, starts)
+            # A row is scored by the position it predicts; its K/V are its own position's.
+            predicted = (positions + self.model.dllm_logits_offset).clamp(max=self.batch.max_len)
+            features = dict(last_conf=self.batch.last_conf[batch_rows, predicted],
+                            fresh=self.batch.fresh[batch_rows, positions],
+                            leftmost=predicted == leftmost[request])
+            caches = self._slot_caches()
+        return PassRows(metadata, self.attention_layers, counts, query.seq_lens, positions,
+                        skips, caches, features, self.model_config.get_hidden_size())
+
+    @functools.cached_property
+    def attention_layers(self) -> list[str]:
+        """The attention layers' names in layer order (what a row controller installs
+        each layer's metadata under)."""
+        names = self.kv_cache_config.kv_cache_groups[0].layer_names
+        return sorted(names, key=extract_layer_index)
 
     def _count_rows(self, rows: list[int], ffn_rows: list[int]) -> None:
         self.layer_rows = [a + b for a, b in zip(self.layer_rows, rows)]
         self.layer_ffn_rows = [a + b for a, b in zip(self.layer_ffn_rows, ffn_rows)]
 
-    def _skipping_pass(self, states: list[RequestState], query: QueryBatch,
-                       rows: torch.Tensor, masked: list[list[int]], block_starts: torch.Tensor
-                       ) -> tuple[BatchPlan, torch.Tensor]:
-        """A pass whose later layers keep some rows: logits for the masked block
-        positions that reached the last layer, placeholders for the others."""
-        controller = self._pass_rows(states, query, rows)
-        hidden = self.forward_query_batch(query, controller)
+    def run_pass(self, states: list[RequestState], query: QueryBatch, rows: torch.Tensor
+                 ) -> tuple[BatchPlan, torch.Tensor]:
+        """One pass over `query`: the plan of the iteration and the logits of the masked
+        block positions that reached the last layer (placeholders for those token
+        skipping left out)."""
+        metadata = dict.fromkeys(self.attention_layers, query.metadata)
+        controller = self._controller(states, query, rows, metadata)
+        with set_forward_context(metadata, self.vllm_config, num_tokens=len(query.input_ids)):
+            hidden = self.model(input_ids=query.input_ids, positions=query.positions,
+                                rows=controller)
         self._count_rows(controller.rows_per_layer, controller.ffn_rows_per_layer)
         offset = self.model.dllm_logits_offset
         predicted = controller.positions + offset
         is_mask = self.batch.tokens[rows[controller.request],
                                     predicted.clamp(max=self.batch.max_len)] == self.mask_token_id
+        block_starts = torch.tensor([s.prompt_len + s.block_start for s in states],
+                                    device=self.device)
         out_rows, columns, valid, logit_request = controller.logit_rows(
-            block_starts.to(self.device),
+            block_starts,
             torch.tensor([s.params.block_length for s in states], device=self.device),
-            is_mask & (predicted < self.batch.max_len), [len(m) for m in masked], offset)
+            is_mask & (predicted < self.batch.max_len),
+            [len(s.masked_columns()) for s in states], offset)
         plan = self.batch.plan([s.row for s in states], logit_request, columns, valid)
         return plan, self.model.compute_logits(hidden[out_rows])
 
@@ -166,28 +174,11 @@ class DllmModelRunner(PlatformModelRunner):
         states = [self.requests[r] for r in req_ids]
         rows = self.batch.rows_tensor([s.row for s in states])
         ranges = torch.tensor([s.recompute_range() for s in states], dtype=torch.long)
-        masked = [s.masked_columns() for s in states]
         query = range_query_batch(
             self.batch.tokens, rows, ranges[:, 0], ranges[:, 1],
             torch.tensor([s.sequence_length for s in states]), self.block_table[rows],
             self.block_size)
-        block_starts = torch.tensor([s.prompt_len + s.block_start for s in states])
-        if any(s.params.skip != "none" for s in states):
-            plan, logits = self._skipping_pass(states, query, rows, masked, block_starts)
-        else:
-            logit_request = torch.repeat_interleave(
-                torch.arange(len(states)), torch.tensor([len(m) for m in masked]))
-            logit_column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
-            plan = self.batch.plan([s.row for s in states], logit_request, logit_column)
-            hidden = self.forward_query_batch(query)
-            every_layer = [len(query.input_ids)] * self.n_layers
-            self._count_rows(every_layer, every_layer)
-            # Row p of the logits predicts position p + offset; only masked block
-            # positions need them.
-            positions = block_starts[logit_request] + logit_column - self.model.dllm_logits_offset
-            out_rows = query.range_rows(logit_request, positions).to(self.device,
-                                                                     non_blocking=True)
-            logits = self.model.compute_logits(hidden[out_rows])
+        plan, logits = self.run_pass(states, query, rows)
         # The iteration's one device-to-host transfer.
         packed = self.batch.step(plan, logits).tolist()
         sampled = [s.apply(p) for s, p in zip(states, packed)]

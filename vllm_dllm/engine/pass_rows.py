@@ -1,23 +1,22 @@
 """The row controller of a forward pass: which rows each layer computes.
 
 The runner lays out each request's window (the cache mode's positions) for the
-first layer; this controller then drives the model's layers over them and,
-between and inside layers, applies each request's token skipping:
+first layer; the model runs its own layer loop and asks this controller, a
+`decoder.LayerHook`, before and after each layer:
 
-* `none` (and every refresh iteration): all rows through every layer, which is
-  the plain layer loop;
-* `es` (ES-dLLM): after each layer where the request's keep fraction drops, its
-  rows are scored (`skipping.es.importance`) and only the best go on; the others
-  keep their stale K/V in the pages and get no logits this iteration;
-* `dyllm` (DyLLM): every row stays a query, but only salient rows write K/V and
-  run the FFN; the rest reuse their cached attention-context and FFN output
-  (`skipping.dyllm.salient`).
+* `none` (and every refresh iteration): all rows through every layer;
+* `es` (ES-dLLM, arXiv:2603.10088): after each layer where the request's keep
+  fraction drops, its rows are scored (`skipping.es.importance`) and only the best
+  go on; the others keep their stale K/V in the pages and get no logits;
+* `dyllm` (DyLLM, arXiv:2603.08026): every row stays a query, but the layer is a
+  `decoder.SparseRows`: only salient rows write K/V and run the FFN, the rest reuse
+  their cached FFN output (`skipping.dyllm.salient`).
 
-All requests of the pass share one attention call per layer: the controller
-rewrites the one `BidirectionalMetadata` object that every layer's name points
-to (rows, slots, query starts) when the rows change. Row counts of ES are known
-on the host before the pass (so are query starts); DyLLM's FFN rows are counted
-once per layer (its K/V rows and FFN rows), its only read-backs.
+All requests of the pass share one attention call per layer. Each row set gets its
+own attention metadata (`rows_metadata` when ES drops rows; a K/V slot list for a
+sparse layer), installed for the layers it serves and never changed afterwards.
+Row counts of ES are known on the host before the pass; a sparse layer counts its
+FFN rows, the pass's only read-back per layer.
 
 Per-token caches (hidden states for ES; contexts and FFN outputs for DyLLM) are
 indexed by KV-cache slot, so a request owns exactly the cache rows of its pages:
@@ -25,13 +24,15 @@ vLLM's block manager allocates and frees them with the pages, and a preempted
 request, which resumes on new pages, rebuilds them in its first (full) pass.
 """
 
+from dataclasses import replace
+
 import torch
-from torch import nn
 from vllm.distributed import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
 )
 
+from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata, rows_metadata
 from vllm_dllm.skipping import dyllm, es
 from vllm_dllm.skipping.plan import RequestSkip
 
@@ -53,42 +54,56 @@ class SlotCaches:
         return self.tensors[key]
 
 
+def row_starts(counts: list[int]) -> torch.Tensor:
+    """First row of each request in a pass laid out request after request (host)."""
+    starts = torch.zeros(len(counts), dtype=torch.long)
+    if len(counts) > 1:
+        torch.cumsum(torch.tensor(counts[:-1]), 0, out=starts[1:])
+    return starts
+
+
 class PassRows:
     """Row controller of one pass (see the module docstring).
 
-    `counts` [B] are the first layer's rows per request (host); `positions`,
-    `slots` [N] and the row features (`last_conf`, `fresh`, `leftmost` [N], read
-    from the decoding state before the pass) are on the device.
+    `metadata` maps each layer's attention name to the metadata it reads during the
+    pass (the first layer's row set to start with); `layer_names` lists those names
+    in layer order. `counts` [B] are the first layer's rows per request (host);
+    `positions`, `slots` [N] and, when some request skips, the row features
+    (`last_conf`, `fresh`, `leftmost` [N], read from the decoding state before the
+    pass) are on the device; `seq_lens` [B] is the host copy of the metadata's.
     """
 
-    def __init__(self, metadata, counts: list[int], positions: torch.Tensor,
-                 slots: torch.Tensor, skips: list[RequestSkip], caches: SlotCaches,
-                 last_conf: torch.Tensor, fresh: torch.Tensor, leftmost: torch.Tensor):
+    def __init__(self, metadata: dict[str, BidirectionalMetadata], layer_names: list[str],
+                 counts: list[int], seq_lens: torch.Tensor, positions: torch.Tensor,
+                 skips: list[RequestSkip], caches: SlotCaches | None,
+                 features: dict[str, torch.Tensor], hidden_size: int):
         self.metadata = metadata
+        self.seq_lens = seq_lens
+        self.ffn_width = hidden_size
+        self.layer_names = layer_names
         self.counts = list(counts)
         self.skips = skips
         self.caches = caches
         device = positions.device
         self.device = device
-        n = len(positions)
         request = torch.repeat_interleave(
             torch.arange(len(counts), device=device),
-            torch.tensor(counts, device=device), output_size=n)
-        self.es_layers = sorted({i for s in skips if s.method == "es" for i in s.es_layers})
+            torch.tensor(counts, device=device), output_size=len(positions))
+        self.es_layers = {i for s in skips if s.method == "es" for i in s.es_layers}
         self.uses_dyllm = any(s.method == "dyllm" for s in skips)
+        first = metadata[layer_names[0]]
+        self.row_set = first
 
         def per_row(values: list) -> torch.Tensor:
             return torch.tensor(values, device=device)[request]
 
         self.rows: dict[str, torch.Tensor] = {
-            "positions": positions, "slots": slots, "request": request,
-            "last_conf": last_conf, "fresh": fresh, "leftmost": leftmost,
-        }
+            "positions": positions, "slots": first.slot_mapping, "request": request, **features}
         if self.uses_dyllm:
             self.rows["dy_sparse"] = per_row([s.method == "dyllm" and s.sparse for s in skips])
             self.rows["tau"] = per_row([s.params.dyllm_threshold for s in skips])
             # The first layer's salient rows: those whose token the last iteration set.
-            self.rows["kv"] = ~self.rows["dy_sparse"] | fresh
+            self.rows["kv"] = ~self.rows["dy_sparse"] | features["fresh"]
         if self.es_layers:
             self.rows["alpha"] = per_row([s.params.es_alpha for s in skips])
         # Query rows and FFN rows per layer, summed over the batch (for reports).
@@ -103,66 +118,20 @@ class PassRows:
     def request(self) -> torch.Tensor:
         return self.rows["request"]
 
-    def run(self, layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor
-            ) -> torch.Tensor:
-        for i, layer in enumerate(layers):
-            self.rows_per_layer.append(len(x))
-            positions = self.positions
-            if self.uses_dyllm:
-                x = self._dyllm_layer(i, layer, x, positions)
-            else:
-                x = layer(positions, x)
-                self.ffn_rows_per_layer.append(len(x))
-            if i in self.es_layers:
-                x = self._es_after(i, x)
+    def before(self, layer: int) -> "_SalientRows | None":
+        self.rows_per_layer.append(len(self.positions))
+        if not self.uses_dyllm:
+            self.ffn_rows_per_layer.append(len(self.positions))
+            return None
+        sparse = _SalientRows(self, layer)
+        self.metadata[self.layer_names[layer]] = replace(
+            self.row_set, slot_mapping=self.rows["slots"][sparse.kv_rows])
+        return sparse
+
+    def after(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer in self.es_layers:
+            x = self._es_after(layer, x)
         return x
-
-    def _set_rows(self, slots: torch.Tensor) -> None:
-        m = self.metadata
-        counts = torch.tensor(self.counts)
-        starts = torch.zeros(len(counts) + 1, dtype=torch.int32)
-        torch.cumsum(counts, 0, out=starts[1:])
-        m.num_actual_tokens = int(starts[-1])
-        m.query_start_loc = starts.to(self.device, non_blocking=True)
-        m.max_query_len = max(self.counts) if self.counts else 0
-        m.slot_mapping = slots
-
-    def _dyllm_layer(self, i: int, layer: nn.Module, x: torch.Tensor,
-                     positions: torch.Tensor) -> torch.Tensor:
-        rows = self.rows
-        slots, dy_sparse = rows["slots"], rows["dy_sparse"]
-        attn = layer.self_attn
-        # Only salient rows refresh their K/V; the others keep what the pages hold.
-        kv_index = rows["kv"].nonzero().squeeze(1)
-        # Every row is a query; K/V are projected for the salient rows only.
-        q, k, v = attn.project(positions, layer.input_layernorm(x), kv_index)
-        self.metadata.slot_mapping = slots[kv_index]
-        self.metadata.num_kv_tokens = len(kv_index)
-        context = attn.attn(q, k, v)
-        cached = self.caches.get("context", i, context.shape[-1])
-        reduce = (tensor_model_parallel_all_reduce
-                  if get_tensor_model_parallel_world_size() > 1 else None)
-        salient = torch.where(dy_sparse, dyllm.salient(context, cached[slots], rows["tau"], reduce),
-                              True)
-        # Rows of requests that do not use DyLLM write the caches too: only a sparse
-        # DyLLM pass reads them, and a request's first pass, full, overwrites its slots.
-        cached[slots] = context
-        out, _ = attn.o_proj(context)
-        x = x + out
-        # Non-salient rows (sparse DyLLM rows only) add their cached FFN output.
-        ffn_cache = self.caches.get("ffn", i, x.shape[-1])
-        ffn = ffn_cache[slots]
-        # The pass's one read-back per layer: how many rows run the FFN.
-        index = salient.nonzero().squeeze(1)
-        self.ffn_rows_per_layer.append(len(index))
-        if len(index):
-            computed = layer.mlp(layer.post_attention_layernorm(x[index]))
-            ffn[index] = computed
-            ffn_cache[slots[index]] = computed
-        rows["kv"] = salient
-        self.metadata.slot_mapping = slots
-        self.metadata.num_kv_tokens = None
-        return x + ffn
 
     def _es_after(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Score the rows at the end of layer `i`, keep the best ones of every request
@@ -172,9 +141,7 @@ class PassRows:
         keep_n = [s.es_counts.get(i, c) if s.method == "es" and s.sparse else c
                   for s, c in zip(self.skips, counts)]
         request = rows["request"]
-        starts = torch.zeros(b, dtype=torch.long)
-        torch.cumsum(torch.tensor(counts[:-1]), 0, out=starts[1:])
-        offset = torch.arange(n, device=self.device) - starts.to(self.device)[request]
+        offset = torch.arange(n, device=self.device) - row_starts(counts).to(self.device)[request]
         cache = self.caches.get("hidden", i, x.shape[-1])
         slots = rows["slots"]
         if keep_n != counts:
@@ -195,7 +162,11 @@ class PassRows:
             self.rows = {name: t[kept] for name, t in rows.items()}
             self.counts = keep_n
             x = x[kept]
-            self._set_rows(self.rows["slots"])
+            self.row_set = rows_metadata(torch.tensor(keep_n), self.seq_lens,
+                                         self.row_set.block_table, self.rows["slots"],
+                                         self.device)
+            for name in self.layer_names[i + 1:]:
+                self.metadata[name] = self.row_set
         cache[self.rows["slots"]] = x
         return x
 
@@ -218,15 +189,11 @@ class PassRows:
         column = positions + offset - block_start[request]
         candidate = is_mask & (column >= 0) & (column < block_length[request])
         b, n = len(counts), len(positions)
-        starts = torch.zeros(b, dtype=torch.long)
-        torch.cumsum(torch.tensor(counts[:-1]), 0, out=starts[1:])
-        first = torch.zeros(b, dtype=torch.long)
-        torch.cumsum(torch.tensor(slots_per[:-1]), 0, out=first[1:])
+        first = row_starts(slots_per).to(self.device)
         rank = torch.cumsum(candidate.long(), 0) - 1
         before = torch.cat([rank.new_zeros(1), torch.cumsum(candidate.long(), 0)])
-        rank = rank - before[starts.to(self.device)][request]
-        target = torch.where(candidate, first.to(self.device)[request] + rank,
-                             torch.full_like(rank, total))
+        rank = rank - before[row_starts(counts).to(self.device)][request]
+        target = torch.where(candidate, first[request] + rank, torch.full_like(rank, total))
         out_rows = torch.zeros(total + 1, dtype=torch.long, device=self.device)
         out_rows.index_put_((target,), torch.arange(n, device=self.device))
         out_col = torch.zeros(total + 1, dtype=torch.long, device=self.device)
@@ -235,3 +202,33 @@ class PassRows:
         valid.index_put_((target,), candidate)
         logit_request = torch.repeat_interleave(torch.arange(b), torch.tensor(slots_per))
         return out_rows[:total], out_col[:total], valid[:total], logit_request
+
+
+class _SalientRows:
+    """One DyLLM layer of a pass (`decoder.SparseRows`): K/V for the rows salient after
+    the layer before, FFN for the rows whose attention context moved."""
+
+    def __init__(self, rows: PassRows, layer: int):
+        self.pass_rows = rows
+        self.layer = layer
+        self.kv_rows = rows.rows["kv"].nonzero().squeeze(1)
+
+    def ffn(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.pass_rows
+        rows, slots = p.rows, p.rows["slots"]
+        cached = p.caches.get("context", self.layer, context.shape[-1])
+        reduce = (tensor_model_parallel_all_reduce
+                  if get_tensor_model_parallel_world_size() > 1 else None)
+        salient = torch.where(rows["dy_sparse"],
+                              dyllm.salient(context, cached[slots], rows["tau"], reduce), True)
+        # Rows of requests that do not use DyLLM write the caches too: only a sparse
+        # DyLLM pass reads them, and a request's first pass, full, overwrites its slots.
+        cached[slots] = context
+        rows["kv"] = salient
+        index = salient.nonzero().squeeze(1)
+        p.ffn_rows_per_layer.append(len(index))
+        self.ffn_cache = p.caches.get("ffn", self.layer, p.ffn_width)
+        return index, self.ffn_cache[slots]
+
+    def computed(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        self.ffn_cache[self.pass_rows.rows["slots"][rows]] = out

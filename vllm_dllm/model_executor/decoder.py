@@ -1,12 +1,15 @@
-"""The layer loop every dLLM architecture shares, and the hook a row controller uses.
+"""What every dLLM architecture shares: layers, the layer loop, the model around them.
 
 A model file builds its layers on `DecoderLayer`, `ProjectedAttention` and
-`GatedMLP` (their forwards are the plain, all-rows path) and calls `run_layers`;
-which rows each layer computes (and what stands in for the rest) is decided by the
-pass's `RowController`, never by the model file, so a second architecture reuses
-token skipping as it is.
+`GatedMLP` (their forwards are the plain, all-rows path), puts them in a
+`DllmTransformer` and subclasses `DllmForMaskedLM` with its checkpoint's weight
+names. The layer loop is the model's own (`run_layers`); a token-skipping method is
+a `LayerHook` asked between layers which rows go on, and whether a layer is
+`SparseRows` (which rows refresh K/V and run the FFN). The model file never sees
+a skipping method, so a new architecture reuses them as they are.
 """
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -14,11 +17,19 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.sequence import IntermediateTensors
 
 from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBackend
 
@@ -45,8 +56,8 @@ class ProjectedAttention(nn.Module):
     """Attention with separate `q_proj` and `kv_proj` (from `kv_parallel_linear`;
     `kv_size` is a rank's K width), `rotate(positions, x)` (the model's RoPE on q or k
     rows), `attn` (vLLM's `Attention`: its backend writes K/V to the pages) and
-    `o_proj`. Q and K/V are separate GEMMs so that a row controller can project K/V
-    for a subset of the rows (DyLLM); a row controller may call these parts one by one.
+    `o_proj`. Q and K/V are separate GEMMs so that a sparse layer can project K/V
+    for a subset of the rows (DyLLM).
 
     The constructor builds the projections and `attn` on a rank's share of the heads
     (fewer KV heads than ranks: each rank keeps a replica of one); a model's subclass
@@ -84,34 +95,144 @@ class ProjectedAttention(nn.Module):
         k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
         return self.rotate(positions, q), self.rotate(kv_positions, k), v
 
+    def context(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                kv_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output of every row before `o_proj`; only `kv_rows` write K/V."""
+        return self.attn(*self.project(positions, hidden_states, kv_rows))
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        out, _ = self.o_proj(self.attn(*self.project(positions, hidden_states)))
+        out, _ = self.o_proj(self.context(positions, hidden_states))
         return out
+
+
+class SparseRows(Protocol):
+    """A layer where only some rows refresh K/V and run the FFN (DyLLM, arXiv:2603.08026).
+
+    `kv_rows` (indices) project and write K/V; every row is a query. `ffn(context)`
+    names, from the rows' attention contexts, the rows that run the FFN, and gives
+    the output that stands in for it in every row; `computed` receives what those
+    rows' FFN produced."""
+
+    kv_rows: torch.Tensor
+
+    def ffn(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def computed(self, rows: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)), from its
-    `input_layernorm`, `self_attn`, `post_attention_layernorm` and `mlp`; calling it
-    is the plain, all-rows path."""
+    `input_layernorm`, `self_attn`, `post_attention_layernorm` and `mlp`."""
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                sparse: SparseRows | None = None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if sparse is None:
+            x = x + self.self_attn(positions, h)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        context = self.self_attn.context(positions, h, sparse.kv_rows)
+        out, _ = self.self_attn.o_proj(context)
+        x = x + out
+        rows, ffn = sparse.ffn(context)
+        if len(rows):
+            computed = self.mlp(self.post_attention_layernorm(x[rows]))
+            ffn = ffn.index_copy(0, rows, computed)
+            sparse.computed(rows, computed)
+        return x + ffn
 
 
-class RowController(Protocol):
-    def run(self, layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor
-            ) -> torch.Tensor:
-        """Run `layers` over the pass's rows; returns the hidden states of the rows
-        the last layer computed (in the order the controller reports them)."""
-        ...
+class LayerHook(Protocol):
+    """A pass's row controller, asked before and after each layer: which rows the
+    layer computes (`positions`), whether it is sparse, and which rows go on."""
+
+    positions: torch.Tensor
+
+    def before(self, layer: int) -> SparseRows | None: ...
+
+    def after(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor,
-               rows: RowController | None = None) -> torch.Tensor:
-    if rows is not None:
-        return rows.run(layers, x, positions)
-    for layer in layers:
-        x = layer(positions, x)
+               hook: LayerHook | None = None) -> torch.Tensor:
+    """The layer loop; with a `hook`, the rows each layer computes are the hook's."""
+    for i, layer in enumerate(layers):
+        if hook is None:
+            x = layer(positions, x)
+        else:
+            x = hook.after(i, layer(hook.positions, x, hook.before(i)))
     return x
 
+
+class DllmTransformer(nn.Module):
+    """`model.*`: token embeddings, the decoder layers, the final norm."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, rms_norm_eps: float,
+                 layers: Iterable[nn.Module], prefix: str):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden_size, eps=rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                rows: LayerHook | None = None) -> torch.Tensor:
+        return self.norm(run_layers(self.layers, self.embed_tokens(input_ids), positions, rows))
+
+
+class DllmForMaskedLM(nn.Module):
+    """A `DllmTransformer` with an untied head, as vLLM's model runner calls it.
+
+    A subclass declares `dllm_logits_offset` (logits row p predicts position
+    p + offset), `stacked` (checkpoint name fragment -> this module's fused parameter
+    fragment and shard id; None: the whole parameter) and, where its checkpoint names
+    are not this module's, `module_name`.
+    """
+
+    dllm_logits_offset: int
+    stacked: dict[str, tuple[str, str | int | None]]
+
+    def __init__(self, model: DllmTransformer, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.model = model
+        self.lm_head = ParallelLMHead(vocab_size, hidden_size, prefix="lm_head")
+        self.logits_processor = LogitsProcessor(vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        rows: LayerHook | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, rows)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    @staticmethod
+    def module_name(checkpoint_name: str) -> str:
+        return checkpoint_name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for checkpoint_name, tensor in weights:
+            name = self.module_name(checkpoint_name)
+            for original, (fused, shard) in self.stacked.items():
+                if original in name:
+                    name = name.replace(original, fused)
+                    param = params[name]
+                    if shard is None:
+                        param.weight_loader(param, tensor)
+                    else:
+                        param.weight_loader(param, tensor, shard)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded

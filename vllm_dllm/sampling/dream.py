@@ -3,7 +3,7 @@
 Plain PyTorch on whatever device the logits are on, no host synchronisation;
 per-row parameters are tensors so one call serves rows with different settings.
 The conventions (dtypes, tie rules, which uniform decides what) are those of
-`tests/reference/dream.py`, written down in its docstring:
+`dllm_reference/dream.py`, written down in its docstring:
 
 * `schedule_ratios` is built once per request on the host; a step's ratio
   1 - t[i+1]/t[i] of `linspace(1, eps, steps + 1)` (float32) says how many of

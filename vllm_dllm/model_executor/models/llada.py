@@ -7,10 +7,7 @@ checkpoint names (`model.transformer.blocks.N.q_proj`, `attn_out`, `ff_proj` =
 gate, `up_proj`, block `ff_out` = down, `ln_f`, top-level `ff_out` = head).
 """
 
-from collections.abc import Iterable
-
 import torch
-from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -19,22 +16,15 @@ from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     RowParallelLinear,
 )
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import (
-    ParallelLMHead,
-    VocabParallelEmbedding,
-)
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.sequence import IntermediateTensors
 
 from vllm_dllm.configs.llada import LLaDAConfig
 from vllm_dllm.model_executor.decoder import (
     DecoderLayer,
+    DllmForMaskedLM,
+    DllmTransformer,
     GatedMLP,
     ProjectedAttention,
-    RowController,
-    run_layers,
 )
 
 
@@ -76,22 +66,7 @@ class LLaDABlock(DecoderLayer):
         self.mlp = LLaDAMLP(config, prefix=f"{prefix}.mlp")
 
 
-class LLaDAModel(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.embed_tokens = VocabParallelEmbedding(config.embedding_size, config.d_model)
-        self.layers = nn.ModuleList(
-            LLaDABlock(config, vllm_config, prefix=f"{prefix}.layers.{i}")
-            for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                rows: RowController | None = None) -> torch.Tensor:
-        return self.norm(run_layers(self.layers, self.embed_tokens(input_ids), positions, rows))
-
-
-def _checkpoint_to_module_name(name: str) -> str:
+def _module_name(name: str) -> str:
     """Original LLaDA weight name -> this module's parameter name."""
     if name == "model.transformer.ff_out.weight":
         return "lm_head.weight"
@@ -108,62 +83,24 @@ def _checkpoint_to_module_name(name: str) -> str:
     return name
 
 
-# checkpoint projection -> (parameter, shard id; None: the whole parameter)
-_STACKED = {
-    ".q_proj.": (".self_attn.q_proj.", None),
-    ".k_proj.": (".self_attn.kv_proj.", "k"),
-    ".v_proj.": (".self_attn.kv_proj.", "v"),
-    ".ff_proj.": (".mlp.gate_up_proj.", 0),
-    ".up_proj.": (".mlp.gate_up_proj.", 1),
-}
-
-
-class LLaDAModelLM(nn.Module):
-    # Row p of the logits predicts canvas position p (Dream would say 1).
+class LLaDAModelLM(DllmForMaskedLM):
     dllm_logits_offset = 0
+    stacked = {
+        ".q_proj.": (".self_attn.q_proj.", None),
+        ".k_proj.": (".self_attn.kv_proj.", "k"),
+        ".v_proj.": (".self_attn.kv_proj.", "v"),
+        ".ff_proj.": (".mlp.gate_up_proj.", 0),
+        ".up_proj.": (".mlp.gate_up_proj.", 1),
+    }
+    module_name = staticmethod(_module_name)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
         config = vllm_config.model_config.hf_config
         if config.weight_tying:
             raise ValueError("LLaDA checkpoints with weight_tying are not supported")
+        layers = (LLaDABlock(config, vllm_config, prefix=f"model.layers.{i}")
+                  for i in range(config.n_layers))
+        super().__init__(DllmTransformer(config.embedding_size, config.d_model,
+                                         config.rms_norm_eps, layers, prefix="model"),
+                         config.embedding_size, config.d_model)
         self.config = config
-        self.model = LLaDAModel(vllm_config, prefix="model")
-        self.lm_head = ParallelLMHead(config.embedding_size, config.d_model, prefix="lm_head")
-        self.logits_processor = LogitsProcessor(config.embedding_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        rows: RowController | None = None,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, rows)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for ckpt_name, tensor in weights:
-            name = _checkpoint_to_module_name(ckpt_name)
-            for old, (new, shard) in _STACKED.items():
-                if old in name:
-                    name = name.replace(old, new)
-                    param = params[name]
-                    if shard is None:
-                        param.weight_loader(param, tensor)
-                    else:
-                        param.weight_loader(param, tensor, shard)
-                    break
-            else:
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
-        return loaded
