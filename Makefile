@@ -10,7 +10,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 # `make eval` scores a running `make serve` with lm-eval (LIMIT=<n> for the first n prompts).
 LIMIT ?=
 
-.PHONY: setup serve test eval
+.PHONY: setup serve test test-fast eval
 
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`
 # next to the CPU torch. Editable installs skip data_files, so the .pth that lets
@@ -30,6 +30,10 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:logging tests
+
+# The edit loop: everything that starts no engine, server or training run.
+test-fast: setup
+	$(PY) -m pytest -q -p no:logging -m "not slow" tests
 
 eval: setup
 	$(PY) -m lm_eval --model local-chat-completions --apply_chat_template \

@@ -4,6 +4,7 @@ iteration, confidences at or above the threshold but for the forced commit)."""
 
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer
 
 from benchmarks.calibration import calibrate
@@ -11,6 +12,8 @@ from benchmarks.eval_reference import threshold_generate
 from dllm_reference import tasks
 from dllm_reference.generate import generate
 from dllm_reference.modeling import ReferenceLLaDA
+
+pytestmark = pytest.mark.slow
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-long"
 

@@ -33,8 +33,8 @@ CHAT_IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 15
             3838, 374, 220, 17, 10, 17, 30, 151645, 198, 151644, 77091, 198]
 XARGS = {"gen_length": 32, "block_length": 8, "steps": 16, "alg": "maskgit_plus"}
 
-pytestmark = pytest.mark.skipif(dream_files() is None,
-                                reason="Dream's files (shared/models/dream-7b-instruct) missing")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(dream_files() is None,
+                                reason="Dream's files (shared/models/dream-7b-instruct) missing")]
 
 
 def test_config_names_the_special_ids():

@@ -14,7 +14,7 @@ from dllm_reference.tiny_dream import dream_files, write_random_model
 from tests.helpers import (DREAM_MASK, dream_cut, dream_engine, dream_prompt,
                            dream_sampling_params, plugin_tokens, shutdown)
 
-pytestmark = [pytest.mark.skipif(dream_files() is None,
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(dream_files() is None,
                                  reason="Dream's files (shared/models/dream-7b-instruct) missing"),
               pytest.mark.usefixtures("one_thread")]
 

@@ -11,6 +11,8 @@ from tests.helpers import (
     shutdown,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def make_params(gen_length, block_length, steps, temperature=0.0, seed=None, ignore_eos=False,
                 **extra):

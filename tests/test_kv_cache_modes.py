@@ -8,6 +8,8 @@ import pytest
 from tests.helpers import plugin_tokens, random_prompt, reference_tokens
 from tests.test_token_exact import sampling_params
 
+pytestmark = pytest.mark.slow
+
 SHAPES = [(32, 8, 32), (64, 16, 32), (64, 32, 64), (32, 32, 8)]
 CASES = [
     dict(prompt=random_prompt(200 + i, [3, 17, 41, 80][i % 4]), gen_length=g, block_length=b,

@@ -10,6 +10,8 @@ from dllm_reference import tasks
 from dllm_reference.modeling import ReferenceLLaDA
 from tests.helpers import reference_tokens, shutdown
 
+pytestmark = pytest.mark.slow
+
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-long"
 PROMPTS = 6  # three of each family
 # At least this many of each family's 3 prompts right, per configuration. Its README's

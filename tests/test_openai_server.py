@@ -9,23 +9,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import start_server
+pytestmark = pytest.mark.slow
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-tasks"
-SERVER_DEFAULTS = '{"dllm": {"block_length": 8}}'
 # The bundled model's held-out accuracy (examples/llada-tasks/README.md) makes more
 # than this many right answers out of 8 all but certain.
 MIN_RIGHT_OF_8 = 5
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, base = start_server(MODEL, ["--max-model-len", "256",
-                                      "--additional-config", SERVER_DEFAULTS],
-                              tmp_path_factory.mktemp("server") / "server.log")
-    yield base
-    proc.terminate()
-    proc.wait(30)
+def server(tasks_server):
+    return tasks_server[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,10 @@
 """Requests with different decoding policies share one batch and decode as they would alone."""
 
+import pytest
+
 from tests.helpers import random_prompt
+
+pytestmark = pytest.mark.slow
 
 POLICY_ARGS = [
     {"policy": "fixed"},

@@ -8,6 +8,8 @@ import pytest
 from dllm_reference.generate import commit_count, generate
 from tests.helpers import model_ids, plugin_tokens, random_prompt, reference_tokens
 
+pytestmark = pytest.mark.slow
+
 # Chosen on the tiny random model (its confidences are mostly 0.2-0.95) so that most
 # iterations commit several tokens and yet most blocks take several iterations, which
 # the cache modes need to differ from a full recompute.

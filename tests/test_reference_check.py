@@ -7,6 +7,8 @@ from dllm_reference.generate import generate
 from dllm_reference.modeling import ReferenceLLaDA
 from tests.helpers import random_prompt
 
+pytestmark = pytest.mark.slow
+
 
 def resolved(**changes):
     base = {"gen_length": 32, "block_length": 8, "steps": 32, "remasking": "low_confidence",

@@ -1,8 +1,9 @@
 """`vllm serve` as an operator runs it: dLLM metrics on /metrics and in the log, the lm-eval
 task, and a load-and-fault run (loopback only).
 
-One server on the bundled model, with KV room for about eight sequences and priority
-scheduling, so that a burst of clients forces preemptions.
+The session's one server on the bundled model (`tasks_server` in conftest, shared with
+the OpenAI client tests), with KV room for about eight sequences and priority scheduling,
+so that a burst of clients forces preemptions.
 """
 
 import json
@@ -18,27 +19,19 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import model_ids, start_server
+from tests.helpers import model_ids
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "llada-tasks"
 NAME = str(MODEL)
-# 4 layers x (K, V) x 4 heads x 32 dims x fp32 = 4 KiB per token: 1024 tokens.
-KV_BYTES = 1024 * 4096
 VANILLA = {"gen_length": 32, "block_length": 8, "steps": 32}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("serving") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env["VLLM_LOG_STATS_INTERVAL"] = "1"
-    proc, base = start_server(MODEL, [
-        "--max-model-len", "256", "--max-num-seqs", "48", "--scheduling-policy", "priority",
-        "--kv-cache-memory-bytes", str(KV_BYTES)], log, env=env)
-    yield base, proc, log
-    proc.terminate()
-    proc.wait(30)
+def server(tasks_server):
+    return tasks_server
 
 
 @pytest.fixture(scope="module")

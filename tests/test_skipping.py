@@ -14,6 +14,8 @@ from dllm_reference.modeling import ReferenceLLaDA
 from dllm_reference.tiny_llada import write_random_model
 from tests.helpers import model_ids, plugin_tokens, random_prompt, reference_tokens, shutdown
 
+pytestmark = pytest.mark.slow
+
 CACHES = ["none", "prefix", "dual"]
 POLICIES = {"fixed": {}, "threshold": {"threshold": 0.3}}
 TEMPERATURES = [(0.0, None), (0.7, 11)]

@@ -23,7 +23,7 @@ from tests.ray_platform import install as install_ray_platform
 
 ROOT = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
-pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="TP=2 on CPU binds each rank to a core")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(len(CPUS) < 2, reason="TP=2 on CPU binds each rank to a core")]
 BIND = "|".join(str(c) for c in CPUS[:2])
 
 SHAPES = [(32, 8, 16), (64, 16, 64)]

@@ -6,6 +6,8 @@ import pytest
 
 from tests.helpers import plugin_tokens, random_prompt, reference_tokens
 
+pytestmark = pytest.mark.slow
+
 SHAPES = [  # (gen_length, block_length, steps)
     (32, 8, 32), (32, 8, 16), (32, 32, 8), (32, 8, 8),
     (64, 8, 64), (64, 32, 32), (64, 64, 16),

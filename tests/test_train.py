@@ -14,6 +14,8 @@ from dllm_reference import tasks
 from dllm_reference.modeling import ReferenceLLaDA
 from dllm_reference.tiny_llada import build_vocab
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
