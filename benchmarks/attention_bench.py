@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +91,9 @@ def cpu_row(requests: int, page: int, repeats: int) -> dict:
     loop = timed(lambda: per_request_loop(query, p["kv_cache"], starts, seq_lens, block_table,
                                           scale, out), repeats, device)
     want = out.clone()
-    batched = timed(lambda: paged_attention_torch(query, p["kv_cache"], starts, seq_lens,
-                                                  block_table, scale, ROWS, KEYS, out),
+    rows = SimpleNamespace(query_start_loc=starts, seq_lens=seq_lens, block_table=block_table,
+                           max_query_len=ROWS, max_seq_len=KEYS)
+    batched = timed(lambda: paged_attention_torch(query, p["kv_cache"], rows, scale, out),
                     repeats, device)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     row = {"device": "cpu", "requests": requests, "page": page, "query_rows": ROWS,
@@ -137,8 +139,9 @@ def gpu_row(requests: int, page: int, repeats: int, device: torch.device,
     loop = timed(lambda: per_request_loop(query, p["kv_cache"], starts, seq_lens, block_table,
                                           scale, out), repeats, device)
     want = out.float().clone()
-    triton_ms = timed(lambda: paged_attention_triton(query, p["kv_cache"], starts, seq_lens,
-                                                     block_table, scale, ROWS, KEYS, out),
+    rows = SimpleNamespace(query_start_loc=starts, seq_lens=seq_lens, block_table=block_table,
+                           max_query_len=ROWS, max_seq_len=KEYS)
+    triton_ms = timed(lambda: paged_attention_triton(query, p["kv_cache"], rows, scale, out),
                       repeats, device)
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
     # Flash SDPA with every request's K/V contiguous and equal lengths: no pages, no padding.

@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from dllm_reference.tiny_llada import write_random_model  # noqa: E402
-from tests.helpers import inproc_engine, shutdown, start_server  # noqa: E402
+from tests.helpers import inproc_engine, shutdown  # noqa: E402
 
 
 def pytest_configure(config):
@@ -60,26 +60,3 @@ def inproc(tiny_model):
     yield llm, recorder
     shutdown(llm)
 
-
-TASKS_MODEL = ROOT / "examples" / "llada-tasks"
-# 4 layers x (K, V) x 4 heads x 32 dims x fp32 = 4 KiB per token: KV room for 1024
-# tokens, about eight sequences, so that a burst of clients forces preemptions.
-TASKS_KV_BYTES = 1024 * 4096
-
-
-@pytest.fixture(scope="session")
-def tasks_server(tmp_path_factory):
-    """One `vllm serve examples/llada-tasks` for every test of the served API, as an
-    operator might run it: a server default (`--additional-config`), priority
-    scheduling, a small KV cache and a stats log every second. Yields (base URL,
-    process, log path)."""
-    log = tmp_path_factory.mktemp("tasks-server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env["VLLM_LOG_STATS_INTERVAL"] = "1"
-    proc, base = start_server(TASKS_MODEL, [
-        "--max-model-len", "256", "--max-num-seqs", "48", "--scheduling-policy", "priority",
-        "--kv-cache-memory-bytes", str(TASKS_KV_BYTES),
-        "--additional-config", '{"dllm": {"block_length": 8}}'], log, env=env)
-    yield base, proc, log
-    proc.terminate()
-    proc.wait(30)

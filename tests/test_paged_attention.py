@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,10 +80,10 @@ def make_problem(num_heads, num_kv_heads, head, block_size, lengths, seed, dtype
         k[s], v[s] = fresh_k[b], fresh_v[b]
         want[starts[b] : starts[b + 1]] = dense_attention(query[starts[b] : starts[b + 1]].float(),
                                                            k.float(), v.float(), scale)
-    args = dict(query=query, kv_cache=kv_cache,
-                query_start_loc=torch.tensor(starts, dtype=torch.int32),
-                seq_lens=torch.tensor(lengths, dtype=torch.int32), block_table=block_table,
-                scale=scale, max_query_len=max(len(s) for s in subsets), max_seq_len=max(lengths))
+    args = dict(query=query, kv_cache=kv_cache, scale=scale, rows=SimpleNamespace(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(lengths, dtype=torch.int32), block_table=block_table,
+        max_query_len=max(len(s) for s in subsets), max_seq_len=max(lengths)))
     return args, want
 
 
@@ -110,8 +111,9 @@ def test_torch_path_odd_head_size_and_empty_pass():
     out = torch.empty_like(want)
     paged_attention_torch(out=out, **args)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    empty = dict(args, query=args["query"][:0], query_start_loc=torch.zeros(4, dtype=torch.int32),
-                 max_query_len=0)
+    empty = dict(args, query=args["query"][:0], rows=SimpleNamespace(
+        **{**vars(args["rows"]), "query_start_loc": torch.zeros(4, dtype=torch.int32),
+           "max_query_len": 0}))
     paged_attention_torch(out=out[:0], **empty)
 
 

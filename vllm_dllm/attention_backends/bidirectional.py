@@ -196,8 +196,7 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
                                             output)
         write_kv(kv_cache, m.slot_mapping[:nk], key[:nk].to(kv_cache.dtype),
                  value[:nk].to(kv_cache.dtype))
-        return paged_attention(query[:n], kv_cache, m.query_start_loc, m.seq_lens,
-                               m.block_table, self.scale, m.max_query_len, m.max_seq_len, output)
+        return paged_attention(query[:n], kv_cache, m, self.scale, output)
 
     def _forward_cpu_kernel(self, isa: str, query, key, value, kv_cache: torch.Tensor,
                             m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:

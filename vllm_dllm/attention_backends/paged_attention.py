@@ -12,6 +12,8 @@ Two implementations of the same call:
 `paged_attention` picks the kernel for CUDA tensors and the torch path otherwise.
 """
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,18 @@ try:
     import triton.language as tl
 except ImportError:  # a CPU-only install: the torch path still works
     triton = None
+
+
+class PagedRows(Protocol):
+    """Query rows of a pass over paged K/V (the attention metadata has these fields):
+    request b's rows are `query_start_loc[b]:query_start_loc[b+1]` and it has
+    `seq_lens[b]` positions in the pages `block_table[b]` lists."""
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
 
 
 def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -34,25 +48,17 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, val
     kv_cache[blocks, :, offsets, head_size:] = value
 
 
-def paged_attention_torch(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_table: torch.Tensor,
-    scale: float,
-    max_query_len: int,
-    max_seq_len: int,
-    out: torch.Tensor,
-) -> torch.Tensor:
+def paged_attention_torch(query: torch.Tensor, kv_cache: torch.Tensor, rows: PagedRows,
+                          scale: float, out: torch.Tensor) -> torch.Tensor:
     """out[t] = softmax(q_t K_b^T * scale) V_b over every position < seq_lens[b] of t's request b.
 
-    query [N, H, D] with request b's rows at `query_start_loc[b]:query_start_loc[b+1]`;
-    `block_table` [B, pages]. One padded scaled-dot-product call for the batch: the
+    query [N, H, D] laid out as `rows` says. One padded scaled-dot-product call for the batch: the
     queries are laid out [B, H, max_query_len, D], each request's pages gathered to
     [B, H_kv, max_seq_len, D] and the padding keys masked out.
     """
     n, num_heads, head_size = query.shape
+    query_start_loc, seq_lens, block_table = rows.query_start_loc, rows.seq_lens, rows.block_table
+    max_query_len, max_seq_len = rows.max_query_len, rows.max_seq_len
     batch = seq_lens.shape[0]
     if n == 0 or batch == 0:
         return out
@@ -144,17 +150,8 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def paged_attention_triton(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_table: torch.Tensor,
-    scale: float,
-    max_query_len: int,
-    max_seq_len: int,
-    out: torch.Tensor,
-) -> torch.Tensor:
+def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, rows: PagedRows,
+                           scale: float, out: torch.Tensor) -> torch.Tensor:
     """Same contract as `paged_attention_torch`, one Triton launch that reads K/V in place.
 
     Grid: (query tiles of `max_query_len`, requests, heads); each program runs an
@@ -164,7 +161,7 @@ def paged_attention_triton(
     if triton is None:
         raise RuntimeError("paged_attention_triton needs triton")
     n, num_heads, head_size = query.shape
-    batch = seq_lens.shape[0]
+    batch, max_query_len = rows.seq_lens.shape[0], rows.max_query_len
     assert head_size >= 16 and head_size & (head_size - 1) == 0, \
         f"the Triton kernel needs a power-of-two head size >= 16, got {head_size}"
     num_kv_heads = kv_cache.shape[1]
@@ -181,7 +178,7 @@ def paged_attention_triton(
         query, query.stride(0), query.stride(1),
         kv_cache, *kv_cache.stride(),
         o, o.stride(0), o.stride(1),
-        query_start_loc, seq_lens, block_table, block_table.stride(0),
+        rows.query_start_loc, rows.seq_lens, rows.block_table, rows.block_table.stride(0),
         float(scale), kv_cache.shape[2], num_heads // num_kv_heads,
         HEAD_SIZE=head_size, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=query.dtype == torch.float32,
@@ -190,22 +187,11 @@ def paged_attention_triton(
     return out
 
 
-def paged_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_table: torch.Tensor,
-    scale: float,
-    max_query_len: int,
-    max_seq_len: int,
-    out: torch.Tensor,
-) -> torch.Tensor:
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, rows: PagedRows, scale: float,
+                    out: torch.Tensor) -> torch.Tensor:
     """The Triton kernel for CUDA tensors (power-of-two head sizes), the torch path otherwise."""
     head_size = query.shape[-1]
-    if (query.is_cuda and triton is not None and head_size >= 16
-            and head_size & (head_size - 1) == 0):
-        return paged_attention_triton(query, kv_cache, query_start_loc, seq_lens, block_table,
-                                      scale, max_query_len, max_seq_len, out)
-    return paged_attention_torch(query, kv_cache, query_start_loc, seq_lens, block_table, scale,
-                                 max_query_len, max_seq_len, out)
+    use_triton = (query.is_cuda and triton is not None and head_size >= 16
+                  and head_size & (head_size - 1) == 0)
+    kernel = paged_attention_triton if use_triton else paged_attention_torch
+    return kernel(query, kv_cache, rows, scale, out)

@@ -1,7 +1,7 @@
 """What every dLLM architecture shares: layers, the layer loop, the model around them.
 
-A model file builds its layers on `DecoderLayer`, `ProjectedAttention` and
-`GatedMLP` (their forwards are the plain, all-rows path), puts them in a
+A model file subclasses `ProjectedAttention` with its rotary embedding, builds its
+layers as `DecoderLayer`s of that and a `GatedMLP`, puts them in a
 `DllmTransformer` and subclasses `DllmForMaskedLM` with its checkpoint's weight
 names. The layer loop is the model's own (`run_layers`); a token-skipping method is
 a `LayerHook` asked between layers which rows go on, and whether a layer is
@@ -16,10 +16,12 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
+    MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
@@ -36,6 +38,14 @@ from vllm_dllm.attention_backends.bidirectional import BidirectionalAttentionBac
 
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: `gate_up_proj` (merged), SiLU-and-multiply, `down_proj`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=bias, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
+                                           prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.gate_up_proj(x)
@@ -121,8 +131,15 @@ class SparseRows(Protocol):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)), from its
-    `input_layernorm`, `self_attn`, `post_attention_layernorm` and `mlp`."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, hidden_size: int, rms_norm_eps: float, self_attn: "ProjectedAttention",
+                 mlp: GatedMLP):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps)
+        self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 sparse: SparseRows | None = None) -> torch.Tensor:

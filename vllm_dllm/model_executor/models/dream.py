@@ -12,12 +12,6 @@ self_attn.q_proj`, ...): k/v into one `kv_proj` (q stays apart, see
 import torch
 
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-)
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
 from vllm_dllm.configs.dream import DreamConfig
@@ -28,21 +22,6 @@ from vllm_dllm.model_executor.decoder import (
     GatedMLP,
     ProjectedAttention,
 )
-
-
-class DreamMLP(GatedMLP):
-    def __init__(self, config: DreamConfig, prefix: str):
-        super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"Dream checkpoints with hidden_act={config.hidden_act!r} "
-                             "are not supported (only silu)")
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=False,
-            prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=False,
-            prefix=f"{prefix}.down_proj")
-        self.act_fn = SiluAndMul()
 
 
 class DreamAttention(ProjectedAttention):
@@ -61,15 +40,6 @@ class DreamAttention(ProjectedAttention):
         return self.rotary_emb(positions, x)[0]
 
 
-class DreamDecoderLayer(DecoderLayer):
-    def __init__(self, config: DreamConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = DreamAttention(config, vllm_config, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = DreamMLP(config, prefix=f"{prefix}.mlp")
-
-
 class DreamModel(DllmForMaskedLM):
     # Qwen's autoregressive alignment: logits row p predicts position p + 1.
     dllm_logits_offset = 1
@@ -85,8 +55,15 @@ class DreamModel(DllmForMaskedLM):
         config = vllm_config.model_config.hf_config
         if config.tie_word_embeddings:
             raise ValueError("Dream checkpoints with tie_word_embeddings are not supported")
-        layers = (DreamDecoderLayer(config, vllm_config, prefix=f"model.layers.{i}")
-                  for i in range(config.num_hidden_layers))
+        if config.hidden_act != "silu":
+            raise ValueError(f"Dream checkpoints with hidden_act={config.hidden_act!r} "
+                             "are not supported (only silu)")
+        layers = (DecoderLayer(
+            config.hidden_size, config.rms_norm_eps,
+            DreamAttention(config, vllm_config, prefix=f"model.layers.{i}.self_attn"),
+            GatedMLP(config.hidden_size, config.intermediate_size, False,
+                     prefix=f"model.layers.{i}.mlp"))
+            for i in range(config.num_hidden_layers))
         super().__init__(DllmTransformer(config.vocab_size, config.hidden_size,
                                          config.rms_norm_eps, layers, prefix="model"),
                          config.vocab_size, config.hidden_size)

@@ -10,12 +10,6 @@ gate, `up_proj`, block `ff_out` = down, `ln_f`, top-level `ff_out` = head).
 import torch
 
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-)
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
 from vllm_dllm.configs.llada import LLaDAConfig
@@ -26,18 +20,6 @@ from vllm_dllm.model_executor.decoder import (
     GatedMLP,
     ProjectedAttention,
 )
-
-
-class LLaDAMLP(GatedMLP):
-    def __init__(self, config: LLaDAConfig, prefix: str):
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.d_model, [config.mlp_hidden_size] * 2, bias=config.include_bias,
-            prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(
-            config.mlp_hidden_size, config.d_model, bias=config.include_bias,
-            prefix=f"{prefix}.down_proj")
-        self.act_fn = SiluAndMul()
 
 
 class LLaDAAttention(ProjectedAttention):
@@ -55,15 +37,6 @@ class LLaDAAttention(ProjectedAttention):
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.rotary_emb(positions, x.float())[0].to(x.dtype)
-
-
-class LLaDABlock(DecoderLayer):
-    def __init__(self, config: LLaDAConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-        self.self_attn = LLaDAAttention(config, vllm_config, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-        self.mlp = LLaDAMLP(config, prefix=f"{prefix}.mlp")
 
 
 def _module_name(name: str) -> str:
@@ -98,8 +71,12 @@ class LLaDAModelLM(DllmForMaskedLM):
         config = vllm_config.model_config.hf_config
         if config.weight_tying:
             raise ValueError("LLaDA checkpoints with weight_tying are not supported")
-        layers = (LLaDABlock(config, vllm_config, prefix=f"model.layers.{i}")
-                  for i in range(config.n_layers))
+        layers = (DecoderLayer(
+            config.d_model, config.rms_norm_eps,
+            LLaDAAttention(config, vllm_config, prefix=f"model.layers.{i}.self_attn"),
+            GatedMLP(config.d_model, config.mlp_hidden_size, config.include_bias,
+                     prefix=f"model.layers.{i}.mlp"))
+            for i in range(config.n_layers))
         super().__init__(DllmTransformer(config.embedding_size, config.d_model,
                                          config.rms_norm_eps, layers, prefix="model"),
                          config.embedding_size, config.d_model)
