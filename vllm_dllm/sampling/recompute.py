@@ -19,7 +19,7 @@ def refreshes(cache: str, step_in_block: int, refresh_period: int, iteration: in
     return step_in_block == 0
 
 
-def recompute_range(cache: str, prompt_len: int, gen_length: int, block_start: int,
+def cache_window(cache: str, prompt_len: int, gen_length: int, block_start: int,
                     block_length: int, step_in_block: int, refresh: bool = False,
                     logits_offset: int = 0, refresh_period: int = 0, iteration: int = 0,
                     previous_commit: int | None = None) -> tuple[int, int]:

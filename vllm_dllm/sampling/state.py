@@ -8,7 +8,7 @@ updated from the one packed transfer each iteration returns.
 """
 
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.recompute import recompute_range, refreshes
+from vllm_dllm.sampling.recompute import cache_window, refreshes
 from vllm_dllm.skipping import es
 from vllm_dllm.skipping.plan import RequestSkip
 
@@ -64,10 +64,10 @@ class RequestState:
         """Absolute [lo, hi) this iteration's first layer computes: the scheduler's charge,
         the metrics' recomputed rows and the runner's layout all read it."""
         p = self.params
-        lo, hi = recompute_range(p.cache, self.prompt_len, p.gen_length, self.block_start,
-                                 p.block_length, self.step_in_block, self.needs_refresh,
-                                 self.logits_offset, p.refresh_period, self.iterations,
-                                 self.previous_commit)
+        lo, hi = cache_window(p.cache, self.prompt_len, p.gen_length, self.block_start,
+                              p.block_length, self.step_in_block, self.needs_refresh,
+                              self.logits_offset, p.refresh_period, self.iterations,
+                              self.previous_commit)
         if p.skip == "dyllm" and p.cache == "none" and not self._full():
             # DyLLM queries the whole sequence at its 1-based steps n, 2n, 3n, ... and during
             # its first n, the canvas (from the row predicting its first position) otherwise
