@@ -5,7 +5,10 @@ same schema and `auto_map`, generation_config.json, safetensors with Qwen2's
 `model.layers.*` names, and Dream's own tokenizer files, copied unchanged: the
 Qwen2 vocabulary, merges, added tokens and chat template), only with a small
 random network. The embedding keeps one row per real token (151,667, padded to a
-multiple of 64) so every special id of the tokenizer is a valid row.
+multiple of 64) so every special id of the tokenizer is a valid row. With a small
+`vocab_size` the folder has no tokenizer (serve it with `skip_tokenizer_init`) and the
+special ids are the vocabulary's last three (`special_ids`): for decoding tests that
+do not need Dream's real tokenizer, where a 151k-wide head and softmax cost the most.
 
     python -m dllm_reference.tiny_dream OUT_DIR [--seed 0] [--hidden-size 64] ...
 """
@@ -37,27 +40,40 @@ def dream_files() -> Path | None:
     return None
 
 
+def special_ids(vocab_size: int | None = None) -> dict[str, int]:
+    """`<|mask|>`, `<|endoftext|>` and `<|im_end|>` of Dream's tokenizer, or of a small
+    vocabulary without one (its last three ids)."""
+    if vocab_size is None:
+        return {"mask": 151666, "eos": 151643, "eot": 151645}
+    return {"mask": vocab_size - 1, "eos": vocab_size - 3, "eot": vocab_size - 2}
+
+
 def dream_config(*, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
                  num_key_value_heads: int, intermediate_size: int,
-                 max_position_embeddings: int) -> dict:
+                 max_position_embeddings: int, vocab_size: int | None = None) -> dict:
     # Same schema as shared/models/dream-7b-instruct/config.json; only sizes differ.
-    return {
+    ids = special_ids(vocab_size)
+    config = {
         "_name_or_path": "tiny-dream", "architectures": ["DreamModel"],
         "attention_dropout": 0.0,
         "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
                      "AutoModel": "modeling_dream.DreamModel"},
-        "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu",
+        "bos_token_id": ids["eos"], "eos_token_id": ids["eos"], "hidden_act": "silu",
         "hidden_size": hidden_size, "initializer_range": 0.02,
-        "intermediate_size": intermediate_size, "mask_token_id": 151666,
+        "intermediate_size": intermediate_size, "mask_token_id": ids["mask"],
         "max_position_embeddings": max_position_embeddings,
         "max_window_layers": num_hidden_layers, "model_type": "Dream",
         "num_attention_heads": num_attention_heads, "num_hidden_layers": num_hidden_layers,
-        "num_key_value_heads": num_key_value_heads, "pad_token_id": 151643,
+        "num_key_value_heads": num_key_value_heads, "pad_token_id": ids["eos"],
         "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
         "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "transformers_version": "4.46.2", "use_cache": True, "use_mrope": False,
         "use_sliding_window": False, "vocab_size": (NUM_TOKENS + 63) // 64 * 64,
     }
+    if vocab_size is not None:
+        # No tokenizer to name `<|im_end|>`: the config says which id ends a turn.
+        config.update(vocab_size=vocab_size, eot_token_id=ids["eot"])
+    return config
 
 
 def random_state_dict(config: dict, seed: int, logit_scale: float = 4.0) -> dict[str, torch.Tensor]:
@@ -102,10 +118,14 @@ def write_checkpoint(out: str | Path, state_dict: dict[str, torch.Tensor], confi
     generation = json.loads((files / "generation_config.json").read_text())
     if dllm_defaults:
         generation["dllm"] = dllm_defaults
+    small = config["vocab_size"] < NUM_TOKENS
+    if small:
+        generation.update({k: config[k] for k in ("bos_token_id", "eos_token_id",
+                                                  "pad_token_id")})
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_file({k: v.to(dtype).contiguous() for k, v in state_dict.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
+    for name in () if small else TOKENIZER_FILES:
         shutil.copyfile(files / name, out / name)
     return out
 
@@ -113,13 +133,14 @@ def write_checkpoint(out: str | Path, state_dict: dict[str, torch.Tensor], confi
 def write_random_model(out: str | Path, *, seed: int = 0, hidden_size: int = 64,
                        num_hidden_layers: int = 2, num_attention_heads: int = 4,
                        num_key_value_heads: int = 2, intermediate_size: int = 128,
-                       max_position_embeddings: int = 1024,
+                       max_position_embeddings: int = 1024, vocab_size: int | None = None,
                        dllm_defaults: dict | None = None) -> Path:
     config = dream_config(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                           num_attention_heads=num_attention_heads,
                           num_key_value_heads=num_key_value_heads,
                           intermediate_size=intermediate_size,
-                          max_position_embeddings=max_position_embeddings)
+                          max_position_embeddings=max_position_embeddings,
+                          vocab_size=vocab_size)
     return write_checkpoint(out, random_state_dict(config, seed), config,
                             dllm_defaults=dllm_defaults)
 

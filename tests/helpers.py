@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dllm_reference.generate import generate
+from dllm_reference.tiny_dream import special_ids
 
 
 def model_ids(model_dir: Path) -> dict:
@@ -42,7 +43,11 @@ def reference_tokens(reference, model_dir: Path, prompt: list[int], *, stop_at_e
 
 
 # Dream: `<|mask|>`, `<|endoftext|>`, `<|im_end|>` of its tokenizer.
-DREAM_MASK, DREAM_EOS, DREAM_EOT = 151666, 151643, 151645
+DREAM_MASK, DREAM_EOS, DREAM_EOT = (special_ids()[k] for k in ("mask", "eos", "eot"))
+# The vocabulary of the tiny Dreams the decoding tests run (no tokenizer, the last three
+# ids special): a 151k-wide head and float64 softmax would cost those tests the most.
+SMALL_VOCAB = 512
+SMALL = special_ids(SMALL_VOCAB)
 # The request keys the Dream tests pass through `extra_args` when a case has them.
 DREAM_EXTRA_ARGS = ("gen_length", "block_length", "steps", "alg", "alg_temp", "cache", "policy",
                     "threshold", "frechet_delta", "refresh_period", "skip", "es_keep",
@@ -50,14 +55,23 @@ DREAM_EXTRA_ARGS = ("gen_length", "block_length", "steps", "alg", "alg_temp", "c
                     "dyllm_full_steps", "dyllm_query_period")
 
 
-def dream_prompt(seed: int, length: int) -> list[int]:
-    """Random ordinary tokens (below Dream's special ids)."""
+def dream_prompt(seed: int, length: int, below: int = DREAM_EOS) -> list[int]:
+    """Random ordinary tokens (below the special ids)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, DREAM_EOS, (length,), generator=g).tolist()
+    return torch.randint(0, below, (length,), generator=g).tolist()
 
 
 def dream_cut(tokens: list[int]) -> list[int]:
     return cut_after_end(tokens, (DREAM_EOS, DREAM_EOT))
+
+
+def small_prompt(seed: int, length: int) -> list[int]:
+    """`dream_prompt` for a small-vocabulary Dream."""
+    return dream_prompt(seed, length, below=SMALL["eos"])
+
+
+def small_cut(tokens: list[int]) -> list[int]:
+    return cut_after_end(tokens, (SMALL["eos"], SMALL["eot"]))
 
 
 def dream_sampling_params(case: dict):
@@ -72,11 +86,12 @@ def dream_sampling_params(case: dict):
 
 def dream_engine(model_dir: Path):
     """A multiprocess engine on a random Dream, with a small KV cache (token skipping
-    sizes its per-slot caches by it)."""
+    sizes its per-slot caches by it); one with a small vocabulary has no tokenizer."""
     from vllm import LLM
 
     return LLM(model=str(model_dir), max_model_len=256, max_num_seqs=32,
-               kv_cache_memory_bytes=32 << 20)
+               kv_cache_memory_bytes=32 << 20,
+               skip_tokenizer_init=not (Path(model_dir) / "vocab.json").is_file())
 
 
 class ScheduleRecorder:

@@ -1,5 +1,5 @@
-"""Dream's decoding through the engine: its samplers (`alg`) in every cache mode equal the
-reference `diffusion_generate`, Fast-dLLM's policies on its confidence equal the reference
+"""Dream's decoding through the engine, on a tiny Dream with a small vocabulary: its
+samplers (`alg`) in every cache mode equal the reference `diffusion_generate`, Fast-dLLM's policies on its confidence equal the reference
 block decoder with the shift, token skipping's degenerate settings equal no skipping, and
 LLaDA's and Dream's parameters are not mixed.
 
@@ -11,8 +11,8 @@ import pytest
 from dllm_reference.dream import ReferenceDream, diffusion_generate
 from dllm_reference.generate import generate
 from dllm_reference.tiny_dream import dream_files, write_random_model
-from tests.helpers import (DREAM_MASK, dream_cut, dream_engine, dream_prompt,
-                           dream_sampling_params, plugin_tokens, shutdown)
+from tests.helpers import (SMALL, SMALL_VOCAB, dream_engine, dream_sampling_params,
+                           plugin_tokens, shutdown, small_cut, small_prompt)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(dream_files() is None,
                                  reason="Dream's files (shared/models/dream-7b-instruct) missing"),
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(dream_files() is None,
 
 CACHES = ("none", "prefix", "dual")
 SHAPES = [(16, 8, 8), (32, 8, 16), (32, 16, 8), (16, 16, 8)]  # gen, block, steps
-# Unfiltered draws at a moderate temperature: inverse-CDF sampling over a 151k vocabulary
+# Unfiltered draws at a moderate temperature: inverse-CDF sampling over a wide vocabulary
 # flips a draw when the float32 rounding that separates the two forwards moves a CDF
 # boundary past its uniform, which a long flat tail (high temperature) makes likely.
 SAMPLERS = [  # (alg, temperature, seed, top_p, top_k, alg_temp)
@@ -31,7 +31,7 @@ SAMPLERS = [  # (alg, temperature, seed, top_p, top_k, alg_temp)
     ("topk_margin", 1.0, 9, 1.0, 20, 0.5), ("entropy", 0.5, 13, 0.95, 50, 0.3),
 ]
 CASES = [
-    dict(prompt=dream_prompt(i, [1, 6, 19, 40][i % 4]), gen_length=g, block_length=b, steps=s,
+    dict(prompt=small_prompt(i, [1, 6, 19, 40][i % 4]), gen_length=g, block_length=b, steps=s,
          alg=alg, temperature=t, seed=seed, top_p=top_p, top_k=top_k, alg_temp=alg_temp,
          cache=cache)
     for i, ((alg, t, seed, top_p, top_k, alg_temp), cache) in enumerate(
@@ -41,7 +41,7 @@ CASES = [
 # Fast-dLLM's rules on maskgit_plus's confidence: at temperature 0 that is the
 # probability of the argmax, LLaDA's low_confidence, so the block decoder is the oracle.
 POLICY_CASES = [
-    dict(prompt=dream_prompt(100 + i, 5 + 9 * i), gen_length=32, block_length=8, steps=32,
+    dict(prompt=small_prompt(100 + i, 5 + 9 * i), gen_length=32, block_length=8, steps=32,
          policy=policy, cache=cache, temperature=0.0, seed=None, **extra)
     for i, ((policy, extra), cache) in enumerate(
         (p, c) for p in [("threshold", {"threshold": 0.2}), ("frechet", {"frechet_delta": 0.1})]
@@ -51,7 +51,8 @@ POLICY_CASES = [
 
 @pytest.fixture(scope="module")
 def tiny_dream(tmp_path_factory):
-    return write_random_model(tmp_path_factory.mktemp("dream-decoding"), seed=2)
+    return write_random_model(tmp_path_factory.mktemp("dream-decoding"), seed=2,
+                              vocab_size=SMALL_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def expected(reference):
         settings = {k: v for k, v in c.items() if k != "prompt"}
         settings["top_p"] = settings["top_p"] if settings["top_p"] < 1 else None
         settings["top_k"] = settings["top_k"] or None
-        out.append(dream_cut(diffusion_generate(reference, c["prompt"], mask_id=DREAM_MASK,
+        out.append(small_cut(diffusion_generate(reference, c["prompt"], mask_id=SMALL["mask"],
                                            **settings)["tokens"]))
     return out
 
@@ -84,7 +85,7 @@ def test_cases_are_not_trivial(reference, expected):
     def plain(case: dict, **change) -> list[int]:
         settings = {**{k: v for k, v in case.items() if k not in ("prompt", "top_p", "top_k")},
                     **change}
-        return dream_cut(diffusion_generate(reference, case["prompt"], mask_id=DREAM_MASK,
+        return small_cut(diffusion_generate(reference, case["prompt"], mask_id=SMALL["mask"],
                                        **settings)["tokens"])
 
     cached = [i for i, c in enumerate(CASES) if c["cache"] != "none" and c["temperature"] == 0]
@@ -107,7 +108,7 @@ def test_samplers_alone(llm, expected):
 
 
 def test_policies_use_the_samplers_confidence(llm, reference):
-    want = [dream_cut(generate(reference, c["prompt"], mask_id=DREAM_MASK, logits_offset=1,
+    want = [small_cut(generate(reference, c["prompt"], mask_id=SMALL["mask"], logits_offset=1,
                           **{k: v for k, v in c.items() if k != "prompt"})["tokens"])
             for c in POLICY_CASES]
     cases = [{**c, "alg": "maskgit_plus"} for c in POLICY_CASES]
@@ -175,13 +176,14 @@ def test_dream_defaults_to_its_generation_config(llm, reference):
     """No alg given: the folder's generation_config.json (Dream's own) says origin."""
     from vllm import SamplingParams
 
-    prompt = dream_prompt(7, 12)
+    prompt = small_prompt(7, 12)
     xargs = {"gen_length": 16, "block_length": 8, "steps": 8}
     got = llm.generate([{"prompt_token_ids": prompt}],
                        SamplingParams(temperature=0, seed=21, max_tokens=16, extra_args=xargs),
                        use_tqdm=False)[0].outputs[0].token_ids
-    want = diffusion_generate(reference, prompt, mask_id=DREAM_MASK, alg="origin", seed=21, **xargs)
-    assert list(got) == dream_cut(want["tokens"])
+    want = diffusion_generate(reference, prompt, mask_id=SMALL["mask"], alg="origin", seed=21,
+                              **xargs)
+    assert list(got) == small_cut(want["tokens"])
 
 
 _MAX_LEN = """

@@ -4,7 +4,7 @@ included: the reference skipping forwards run on `ReferenceDream` with logits of
 with Dream's counted samplers (`diffusion_generate`) and with the threshold policy on
 maskgit_plus's confidence (the block decoder `generate` with the shift).
 
-A 6-layer random Dream, so that ES drops rows twice (after layers 1 and 2 with the
+A 6-layer random Dream with a small vocabulary, so that ES drops rows twice (after layers 1 and 2 with the
 default keep schedule) and DyLLM's salient sets shrink over several layers.
 """
 
@@ -15,8 +15,8 @@ import pytest
 from dllm_reference.dream import ReferenceDream, diffusion_generate
 from dllm_reference.generate import generate
 from dllm_reference.tiny_dream import dream_files, write_random_model
-from tests.helpers import (DREAM_MASK, dream_cut, dream_engine, dream_prompt,
-                           dream_sampling_params, plugin_tokens, shutdown)
+from tests.helpers import (SMALL, SMALL_VOCAB, dream_engine, dream_sampling_params,
+                           plugin_tokens, shutdown, small_cut, small_prompt)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(dream_files() is None,
                                  reason="Dream's files (shared/models/dream-7b-instruct) missing"),
@@ -35,7 +35,7 @@ SKIP_PARAMS = ("skip", "refresh_period", "es_block_update_freq", "dyllm_threshol
 
 
 CASES = [
-    dict(prompt=dream_prompt(300 + i, [2, 9, 21][i % 3]), gen_length=16, block_length=8, steps=16,
+    dict(prompt=small_prompt(300 + i, [2, 9, 21][i % 3]), gen_length=16, block_length=8, steps=16,
          temperature=0.0, seed=None, cache=cache, **sampler, **method)
     for i, (method, cache, sampler) in enumerate(
         (m, c, s) for j, (m, c) in enumerate(itertools.product([ES, DYLLM], CACHES))
@@ -52,16 +52,17 @@ def reference_tokens(reference: ReferenceDream, case: dict) -> list[int]:
     if "policy" in settings:
         # At temperature 0 maskgit_plus's confidence is LLaDA's low_confidence.
         settings.pop("alg")
-        out = generate(reference, case["prompt"], mask_id=DREAM_MASK, logits_offset=1, **settings)
+        out = generate(reference, case["prompt"], mask_id=SMALL["mask"], logits_offset=1,
+                       **settings)
     else:
-        out = diffusion_generate(reference, case["prompt"], mask_id=DREAM_MASK, **settings)
-    return dream_cut(out["tokens"])
+        out = diffusion_generate(reference, case["prompt"], mask_id=SMALL["mask"], **settings)
+    return small_cut(out["tokens"])
 
 
 @pytest.fixture(scope="module")
 def deep_dream(tmp_path_factory):
     return write_random_model(tmp_path_factory.mktemp("dream-deep"), seed=4,
-                              num_hidden_layers=6)
+                              vocab_size=SMALL_VOCAB, num_hidden_layers=6)
 
 
 @pytest.fixture(scope="module")
