@@ -1,7 +1,8 @@
 """Dream's decoding through the engine, on a tiny Dream with a small vocabulary: its
-samplers (`alg`) in every cache mode equal the reference `diffusion_generate`, Fast-dLLM's policies on its confidence equal the reference
-block decoder with the shift, token skipping's degenerate settings equal no skipping, and
-LLaDA's and Dream's parameters are not mixed.
+samplers (`alg`) in every cache mode equal the reference `diffusion_generate`, Fast-dLLM's
+policies on its confidence equal the reference block decoder with the shift, token
+skipping's degenerate settings equal no skipping, and LLaDA's and Dream's parameters are
+not mixed.
 
 Dream with `es` / `dyllm` against the reference skipping is `test_dream_skipping.py`.
 """
