@@ -49,157 +49,43 @@ Conventions shared with the plugin so that runs can be compared token for token
   prediction row it skipped is no candidate this iteration.
 """
 
-import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from dllm_reference import skipping
+from dllm_reference.modeling import Layout, ReferenceDecoder
 from vllm_dllm.sampling import noise
 
 LOGITS_OFFSET = 1
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+class ReferenceDream(ReferenceDecoder):
+    """Dream's checkpoint (Qwen2 names, q/k/v with biases); logits not shifted."""
 
-
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    # cos/sin in float32, cast to the activation dtype, rotated there (NeoX halves).
-    dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-class ReferenceDream(torch.nn.Module):
-    """Full-sequence, fully bidirectional Dream forward (logits not shifted).
-
-    tokens [L] -> logits [L, V], or a batch [B, L] -> [B, L, V] with an optional
-    key-padding `attention_mask` [B, L] for right-padded rows.
-    """
+    layout = Layout(
+        embed="model.embed_tokens.weight",
+        attn_norm="model.layers.{i}.input_layernorm.weight",
+        q="model.layers.{i}.self_attn.q_proj", k="model.layers.{i}.self_attn.k_proj",
+        v="model.layers.{i}.self_attn.v_proj", o="model.layers.{i}.self_attn.o_proj.weight",
+        ffn_norm="model.layers.{i}.post_attention_layernorm.weight",
+        gate="model.layers.{i}.mlp.gate_proj.weight", up="model.layers.{i}.mlp.up_proj.weight",
+        down="model.layers.{i}.mlp.down_proj.weight", final_norm="model.norm.weight",
+        head="lm_head.weight", rope_full_precision=False)
 
     def __init__(self, config: dict, state_dict: dict[str, torch.Tensor]):
-        super().__init__()
-        self.config = config
-        self.n_layers = config["num_hidden_layers"]
-        self.n_heads = config["num_attention_heads"]
-        self.n_kv_heads = config.get("num_key_value_heads") or self.n_heads
-        self.head_dim = config["hidden_size"] // self.n_heads
-        self.eps = config.get("rms_norm_eps", 1e-6)
-        self.theta = config.get("rope_theta", 1e6)
-        self.weights = {k: v for k, v in state_dict.items()}
+        n_heads = config["num_attention_heads"]
+        super().__init__(config, state_dict, n_layers=config["num_hidden_layers"],
+                         n_heads=n_heads, n_kv_heads=config.get("num_key_value_heads") or n_heads,
+                         head_dim=config["hidden_size"] // n_heads,
+                         eps=config.get("rms_norm_eps", 1e-6),
+                         theta=config.get("rope_theta", 1e6))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32
                         ) -> "ReferenceDream":
-        path = Path(path)
-        config = json.loads((path / "config.json").read_text())
-        state = {}
-        for file in sorted(path.glob("*.safetensors")):
-            state.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
-        return cls(config, state)
-
-    def w(self, name: str) -> torch.Tensor:
-        return self.weights[name]
-
-    # The layer's parts, under the same names as `ReferenceLLaDA`'s, so that the
-    # skipping forwards (`skipping.py`) run on either model. Leading dims of
-    # `x` [..., n, d] are kept; `positions` [n] are the rows' positions.
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.w("model.embed_tokens.weight"))
-
-    def project(self, i: int, x: torch.Tensor, positions: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer i's post-RoPE q [..., n_heads, n, hd], k and v [..., n_kv_heads, n, hd]
-        (q/k/v projections with their biases)."""
-        layer = f"model.layers.{i}."
-        h = _rms_norm(x, self.w(layer + "input_layernorm.weight"), self.eps)
-
-        def heads(name: str, n: int) -> torch.Tensor:
-            p = f"{layer}self_attn.{name}."
-            proj = h @ self.w(p + "weight").T + self.w(p + "bias")
-            return proj.view(*proj.shape[:-1], n, self.head_dim).transpose(-3, -2)
-
-        q = _rope(heads("q_proj", self.n_heads), positions, self.theta)
-        k = _rope(heads("k_proj", self.n_kv_heads), positions, self.theta)
-        return q, k, heads("v_proj", self.n_kv_heads)
-
-    def attention_output(self, i: int, context: torch.Tensor) -> torch.Tensor:
-        """Layer i's `o_proj` (no bias) of the attention context [..., n, n_heads * hd]."""
-        return context @ self.w(f"model.layers.{i}.self_attn.o_proj.weight").T
-
-    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's MLP branch (its norm included), added to `x` by the caller."""
-        layer = f"model.layers.{i}."
-        h = _rms_norm(x, self.w(layer + "post_attention_layernorm.weight"), self.eps)
-        gate = h @ self.w(layer + "mlp.gate_proj.weight").T
-        up = h @ self.w(layer + "mlp.up_proj.weight").T
-        return (F.silu(gate) * up) @ self.w(layer + "mlp.down_proj.weight").T
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.w("model.norm.weight"), self.eps) @ self.w("lm_head.weight").T
-
-    def forward(self, tokens: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        lead, length = tokens.shape[:-1], tokens.shape[-1]
-        positions = torch.arange(length)
-        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        rep = self.n_heads // self.n_kv_heads
-        x = self.embed(tokens)
-        for i in range(self.n_layers):
-            q, k, v = self.project(i, x, positions)
-            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-            x = x + self.attention_output(i, a.transpose(-3, -2).reshape(*lead, length, -1))
-            x = x + self.ffn(i, x)
-        return self.head(x)
-
-    def forward_partial(self, tokens: torch.Tensor, query: torch.Tensor | list[torch.Tensor],
-                        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-                        ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Recompute only the positions `query` (ascending) of one sequence [L].
-
-        Every other position's keys and values come from `past` (per layer, post-RoPE,
-        [n_kv_heads, L, head_dim]); the queried rows attend to the whole sequence.
-        Without `past`, `query` must cover every position. `query` may also be one
-        position set per layer, each inside the one before (token skipping). Returns
-        the logits of the last layer's rows (row j predicts position query[j] + 1)
-        and the layer K/V with the computed rows fresh.
-        """
-        length = tokens.shape[-1]
-        per_layer = query if isinstance(query, list) else [query] * self.n_layers
-        query = per_layer[0]
-        assert past is not None or len(query) == length
-        rep = self.n_heads // self.n_kv_heads
-        x = self.embed(tokens[query])
-        present = []
-        for i in range(self.n_layers):
-            if per_layer[i] is not query:
-                keep = torch.searchsorted(query, per_layer[i])
-                assert bool((query[keep] == per_layer[i]).all()), "layer sets must be nested"
-                x, query = x[keep], per_layer[i]
-            q, k_new, v_new = self.project(i, x, query)
-            if past is None:
-                k, v = k_new, v_new
-            else:
-                k, v = past[i][0].clone(), past[i][1].clone()
-                k[:, query], v[:, query] = k_new, v_new
-            present.append((k, v))
-            a = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 0),
-                                               v.repeat_interleave(rep, 0), is_causal=False)
-            x = x + self.attention_output(i, a.transpose(0, 1).reshape(len(query), -1))
-            x = x + self.ffn(i, x)
-        return self.head(x), present
+        return cls(*cls.load(path, dtype))
 
 
 def shift_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""Plain PyTorch LLaDA (arXiv:2502.09992): the Llama-style blocks of LLaDA-8B-Instruct's
-`modeling_llada.py` (RMSNorm, RoPE, SwiGLU), with fully bidirectional attention.
+"""Plain PyTorch reference decoder: one bidirectional pre-norm layer (RMSNorm, RoPE, GQA,
+optional q/k/v bias, SwiGLU) that serves LLaDA (arXiv:2502.09992; LLaDA-8B-Instruct's
+`modeling_llada.py`) and Dream (`dream.ReferenceDream`), each through its checkpoint's
+own weight names (`Layout`).
 
-It reads the original checkpoint format (config.json + safetensors with
-`model.transformer.*` names) and is the oracle the plugin is checked against.
+It reads the original checkpoint format (config.json + safetensors) and is the oracle the
+plugin is checked against.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,96 +22,121 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x32.to(x.dtype)
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    # NeoX halves, computed in fp32 as `rope_full_precision` asks.
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float, full_precision: bool
+          ) -> torch.Tensor:
+    """NeoX halves. `full_precision`: rotate in fp32 (LLaDA's `rope_full_precision`);
+    otherwise cos/sin are cast to the activation dtype and it rotates there (Qwen2)."""
     dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    x32 = x.float()
-    x1, x2 = x32[..., : dim // 2], x32[..., dim // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    work = x.float() if full_precision else x
+    cos, sin = emb.cos().to(work.dtype), emb.sin().to(work.dtype)
+    x1, x2 = work[..., : dim // 2], work[..., dim // 2 :]
+    return (work * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-class ReferenceLLaDA(torch.nn.Module):
-    """Full-sequence, fully bidirectional LLaDA forward.
+@dataclass(frozen=True)
+class Layout:
+    """Where an architecture's checkpoint keeps each weight (`{i}`: the layer) and how it
+    rotates; q/k/v biases are used where the checkpoint has them."""
+
+    embed: str
+    attn_norm: str
+    q: str
+    k: str
+    v: str
+    o: str
+    ffn_norm: str
+    gate: str
+    up: str
+    down: str
+    final_norm: str
+    head: str
+    rope_full_precision: bool
+
+
+class ReferenceDecoder(torch.nn.Module):
+    """Full-sequence, fully bidirectional pre-norm decoder (RMSNorm, RoPE, GQA, SwiGLU) over
+    a checkpoint's own weight names: LLaDA's and Dream's layer, one definition.
 
     tokens [L] -> logits [L, V], or a batch [B, L] -> [B, L, V]. Batched inputs may carry a
     key-padding `attention_mask` [B, L] (1 = real token) for right-padded rows: with the
     padding at the end and masked as keys, the real rows see exactly what an unpadded
-    forward sees (positions stay 0..n-1). `trainable=True` makes the weights
-    learnable, which is how benchmarks/train.py trains small checkpoints with it.
+    forward sees (positions stay 0..n-1). `trainable=True` makes the weights learnable.
     """
 
-    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], trainable: bool = False):
+    layout: Layout
+
+    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], *, n_layers: int,
+                 n_heads: int, n_kv_heads: int, head_dim: int, eps: float, theta: float,
+                 trainable: bool = False):
         super().__init__()
         self.config = config
-        self.n_layers = config["n_layers"]
-        self.n_heads = config["n_heads"]
-        self.n_kv_heads = config.get("n_kv_heads") or config["n_heads"]
-        self.head_dim = config["d_model"] // config["n_heads"]
-        self.eps = config.get("rms_norm_eps", 1e-5)
-        self.theta = config.get("rope_theta", 10000.0)
+        self.n_layers, self.n_heads, self.n_kv_heads = n_layers, n_heads, n_kv_heads
+        self.head_dim, self.eps, self.theta = head_dim, eps, theta
         # ParameterDict keys may not contain dots; checkpoint names have no "__" of their own.
         self.weights = torch.nn.ParameterDict(
             {k.replace(".", "__"): torch.nn.Parameter(v, requires_grad=trainable)
              for k, v in state_dict.items()}
         )
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        trainable: bool = False) -> "ReferenceLLaDA":
+    @staticmethod
+    def load(path: str | Path, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
+        """config.json and the safetensors weights of a checkpoint folder."""
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         state = {}
         for file in sorted(path.glob("*.safetensors")):
             state.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
-        return cls(config, state, trainable=trainable)
+        return config, state
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under their checkpoint names (`model.transformer.*`)."""
+        """The weights under their checkpoint names."""
         return {k.replace("__", "."): v.detach() for k, v in self.weights.items()}
 
-    def w(self, name: str) -> torch.Tensor:
-        return self.weights[f"model__transformer__{name}".replace(".", "__")]
+    def w(self, name: str, layer: int | None = None) -> torch.Tensor:
+        return self.weights[name.format(i=layer).replace(".", "__")]
+
+    def _linear(self, h: torch.Tensor, name: str, layer: int) -> torch.Tensor:
+        out = h @ self.w(name + ".weight", layer).T
+        bias = (name + ".bias").format(i=layer).replace(".", "__")
+        return out + self.weights[bias] if bias in self.weights else out
 
     # The layer's parts, shared by the forwards here and the skipping forwards
     # (`skipping.py`), which call them one by one on the rows they keep. Leading
     # dims of `x` [..., n, d] are kept; `positions` [n] are the rows' positions.
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.w("wte.weight"))
+        return F.embedding(tokens, self.w(self.layout.embed))
 
     def project(self, i: int, x: torch.Tensor, positions: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer i's post-RoPE q [..., n_heads, n, hd], k and v [..., n_kv_heads, n, hd]."""
-        p = f"blocks.{i}."
-        h = _rms_norm(x, self.w(p + "attn_norm.weight"), self.eps)
+        lay = self.layout
+        h = _rms_norm(x, self.w(lay.attn_norm, i), self.eps)
 
         def heads(name: str, n: int) -> torch.Tensor:
-            proj = h @ self.w(p + name).T
+            proj = self._linear(h, name, i)
             return proj.view(*proj.shape[:-1], n, self.head_dim).transpose(-3, -2)
 
-        q = _rope(heads("q_proj.weight", self.n_heads), positions, self.theta)
-        k = _rope(heads("k_proj.weight", self.n_kv_heads), positions, self.theta)
-        return q, k, heads("v_proj.weight", self.n_kv_heads)
+        q, k = (_rope(heads(name, n), positions, self.theta, lay.rope_full_precision)
+                for name, n in ((lay.q, self.n_heads), (lay.k, self.n_kv_heads)))
+        return q, k, heads(lay.v, self.n_kv_heads)
 
     def attention_output(self, i: int, context: torch.Tensor) -> torch.Tensor:
         """Layer i's output projection of the attention context [..., n, n_heads * hd]."""
-        return context @ self.w(f"blocks.{i}.attn_out.weight").T
+        return context @ self.w(self.layout.o, i).T
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Layer i's feed-forward branch (its norm included), added to `x` by the caller."""
-        p = f"blocks.{i}."
-        h = _rms_norm(x, self.w(p + "ff_norm.weight"), self.eps)
-        gate = h @ self.w(p + "ff_proj.weight").T
-        up = h @ self.w(p + "up_proj.weight").T
-        return (F.silu(gate) * up) @ self.w(p + "ff_out.weight").T
+        lay = self.layout
+        h = _rms_norm(x, self.w(lay.ffn_norm, i), self.eps)
+        gate, up = h @ self.w(lay.gate, i).T, h @ self.w(lay.up, i).T
+        return (F.silu(gate) * up) @ self.w(lay.down, i).T
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.w("ln_f.weight"), self.eps) @ self.w("ff_out.weight").T
+        return _rms_norm(x, self.w(self.layout.final_norm), self.eps) @ self.w(self.layout.head).T
 
     def forward(self, tokens: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,3 +194,34 @@ class ReferenceLLaDA(torch.nn.Module):
             x = x + self.attention_output(i, a.transpose(0, 1).reshape(len(query), -1))
             x = x + self.ffn(i, x)
         return self.head(x), present
+
+
+class ReferenceLLaDA(ReferenceDecoder):
+    """LLaDA's checkpoint (`model.transformer.*` names); benchmarks/train.py trains small
+    checkpoints with it (`trainable=True`)."""
+
+    layout = Layout(
+        embed="model.transformer.wte.weight",
+        attn_norm="model.transformer.blocks.{i}.attn_norm.weight",
+        q="model.transformer.blocks.{i}.q_proj", k="model.transformer.blocks.{i}.k_proj",
+        v="model.transformer.blocks.{i}.v_proj",
+        o="model.transformer.blocks.{i}.attn_out.weight",
+        ffn_norm="model.transformer.blocks.{i}.ff_norm.weight",
+        gate="model.transformer.blocks.{i}.ff_proj.weight",
+        up="model.transformer.blocks.{i}.up_proj.weight",
+        down="model.transformer.blocks.{i}.ff_out.weight",
+        final_norm="model.transformer.ln_f.weight", head="model.transformer.ff_out.weight",
+        rope_full_precision=True)
+
+    def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], trainable: bool = False):
+        super().__init__(config, state_dict, n_layers=config["n_layers"],
+                         n_heads=config["n_heads"],
+                         n_kv_heads=config.get("n_kv_heads") or config["n_heads"],
+                         head_dim=config["d_model"] // config["n_heads"],
+                         eps=config.get("rms_norm_eps", 1e-5),
+                         theta=config.get("rope_theta", 10000.0), trainable=trainable)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        trainable: bool = False) -> "ReferenceLLaDA":
+        return cls(*cls.load(path, dtype), trainable=trainable)
