@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
+import torch
+
 from vllm_dllm.sampling import dream, policies
 from vllm_dllm.sampling import r2 as r2_rules
 
@@ -82,19 +84,24 @@ def _choice(options: tuple[str, ...]) -> Check:
         if value not in options:
             raise ParamError(name, f"{name} must be one of {', '.join(options)}, got {value!r}")
         return value
+    check.options = options
     return check
 
 
 def _optional(check: Check) -> Check:
-    return lambda name, value: None if value is None else check(name, value)
+    def optional(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+    optional.options = getattr(check, "options", None)
+    return optional
 
 
 def _param(default: Any, check: Check, doc: str, *, sampler: str | None = None,
-           skip: str | None = None) -> Any:
+           skip: str | None = None, row: bool = False) -> Any:
     """One parameter: `sampler` / `skip` name the only sampler / skipping method it
-    applies to (it is refused with any other)."""
-    return field(default=default,
-                 metadata={"check": check, "doc": doc, "sampler": sampler, "skip": skip})
+    applies to (it is refused with any other); `row` puts it in a per-request device
+    tensor of the decoding batch (`ROW_DTYPES`)."""
+    return field(default=default, metadata={"check": check, "doc": doc, "sampler": sampler,
+                                            "skip": skip, "row": row})
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ class DllmParams:
         "canvas length (unset: the default shrunk to `max_tokens` rounded up to whole blocks);"
         " prompt + canvas must fit `max_model_len`")
     block_length: int = _param(
-        32, _positive_int, "semi-autoregressive block; must divide `gen_length`")
+        32, _positive_int, "semi-autoregressive block; must divide `gen_length`", row=True)
     steps: int | None = _param(
         None, _optional(_positive_int),
         "iterations of the `fixed` policy (unset: `gen_length`, one token per step); must split"
@@ -116,17 +123,17 @@ class DllmParams:
     remasking: str = _param(
         "low_confidence", _choice(REMASKING),
         "LLaDA: `low_confidence` commits the most probable predictions first, `random` in"
-        " random order", sampler="llada")
+        " random order", sampler="llada", row=True)
     alg: str | None = _param(
         None, _optional(_choice(dream.ALGS)),
         "Dream (unset: the model's `generation_config.json`, else `origin`): `origin` reveals"
         " each mask with the step's probability, `maskgit_plus` / `topk_margin` / `entropy` the"
         " step's count of masks with the highest top-1 probability / top-1 − top-2 margin /"
-        " negative entropy", sampler="dream")
+        " negative entropy", sampler="dream", row=True)
     alg_temp: float = _param(
         0.0, _non_negative_float,
         "Dream: > 0 draws the step's positions without replacement from softmax(confidence /"
-        " `alg_temp`) instead of taking the best", sampler="dream")
+        " `alg_temp`) instead of taking the best", sampler="dream", row=True)
     eps: float = _param(
         1e-3, _open_unit,
         "Dream: the schedule `linspace(1, eps, steps_per_block + 1)`; step i reveals the share"
@@ -140,17 +147,17 @@ class DllmParams:
         "`prefix` / `dual`: 0 refreshes the whole sequence at each block start (Fast-dLLM);"
         " n > 0 every n-th iteration (ES-dLLM's `prompt_update_freq`)")
     policy: str = _param(
-        "fixed", _choice(policies.POLICIES), "which masked positions to commit")
+        "fixed", _choice(policies.POLICIES), "which masked positions to commit", row=True)
     threshold: float = _param(
         0.9, _probability,
-        "`threshold` policy: commit every prediction with confidence ≥ τ (always the top one)")
+        "`threshold` policy: commit every prediction with confidence ≥ τ (always the top one)", row=True)
     factor: float = _param(
         1.0, _positive_float,
-        "`factor` policy: commit the largest n with (k+1)(1−c_k) < f for all k ≤ n")
+        "`factor` policy: commit the largest n with (k+1)(1−c_k) < f for all k ≤ n", row=True)
     frechet_delta: float = _param(
         0.25, _positive_float,
         "`frechet` policy (Fast-dLLM++): commit the prefix of the confidence profile whose gap"
-        " exceeds δ")
+        " exceeds δ", row=True)
     r2: bool = _param(False, _flag, "add R²-dLLM's redundancy rules to the policy")
     r2_window: int = _param(
         3, _non_negative_int,
@@ -173,13 +180,13 @@ class DllmParams:
     r2_temporal_aggregation: str = _param(
         "last", _choice(r2_rules.AGGREGATIONS),
         "R² temporal rule: how a streak's confidences aggregate (`last`, `ave`, `max`)")
-    logits_eos_inf: bool = _param(False, _flag, "never predict `<|endoftext|>`")
+    logits_eos_inf: bool = _param(False, _flag, "never predict `<|endoftext|>`", row=True)
     confidence_eos_eot_inf: bool = _param(
-        False, _flag, "predictions of `<|endoftext|>` / `<|eot_id|>` get confidence 0 (go last)")
+        False, _flag, "predictions of `<|endoftext|>` / `<|eot_id|>` get confidence 0 (go last)", row=True)
     delay_eos_generation: bool = _param(
         False, _flag,
         "ES-dLLM's rule: an `<|endoftext|>` prediction gets confidence 0 while the canvas has"
-        " none yet and the position before it is still a mask")
+        " none yet and the position before it is still a mask", row=True)
     skip: str = _param(
         "none", _choice(SKIP_MODES),
         "token skipping inside the forward pass: `es` (ES-dLLM) or `dyllm` (DyLLM)")
@@ -244,6 +251,30 @@ class DllmParams:
 
 _PARAMS = {f.name: f for f in fields(DllmParams)}
 DEFAULTS: dict[str, Any] = {name: f.default for name, f in _PARAMS.items()}
+
+
+def _options(name: str) -> tuple[str, ...] | None:
+    return getattr(_PARAMS[name].metadata["check"], "options", None)
+
+
+def _row_dtype(name: str) -> torch.dtype:
+    if _options(name) is not None:
+        return torch.long  # index into the options, -1 for unset
+    return {bool: torch.bool, int: torch.long, float: torch.float64}[_PARAMS[name].type]
+
+
+# The parameters the decoding batch keeps as one device tensor each, by dtype.
+ROW_DTYPES: dict[str, torch.dtype] = {
+    name: _row_dtype(name) for name, f in _PARAMS.items() if f.metadata["row"]}
+
+
+def row_values(params: DllmParams) -> dict[str, Any]:
+    """`params`' entries for the row tensors of `ROW_DTYPES` (a choice as its index)."""
+    out = {}
+    for name in ROW_DTYPES:
+        value, options = getattr(params, name), _options(name)
+        out[name] = value if options is None else -1 if value is None else options.index(value)
+    return out
 
 
 def _shown(value: Any) -> str:

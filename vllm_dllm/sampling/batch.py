@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from vllm_dllm.params import DllmParams
+from vllm_dllm.params import DEFAULTS, REMASKING, ROW_DTYPES, DllmParams, row_values
 from vllm_dllm.sampling import dream, noise
 from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
 from vllm_dllm.sampling.policies import POLICIES, PolicyBatch, select
@@ -24,6 +24,9 @@ from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
 from vllm_dllm.sampling.schedule import transfer_counts
 
 _STREAK_FIELDS = ("ids", "count", "conf_sum", "conf_max")
+# Rules a batch runs only when one of its requests sets them off their default.
+_OPTIONAL_RULES = ("remasking", "logits_eos_inf", "confidence_eos_eot_inf",
+                   "delay_eos_generation")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class BatchPlan:
     top_k, for Dream's chunked sampling. `logit_valid`
     (None: all) marks the logits rows that hold a prediction: a pass that skipped
     a masked position gives it a placeholder row, which is never committed. The
-    host-side fields say which optional rules any of these requests uses; `dream`
+    host-side fields say which policies and optional rules (`options`, parameter
+    names) any of these requests uses; `dream`
     that these requests decode with Dream's samplers (`algs`: which), `ratios`
     [B, steps] then their schedules (padded with 1).
     """
@@ -56,10 +60,7 @@ class BatchPlan:
     sampled: torch.Tensor | None
     width: int
     policies: frozenset[str]
-    random_remasking: bool
-    logits_eos_inf: bool
-    confidence_eos_eot_inf: bool
-    delay_eos_generation: bool
+    options: frozenset[str]
     tracks_positions: bool
     r2: R2Batch | None
     logit_valid: torch.Tensor | None = None
@@ -94,25 +95,17 @@ class DenoiseBatch:
         self.last_conf = torch.zeros((max_rows, max_len + 1), dtype=torch.float32,
                                      device=self.device)
         self.fresh = torch.zeros((max_rows, max_len + 1), dtype=torch.bool, device=self.device)
+        # The decoding parameters the table marks as per-row tensors (`params.ROW_DTYPES`:
+        # `policy`, `threshold`, `alg`, ...; a choice is its index), then what comes from
+        # vLLM's sampling parameters (top_p 1 and top_k 0: off) and the schedule.
+        for name, dtype in ROW_DTYPES.items():
+            setattr(self, name, zeros(dtype))
         self.prompt_len = zeros(torch.long)
-        self.block_length = zeros(torch.long)
         self.steps_per_block = zeros(torch.long)
-        self.policy = zeros(torch.long)
-        self.threshold = zeros(torch.float64)
-        self.factor = zeros(torch.float64)
-        self.frechet_delta = zeros(torch.float64)
         self.temperature = zeros(torch.float64)
-        # Dream's samplers: index into dream.ALGS, Gumbel temperature, top_p (1: off),
-        # top_k (0: off).
-        self.alg = zeros(torch.long)
-        self.alg_temp = zeros(torch.float64)
         self.top_p = zeros(torch.float64)
         self.top_k = zeros(torch.long)
         self.seed = zeros(torch.long)
-        self.random_remasking = zeros(torch.bool)
-        self.logits_eos_inf = zeros(torch.bool)
-        self.confidence_eos_eot_inf = zeros(torch.bool)
-        self.delay_eos_generation = zeros(torch.bool)
         self.block = zeros(torch.long)
         self.step_in_block = zeros(torch.long)
         self.iteration = zeros(torch.long)
@@ -141,20 +134,11 @@ class DenoiseBatch:
         self.tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self.last_conf[row] = 0
         self.fresh[row] = False
-        for name, value in (
-            ("prompt_len", len(prompt)), ("block_length", params.block_length),
-            ("steps_per_block", params.steps_per_block),
-            ("policy", POLICIES.index(params.policy)), ("threshold", params.threshold),
-            ("factor", params.factor), ("frechet_delta", params.frechet_delta),
-            ("temperature", temperature), ("seed", seed),
-            ("random_remasking", params.remasking == "random"),
-            ("logits_eos_inf", params.logits_eos_inf),
-            ("confidence_eos_eot_inf", params.confidence_eos_eot_inf),
-            ("delay_eos_generation", params.delay_eos_generation),
-            ("alg", dream.ALGS.index(params.alg) if params.alg is not None else -1),
-            ("alg_temp", params.alg_temp), ("top_p", top_p), ("top_k", top_k),
-            ("block", 0), ("step_in_block", 0), ("iteration", 0),
-        ):
+        for name, value in (*row_values(params).items(),
+                            ("prompt_len", len(prompt)), ("steps_per_block", params.steps_per_block),
+                            ("temperature", temperature), ("seed", seed), ("top_p", top_p),
+                            ("top_k", top_k), ("block", 0), ("step_in_block", 0),
+                            ("iteration", 0)):
             getattr(self, name)[row] = value
         one = R2Batch.build([params.r2_settings], self.device)
         for f in fields(R2Batch):
@@ -256,10 +240,8 @@ class DenoiseBatch:
             ratios=ratios,
             width=max(p.block_length for p in params),
             policies=frozenset(p.policy for p in params),
-            random_remasking=any(p.remasking == "random" for p in params),
-            logits_eos_inf=any(p.logits_eos_inf for p in params),
-            confidence_eos_eot_inf=any(p.confidence_eos_eot_inf for p in params),
-            delay_eos_generation=any(p.delay_eos_generation for p in params),
+            options=frozenset(name for name in _OPTIONAL_RULES
+                              if any(getattr(p, name) != DEFAULTS[name] for p in params)),
             tracks_positions=any(p.skip != "none" for p in params),
             r2=r2,
         )
@@ -290,7 +272,7 @@ class DenoiseBatch:
         # A committed mask would stay masked: the mask id is never a prediction.
         logits = logits.float()
         logits[:, special.mask] = float("-inf")
-        if plan.logits_eos_inf:
+        if "logits_eos_inf" in plan.options:
             suppress_eos_logits(logits, special.eos, self.logits_eos_inf[rows][req])
         top_ids = logits.argmax(-1)
         log_norm = torch.logsumexp(logits.double(), -1)
@@ -310,22 +292,23 @@ class DenoiseBatch:
             u = noise.uniforms(seed[s], iteration[s], position[s], noise.STREAM_SAMPLE)
             x0 = top_ids.index_copy(0, s, noise.sample(logits[s], self.temperature[rows][req][s], u))
             confidence = probability(x0)
-        if plan.confidence_eos_eot_inf and special.eot is not None:
+        if "confidence_eos_eot_inf" in plan.options and special.eot is not None:
             use = self.confidence_eos_eot_inf[rows][req]
             confidence = torch.where(use, eos_eot_confidence(logits, x0, special.eos, special.eot),
                                      confidence)
         # What token skipping scores a position by next time (ES-dLLM's `all_confidence`).
         tracked = top_conf
-        if plan.delay_eos_generation:
+        if "delay_eos_generation" in plan.options:
             delayed = self._eos_delayed(rows, req, position, x0)
             confidence = torch.where(delayed, torch.zeros_like(confidence), confidence)
             if not plan.dream:
                 # ES-dLLM stores LLaDA's confidence after its EOS delay, Dream's before it
                 # (zhuzj19/ES-dLLM generate.py, sample_tokens_LLaDA / sample_tokens_Dream).
                 tracked = torch.where(delayed, torch.zeros_like(tracked), tracked)
-        if plan.random_remasking:
+        if "remasking" in plan.options:
             scores = noise.uniforms(seed, iteration, position, noise.STREAM_REMASK)
-            confidence = torch.where(self.random_remasking[rows][req], scores, confidence)
+            random = self.remasking[rows][req] == REMASKING.index("random")
+            confidence = torch.where(random, scores, confidence)
 
         def scatter(values: torch.Tensor, fill) -> torch.Tensor:
             out = torch.full((b, k + 1), fill, dtype=values.dtype, device=values.device)
