@@ -119,6 +119,8 @@ def generate(
     dyllm_threshold: float = 0.99,
     dyllm_full_steps: int = 4,
     dyllm_query_period: int = 4,
+    delay_eos_generation: bool = False,
+    eos_id: int | None = None,
 ) -> dict:
     """Decode one request under `policy` (with its `threshold`, `factor` or
     `frechet_delta`), `cache` and `skip` (see `skipping`); `steps` is used by the
@@ -129,6 +131,8 @@ def generate(
     how many tokens each forward committed (`commits`, one entry per forward).
     """
     assert cache in ("none", "prefix", "dual")
+    # ES-dLLM's Dream path scores skipped rows before its EOS delay; only LLaDA's is here.
+    assert not delay_eos_generation or (eos_id is not None and logits_offset == 0)
     assert policy in POLICIES, policy
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
@@ -203,6 +207,16 @@ def generate(
             else:
                 raise ValueError(remasking)
             conf = conf.tolist()
+            delayed: set[int] = set()
+            if delay_eos_generation:
+                # ES-dLLM's rule (zhuzj19/ES-dLLM generate.py, sample_tokens_LLaDA): an EOS
+                # predicted right after a mask, while the canvas has none yet, gets
+                # confidence 0; ES's skip score reads that 0.
+                has_eos = bool((x[prompt_len:] == eos_id).any())
+                delayed = {p for p in range(block_length) if not has_eos
+                           and int(x0[p]) == eos_id and int(x[start + p - 1]) == mask_id}
+                for p in delayed:
+                    conf[p] = 0.0
             candidates = [p for p in range(block_length) if int(x[start + p]) == mask_id
                           and (candidates_with_logits is None or p in candidates_with_logits)]
             candidates.sort(key=lambda p: (-conf[p], p))
@@ -215,7 +229,8 @@ def generate(
             for p in chosen:
                 x[start + p] = x0[p]
             if skipper is not None:
-                skipper.record(start, {p: float(probs[p].max()) for p in candidates}, chosen)
+                skipper.record(start, {p: 0.0 if p in delayed else float(probs[p].max())
+                                       for p in candidates}, chosen)
             commits.append(len(chosen))
             last_chosen = [start + p for p in chosen]
             i += 1

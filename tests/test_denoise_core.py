@@ -3,6 +3,7 @@ it runs on any device and never synchronises with the host inside an iteration."
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +28,9 @@ def test_transfer_counts_front_load_remainder():
 class CoreDriver:
     """Runs the core the way the model runner does, with the reference model's logits."""
 
-    def __init__(self, model, mask_id: int, device: str, max_rows: int = 2):
+    def __init__(self, model, mask_id: int, device: str, max_rows: int = 2, eos: int = -1):
         self.model, self.mask_id, self.device = model, mask_id, device
-        self.batch = DenoiseBatch(max_rows, 256, SpecialTokens(mask_id, eos=-1, eot=None), device)
+        self.batch = DenoiseBatch(max_rows, 256, SpecialTokens(mask_id, eos=eos, eot=None), device)
         self.states: dict[str, tuple[RequestState, list[int]]] = {}
 
     def add(self, key: str, prompt: list[int], params: DllmParams, temperature: float, seed: int):
@@ -214,3 +215,33 @@ def test_delayed_eos_goes_last_and_is_scored_as_es_stores_it(skip):
     if skip == "es":
         assert float(batch.last_conf[row, 2 + 1]) == 0.0
         assert float(batch.last_conf[row, 2 + 0]) > 0.9
+
+
+def test_delayed_eos_matches_the_reference_on_the_bundled_model():
+    """`delay_eos_generation` against the reference's ES rule, on a model that predicts EOS
+    (the bundled one pads its answers with it): same canvases and the same number of
+    iterations, which the delay changes under the threshold policy."""
+    from tokenizers import Tokenizer
+
+    from dllm_reference.modeling import ReferenceLLaDA
+    from dllm_reference.tasks import heldout, render_chat
+
+    model_dir = Path(__file__).resolve().parents[1] / "examples" / "llada-tasks"
+    ids = model_ids(model_dir)
+    model = ReferenceLLaDA.from_pretrained(model_dir)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    shape = dict(gen_length=32, block_length=8, steps=32, policy="threshold")
+    driver = CoreDriver(model, ids["mask"], "cpu", max_rows=6, eos=ids["eos"])
+    prompts = [tokenizer.encode(render_chat(p.prompt)).ids for p in heldout(6)]
+    for i, prompt in enumerate(prompts):
+        driver.add(str(i), prompt, DllmParams(**shape, delay_eos_generation=True), 0.0, i)
+    got = driver.run()
+    changed = 0
+    for i, prompt in enumerate(prompts):
+        want = generate(model, prompt, mask_id=ids["mask"], delay_eos_generation=True,
+                        eos_id=ids["eos"], **shape)
+        assert got[str(i)] == want["tokens"]
+        assert driver.states[str(i)][0].iterations == want["forwards"]
+        changed += want["forwards"] != generate(model, prompt, mask_id=ids["mask"],
+                                                **shape)["forwards"]
+    assert changed

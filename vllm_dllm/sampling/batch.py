@@ -296,19 +296,20 @@ class DenoiseBatch:
             use = self.confidence_eos_eot_inf[rows][req]
             confidence = torch.where(use, eos_eot_confidence(logits, x0, special.eos, special.eot),
                                      confidence)
+        if "remasking" in plan.options:
+            scores = noise.uniforms(seed, iteration, position, noise.STREAM_REMASK)
+            random = self.remasking[rows][req] == REMASKING.index("random")
+            confidence = torch.where(random, scores, confidence)
         # What token skipping scores a position by next time (ES-dLLM's `all_confidence`).
         tracked = top_conf
         if "delay_eos_generation" in plan.options:
+            # After the remasking score, as ES-dLLM zeroes its `x0_p` (random or not).
             delayed = self._eos_delayed(rows, req, position, x0)
             confidence = torch.where(delayed, torch.zeros_like(confidence), confidence)
             if not plan.dream:
                 # ES-dLLM stores LLaDA's confidence after its EOS delay, Dream's before it
                 # (zhuzj19/ES-dLLM generate.py, sample_tokens_LLaDA / sample_tokens_Dream).
                 tracked = torch.where(delayed, torch.zeros_like(tracked), tracked)
-        if "remasking" in plan.options:
-            scores = noise.uniforms(seed, iteration, position, noise.STREAM_REMASK)
-            random = self.remasking[rows][req] == REMASKING.index("random")
-            confidence = torch.where(random, scores, confidence)
 
         def scatter(values: torch.Tensor, fill) -> torch.Tensor:
             out = torch.full((b, k + 1), fill, dtype=values.dtype, device=values.device)
