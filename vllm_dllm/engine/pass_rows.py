@@ -67,10 +67,11 @@ class PassRows:
 
     `metadata` maps each layer's attention name to the metadata it reads during the
     pass (the first layer's row set to start with); `layer_names` lists those names
-    in layer order. `counts` [B] are the first layer's rows per request (host);
-    `positions`, `slots` [N] and, when some request skips, the row features
-    (`last_conf`, `fresh`, `leftmost` [N], read from the decoding state before the
-    pass) are on the device; `seq_lens` [B] is the host copy of the metadata's.
+    in layer order; the rows' slots are the first metadata's. `counts` [B] are the first
+    layer's rows per request (host); `positions` [N] and, when some request skips, the
+    row features (`last_conf`, `fresh`, `leftmost` [N], read from the decoding state
+    before the pass) are on the device; `seq_lens` [B] is the host copy of the
+    metadata's.
     """
 
     def __init__(self, metadata: dict[str, BidirectionalMetadata], layer_names: list[str],
