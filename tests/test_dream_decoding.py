@@ -2,10 +2,18 @@
 samplers (`alg`) in every cache mode equal the reference `diffusion_generate`, Fast-dLLM's
 policies on its confidence equal the reference block decoder with the shift, token
 skipping's degenerate settings equal no skipping, and LLaDA's and Dream's parameters are
-not mixed.
+not mixed; and token skipping (ES-dLLM, DyLLM) equals the reference, shift included: the
+reference skipping forwards run on `ReferenceDream` with logits offset 1 (windows one row
+earlier, rows scored by the position they predict), in every cache mode, with Dream's
+counted samplers (`diffusion_generate`) and with the threshold policy on maskgit_plus's
+confidence (the block decoder `generate` with the shift).
 
-Dream with `es` / `dyllm` against the reference skipping is `test_dream_skipping.py`.
+One engine on a 6-layer random Dream with a small vocabulary: ES drops rows twice (after
+layers 1 and 2 with the default keep schedule) and DyLLM's salient sets shrink over
+several layers.
 """
+
+import itertools
 
 import pytest
 
@@ -51,19 +59,19 @@ POLICY_CASES = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dream(tmp_path_factory):
-    return write_random_model(tmp_path_factory.mktemp("dream-decoding"), seed=2,
-                              vocab_size=SMALL_VOCAB)
+def small_dream(tmp_path_factory):
+    return write_random_model(tmp_path_factory.mktemp("dream-decoding"), seed=4,
+                              vocab_size=SMALL_VOCAB, num_hidden_layers=6)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dream):
-    return ReferenceDream.from_pretrained(tiny_dream)
+def reference(small_dream):
+    return ReferenceDream.from_pretrained(small_dream)
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_dream):
-    engine = dream_engine(tiny_dream)
+def llm(small_dream):
+    engine = dream_engine(small_dream)
     yield engine
     shutdown(engine)
 
@@ -210,3 +218,68 @@ def test_context_is_capped_at_the_documented_2048_unless_asked(tmp_path):
                           text=True, timeout=300, env={**os.environ})
     got = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert got == ["2048", "4096"], proc.stderr[-3000:]
+
+
+# Token skipping on the same model, against the reference skipping forwards.
+
+ES = {"skip": "es", "es_block_update_freq": 5}
+DYLLM = {"skip": "dyllm", "dyllm_threshold": 0.99, "dyllm_full_steps": 2,
+         "dyllm_query_period": 3}
+# Per method and cache mode: one of Dream's counted samplers at temperature 0 (maskgit_plus
+# and entropy in turn), and Fast-dLLM's threshold rule on maskgit_plus's confidence.
+COUNTED = [{"alg": "maskgit_plus"}, {"alg": "entropy"}]
+THRESHOLD = {"alg": "maskgit_plus", "policy": "threshold", "threshold": 0.2}
+SKIP_PARAMS = ("skip", "refresh_period", "es_block_update_freq", "dyllm_threshold",
+               "dyllm_full_steps", "dyllm_query_period")
+
+
+SKIP_CASES = [
+    dict(prompt=small_prompt(300 + i, [2, 9, 21][i % 3]), gen_length=16, block_length=8, steps=16,
+         temperature=0.0, seed=None, cache=cache, **sampler, **method)
+    for i, (method, cache, sampler) in enumerate(
+        (m, c, s) for j, (m, c) in enumerate(itertools.product([ES, DYLLM], CACHES))
+        for s in (COUNTED[j % 2], THRESHOLD))
+]
+# The dual cases refresh on ES-dLLM's schedule instead of at block starts.
+for case in SKIP_CASES:
+    if case["cache"] == "dual":
+        case["refresh_period"] = 3
+
+
+def skip_reference_tokens(reference: ReferenceDream, case: dict) -> list[int]:
+    settings = {k: v for k, v in case.items() if k != "prompt"}
+    if "policy" in settings:
+        # At temperature 0 maskgit_plus's confidence is LLaDA's low_confidence.
+        settings.pop("alg")
+        out = generate(reference, case["prompt"], mask_id=SMALL["mask"], logits_offset=1,
+                       **settings)
+    else:
+        out = diffusion_generate(reference, case["prompt"], mask_id=SMALL["mask"], **settings)
+    return small_cut(out["tokens"])
+
+
+@pytest.fixture(scope="module")
+def skip_expected(reference):
+    return [skip_reference_tokens(reference, c) for c in SKIP_CASES]
+
+
+def test_skipping_changes_the_decode(llm, skip_expected):
+    """The cases are not trivial: most of them decode other tokens than the same settings
+    without skipping (decoded by the plugin, which the sampler tests above hold to the
+    reference)."""
+    plain = plugin_tokens(llm, [{k: v for k, v in c.items() if k not in SKIP_PARAMS}
+                                for c in SKIP_CASES], dream_sampling_params, batched=True)
+    changed = [a != b for a, b in zip(plain, skip_expected)]
+    assert sum(changed) > len(SKIP_CASES) // 2, changed
+
+
+def test_skipping_batched(llm, skip_expected):
+    got = plugin_tokens(llm, SKIP_CASES, dream_sampling_params, batched=True)
+    assert [(i, SKIP_CASES[i]["skip"], SKIP_CASES[i]["cache"]) for i in range(len(SKIP_CASES))
+            if got[i] != skip_expected[i]] == []
+
+
+def test_skipping_alone(llm, skip_expected):
+    got = plugin_tokens(llm, SKIP_CASES, dream_sampling_params, batched=False)
+    assert [(i, SKIP_CASES[i]["skip"], SKIP_CASES[i]["cache"]) for i in range(len(SKIP_CASES))
+            if got[i] != skip_expected[i]] == []
