@@ -64,16 +64,24 @@ class BidirectionalMetadata:
     max_seq_len: int
 
 
+def row_offsets(counts: torch.Tensor | list[int]) -> torch.Tensor:
+    """[B + 1] host offsets of a pass laid out request after request, `counts[b]` rows
+    each: request b's rows are `offsets[b]:offsets[b + 1]`."""
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
 def rows_metadata(counts: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                   slot_mapping: torch.Tensor, device: torch.device) -> BidirectionalMetadata:
     """The metadata of a pass whose request b has `counts[b]` query rows; `counts` and
     `seq_lens` [B] are host tensors, `block_table` [B, pages] and `slot_mapping` [N]
     are on `device`."""
-    starts = torch.zeros(len(counts) + 1, dtype=torch.int32)
-    torch.cumsum(counts, 0, out=starts[1:])
+    starts = row_offsets(counts)
     return BidirectionalMetadata(
         num_actual_tokens=int(starts[-1]),
-        query_start_loc=starts.to(device, non_blocking=True),
+        query_start_loc=starts.to(device, torch.int32, non_blocking=True),
         seq_lens=seq_lens.to(device, torch.int32, non_blocking=True),
         block_table=block_table,
         slot_mapping=slot_mapping,

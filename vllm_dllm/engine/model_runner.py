@@ -104,21 +104,16 @@ class DllmModelRunner(PlatformModelRunner):
         return self.slot_caches
 
     def _controller(self, states: list[RequestState], query: QueryBatch, rows: torch.Tensor,
-                    metadata: dict) -> PassRows:
+                    block_starts: torch.Tensor, metadata: dict) -> PassRows:
         """The pass's row controller, with what skipping rules read from the decoding
         state when some request skips tokens."""
-        counts, positions = query.counts, query.positions
+        counts, positions, request = query.counts, query.positions, query.request
         skips = [s.skip_plan(self.n_layers, c) for s, c in zip(states, counts)]
         features: dict[str, torch.Tensor] = {}
         caches = None
         if any(s.method != "none" for s in skips):
-            request = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
-                                              torch.tensor(counts, device=self.device),
-                                              output_size=len(positions))
             batch_rows = rows[request]
-            starts = torch.tensor([s.prompt_len + s.block_start for s in states],
-                                  device=self.device)
-            leftmost = self.batch.leftmost_mask(rows, starts)
+            leftmost = self.batch.leftmost_mask(rows, block_starts)
             # A row is scored by the position it predicts; its K/V are its own position's.
             predicted = (positions + self.model.dllm_logits_offset).clamp(max=self.batch.max_len)
             features = dict(last_conf=self.batch.last_conf[batch_rows, predicted],
@@ -126,7 +121,7 @@ class DllmModelRunner(PlatformModelRunner):
                             leftmost=predicted == leftmost[request])
             caches = self._slot_caches()
         return PassRows(metadata, self.attention_layers, counts, query.seq_lens, positions,
-                        skips, caches, features, self.model_config.get_hidden_size())
+                        request, skips, caches, features, self.model_config.get_hidden_size())
 
     @functools.cached_property
     def attention_layers(self) -> list[str]:
@@ -145,7 +140,9 @@ class DllmModelRunner(PlatformModelRunner):
         block positions that reached the last layer (placeholders for those token
         skipping left out)."""
         metadata = dict.fromkeys(self.attention_layers, query.metadata)
-        controller = self._controller(states, query, rows, metadata)
+        block_starts = torch.tensor([s.prompt_len + s.block_start for s in states],
+                                    device=self.device)
+        controller = self._controller(states, query, rows, block_starts, metadata)
         with set_forward_context(metadata, self.vllm_config, num_tokens=len(query.input_ids)):
             hidden = self.model(input_ids=query.input_ids, positions=query.positions,
                                 rows=controller)
@@ -154,8 +151,6 @@ class DllmModelRunner(PlatformModelRunner):
         predicted = controller.positions + offset
         is_mask = self.batch.tokens[rows[controller.request],
                                     predicted.clamp(max=self.batch.max_len)] == self.mask_token_id
-        block_starts = torch.tensor([s.prompt_len + s.block_start for s in states],
-                                    device=self.device)
         out_rows, columns, valid, logit_request = controller.logit_rows(
             block_starts,
             torch.tensor([s.params.block_length for s in states], device=self.device),

@@ -32,7 +32,11 @@ from vllm.distributed import (
     tensor_model_parallel_all_reduce,
 )
 
-from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata, rows_metadata
+from vllm_dllm.attention_backends.bidirectional import (
+    BidirectionalMetadata,
+    row_offsets,
+    rows_metadata,
+)
 from vllm_dllm.skipping import dyllm, es
 from vllm_dllm.skipping.plan import RequestSkip
 
@@ -54,29 +58,21 @@ class SlotCaches:
         return self.tensors[key]
 
 
-def row_starts(counts: list[int]) -> torch.Tensor:
-    """First row of each request in a pass laid out request after request (host)."""
-    starts = torch.zeros(len(counts), dtype=torch.long)
-    if len(counts) > 1:
-        torch.cumsum(torch.tensor(counts[:-1]), 0, out=starts[1:])
-    return starts
-
-
 class PassRows:
     """Row controller of one pass (see the module docstring).
 
     `metadata` maps each layer's attention name to the metadata it reads during the
     pass (the first layer's row set to start with); `layer_names` lists those names
     in layer order; the rows' slots are the first metadata's. `counts` [B] are the first
-    layer's rows per request (host); `positions` [N] and, when some request skips, the
-    row features (`last_conf`, `fresh`, `leftmost` [N], read from the decoding state
+    layer's rows per request (host); `positions`, `request` (0..B-1) [N] and, when some
+    request skips, the row features (`last_conf`, `fresh`, `leftmost` [N], read from the decoding state
     before the pass) are on the device; `seq_lens` [B] is the host copy of the
     metadata's.
     """
 
     def __init__(self, metadata: dict[str, BidirectionalMetadata], layer_names: list[str],
                  counts: list[int], seq_lens: torch.Tensor, positions: torch.Tensor,
-                 skips: list[RequestSkip], caches: SlotCaches | None,
+                 request: torch.Tensor, skips: list[RequestSkip], caches: SlotCaches | None,
                  features: dict[str, torch.Tensor], hidden_size: int):
         self.metadata = metadata
         self.seq_lens = seq_lens
@@ -87,9 +83,6 @@ class PassRows:
         self.caches = caches
         device = positions.device
         self.device = device
-        request = torch.repeat_interleave(
-            torch.arange(len(counts), device=device),
-            torch.tensor(counts, device=device), output_size=len(positions))
         self.es_layers = {i for s in skips if s.method == "es" for i in s.es_layers}
         self.uses_dyllm = any(s.method == "dyllm" for s in skips)
         first = metadata[layer_names[0]]
@@ -142,7 +135,7 @@ class PassRows:
         keep_n = [s.es_counts.get(i, c) if s.method == "es" and s.sparse else c
                   for s, c in zip(self.skips, counts)]
         request = rows["request"]
-        offset = torch.arange(n, device=self.device) - row_starts(counts).to(self.device)[request]
+        offset = torch.arange(n, device=self.device) - row_offsets(counts)[:-1].to(self.device)[request]
         cache = self.caches.get("hidden", i, x.shape[-1])
         slots = rows["slots"]
         if keep_n != counts:
@@ -190,10 +183,10 @@ class PassRows:
         column = positions + offset - block_start[request]
         candidate = is_mask & (column >= 0) & (column < block_length[request])
         b, n = len(counts), len(positions)
-        first = row_starts(slots_per).to(self.device)
+        first = row_offsets(slots_per)[:-1].to(self.device)
         rank = torch.cumsum(candidate.long(), 0) - 1
         before = torch.cat([rank.new_zeros(1), torch.cumsum(candidate.long(), 0)])
-        rank = rank - before[row_starts(counts).to(self.device)][request]
+        rank = rank - before[row_offsets(counts)[:-1].to(self.device)][request]
         target = torch.where(candidate, first[request] + rank, torch.full_like(rank, total))
         out_rows = torch.zeros(total + 1, dtype=torch.long, device=self.device)
         out_rows.index_put_((target,), torch.arange(n, device=self.device))

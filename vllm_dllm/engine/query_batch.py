@@ -9,15 +9,20 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_dllm.attention_backends.bidirectional import BidirectionalMetadata, rows_metadata
+from vllm_dllm.attention_backends.bidirectional import (
+    BidirectionalMetadata,
+    row_offsets,
+    rows_metadata,
+)
 
 
 @dataclass(frozen=True)
 class QueryBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
-    # The first layer's row set.
+    # The first layer's row set, and each row's request (0..B-1, device).
     metadata: BidirectionalMetadata
+    request: torch.Tensor
     # Rows per request and sequence lengths (host).
     counts: list[int]
     seq_lens: torch.Tensor
@@ -35,8 +40,7 @@ def range_query_batch(tokens: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor
     """
     device = tokens.device
     lengths = hi - lo
-    starts = torch.zeros(len(lo) + 1, dtype=torch.long)
-    torch.cumsum(lengths, 0, out=starts[1:])
+    starts = row_offsets(lengths)
     request = torch.repeat_interleave(torch.arange(len(lo)), lengths)
     positions = lo[request] + torch.arange(int(starts[-1])) - starts[:-1][request]
     positions_dev = positions.to(device, non_blocking=True)
@@ -47,6 +51,7 @@ def range_query_batch(tokens: torch.Tensor, rows: torch.Tensor, lo: torch.Tensor
         input_ids=tokens[rows[request_dev], positions_dev],
         positions=positions_dev,
         metadata=rows_metadata(lengths, seq_lens, block_table, slots, device),
+        request=request_dev,
         counts=lengths.tolist(),
         seq_lens=seq_lens,
     )
