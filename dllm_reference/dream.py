@@ -173,16 +173,10 @@ def diffusion_generate(
     cache: str = "none",
     refresh_period: int = 0,
     skip: str = "none",
-    es_keep: tuple[float, ...] = (1.0, 0.5, 0.25),
-    es_depth: tuple[float, ...] = (0.0, 0.125, 0.25),
-    es_alpha: float = 0.5,
-    es_block_update_freq: int = 16,
-    dyllm_threshold: float = 0.99,
-    dyllm_full_steps: int = 4,
-    dyllm_query_period: int = 4,
+    **skip_settings,
 ) -> dict:
     """Decode one request with Dream's sampler `alg` under `cache` and `skip` (the
-    skipping parameters are `generate.generate`'s, see `skipping`); returns the
+    skipping settings, `es_*` / `dyllm_*`, are `skipping.RequestSkipping`'s); returns the
     canvas (`tokens`), the number of forwards (`forwards`) and the commits of each
     forward (`commits`).
 
@@ -206,14 +200,10 @@ def diffusion_generate(
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     commits: list[int] = []
     last_picked: list[int] = []
-    skipper = None
-    if skip != "none":
-        skipper = skipping.RequestSkipping(
-            model, prompt_len, len(x), skip=skip, cache=cache, mask_id=mask_id,
-            block_length=block_length, logits_offset=LOGITS_OFFSET, es_keep=es_keep,
-            es_depth=es_depth, es_alpha=es_alpha, es_block_update_freq=es_block_update_freq,
-            refresh_period=refresh_period, dyllm_threshold=dyllm_threshold,
-            dyllm_full_steps=dyllm_full_steps, dyllm_query_period=dyllm_query_period)
+    skipper = skipping.request_skipping(
+        model, prompt_len, len(x), skip=skip, cache=cache, mask_id=mask_id,
+        block_length=block_length, logits_offset=LOGITS_OFFSET, refresh_period=refresh_period,
+        **skip_settings)
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         end = start + block_length

@@ -112,18 +112,13 @@ def generate(
     factor: float = 1.0,
     frechet_delta: float = 0.25,
     skip: str = "none",
-    es_keep: tuple[float, ...] = (1.0, 0.5, 0.25),
-    es_depth: tuple[float, ...] = (0.0, 0.125, 0.25),
-    es_alpha: float = 0.5,
-    es_block_update_freq: int = 16,
-    dyllm_threshold: float = 0.99,
-    dyllm_full_steps: int = 4,
-    dyllm_query_period: int = 4,
     delay_eos_generation: bool = False,
     eos_id: int | None = None,
+    **skip_settings,
 ) -> dict:
     """Decode one request under `policy` (with its `threshold`, `factor` or
-    `frechet_delta`), `cache` and `skip` (see `skipping`); `steps` is used by the
+    `frechet_delta`), `cache` and `skip` (with `skipping.RequestSkipping`'s settings,
+    `es_*` / `dyllm_*`, in `skip_settings`); `steps` is used by the
     `fixed` policy only. A fixed-schedule block that skipping left unfinished after
     its steps goes on committing max(1, schedule) tokens an iteration.
 
@@ -146,14 +141,10 @@ def generate(
     length = len(x)
     commits: list[int] = []
     last_chosen: list[int] = []
-    skipper = None
-    if skip != "none":
-        skipper = skipping.RequestSkipping(
-            model, prompt_len, length, skip=skip, cache=cache, mask_id=mask_id,
-            block_length=block_length, logits_offset=logits_offset, es_keep=es_keep,
-            es_depth=es_depth, es_alpha=es_alpha, es_block_update_freq=es_block_update_freq,
-            refresh_period=refresh_period, dyllm_threshold=dyllm_threshold,
-            dyllm_full_steps=dyllm_full_steps, dyllm_query_period=dyllm_query_period)
+    skipper = skipping.request_skipping(
+        model, prompt_len, length, skip=skip, cache=cache, mask_id=mask_id,
+        block_length=block_length, logits_offset=logits_offset, refresh_period=refresh_period,
+        **skip_settings)
     for b in range(num_blocks):
         start = prompt_len + b * block_length
         block = slice(start, start + block_length)

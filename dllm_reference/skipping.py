@@ -39,6 +39,7 @@ skip=...)` drive. The conventions the plugin follows too:
   the first period.
 """
 
+import inspect
 import math
 
 import torch
@@ -162,10 +163,11 @@ class RequestSkipping:
     and FFN outputs) and what ES scores rows by (`last_conf`, `fresh`)."""
 
     def __init__(self, model, prompt_len: int, length: int, *, skip: str, cache: str,
-                 mask_id: int, block_length: int, logits_offset: int,
-                 es_keep: tuple[float, ...], es_depth: tuple[float, ...], es_alpha: float,
-                 es_block_update_freq: int, refresh_period: int,
-                 dyllm_threshold: float, dyllm_full_steps: int, dyllm_query_period: int):
+                 mask_id: int, block_length: int, logits_offset: int, refresh_period: int,
+                 es_keep: tuple[float, ...] = (1.0, 0.5, 0.25),
+                 es_depth: tuple[float, ...] = (0.0, 0.125, 0.25), es_alpha: float = 0.5,
+                 es_block_update_freq: int = 16, dyllm_threshold: float = 0.99,
+                 dyllm_full_steps: int = 4, dyllm_query_period: int = 4):
         assert skip in ("es", "dyllm"), skip
         self.model, self.skip, self.cache, self.mask_id = model, skip, cache, mask_id
         self.prompt_len, self.length, self.block_length = prompt_len, length, block_length
@@ -253,3 +255,15 @@ class RequestSkipping:
         for column in committed:
             self.fresh[start + column] = True
             self.last_conf[start + column] = 0.0
+
+
+def request_skipping(model, prompt_len: int, length: int, *, skip: str, **settings
+                     ) -> RequestSkipping | None:
+    """A request's `RequestSkipping`, or None under `skip="none"`; either way a setting
+    that `RequestSkipping` does not take is an error."""
+    unknown = set(settings) - set(inspect.signature(RequestSkipping).parameters)
+    if unknown:
+        raise TypeError(f"unknown skipping settings {sorted(unknown)}")
+    if skip == "none":
+        return None
+    return RequestSkipping(model, prompt_len, length, skip=skip, **settings)
