@@ -71,7 +71,7 @@ class Measurements:
     iters: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     tokens: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     rows: dict[str, int | None] = field(default_factory=dict)
-    layer_rows: dict[str, list[int] | None] = field(default_factory=dict)
+    layer_rows: dict[str, dict[str, list[int]] | None] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     loads: dict[str, list[float | None]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, str] = field(default_factory=dict)
@@ -94,8 +94,9 @@ def measure(engine: Engine, configs: list[cfgs.DecodeConfig], checks: dict[str, 
                                  sampling_params(c.extra_args, ignore_eos=True))
                                 for i, p in enumerate(prompts)])
             after = engine.layer_rows()
-            m.layer_rows[c.name] = (None if before is None else
-                                    [(a - b) // batch_size for a, b in zip(after, before)])
+            m.layer_rows[c.name] = (None if before is None else {
+                kind: [(a - b) // batch_size for a, b in zip(after[kind], before[kind])]
+                for kind in after})
             m.peaks[c.name] = max(m.peaks[c.name], report.peak_rss_mb())
             if batch.status != "ok":
                 m.errors[c.name] = batch.error

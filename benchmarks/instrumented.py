@@ -92,13 +92,15 @@ class Engine:
         self.scheduler.schedule = schedule
         self.threads = torch.get_num_threads()
 
-    def layer_rows(self) -> list[int] | None:
-        """Query rows, then FFN rows, the model runner computed per layer so far (None
-        if it cannot be read)."""
+    def layer_rows(self) -> dict[str, list[int]] | None:
+        """Query rows, rows with exact attention and FFN rows the model runner computed
+        per layer so far (None if it cannot be read)."""
         try:
             worker = self.engine.engine_core.engine_core.model_executor.driver_worker.worker
             runner = worker.model_runner
-            return list(runner.layer_rows) + list(runner.layer_ffn_rows)
+            return {"query": list(runner.layer_rows),
+                    "attention": list(runner.layer_attention_rows),
+                    "ffn": list(runner.layer_ffn_rows)}
         except AttributeError:
             return None
 

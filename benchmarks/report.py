@@ -257,13 +257,14 @@ def cost_markdown(data: dict) -> str:
                  and r.get("layer_rows_per_request")]
     if per_layer:
         lines += ["", "Rows computed per layer, per request, layer 0 first: query rows / "
-                  "FFN rows (ES drops rows after its skip layers; DyLLM keeps every query "
-                  "row and runs K/V and the FFN for its salient rows):", ""]
+                  "rows with exact attention / FFN rows (ES drops rows after its skip "
+                  "layers; DyLLM keeps every query row and runs K/V, exact attention and "
+                  "the FFN for its salient rows):", ""]
         for r in per_layer:
             counts = r["layer_rows_per_request"]
-            half = len(counts) // 2
             lines.append(f"- `{r['name']}`: " + ", ".join(
-                f"{q}/{f}" for q, f in zip(counts[:half], counts[half:])))
+                f"{q}/{a}/{f}" for q, a, f in zip(counts["query"], counts["attention"],
+                                                  counts["ffn"])))
     lines += ["", "Wall times of every request (s), with the 1-minute load average at its "
               "start: " + "; ".join(
                   f"{r['name']} " + ", ".join(

@@ -31,8 +31,10 @@ skip=...)` drive. The conventions the plugin follows too:
   previous iteration committed (ES-dLLM's reason: their K/V must be refreshed);
   with offset 0 these are one row.
 * DyLLM: layer 0 refreshes K/V only for the positions the previous iteration
-  committed; every row is a query with exact attention over the current K/V;
-  rows whose context has cosine similarity < tau to their cached one (tau >= 1:
+  committed; every row is a query; the rows whose K/V the layer refreshes get
+  exact attention, the others their cached context plus softmax(q Kᵀ) · ΔV (ΔV:
+  the change of the refreshed values), or, with `dyllm_attention="exact"`, exact
+  attention too; rows whose context has cosine similarity < tau to their cached one (tau >= 1:
   all rows) run the FFN and refresh K/V in the next layer; the others add their
   cached FFN output. Under cache `none` a sparse iteration queries the canvas
   only, unless its 1-based step is a multiple of `dyllm_query_period` or within
@@ -62,20 +64,38 @@ def es_drop_layers(fractions: list[float]) -> list[int]:
 
 
 def _attention(model, i: int, x: torch.Tensor, rows: torch.Tensor,
-               kv: list[tuple[torch.Tensor, torch.Tensor]], write: torch.Tensor):
+               kv: list[tuple[torch.Tensor, torch.Tensor]], write: torch.Tensor,
+               cached: torch.Tensor | None = None):
     """q for `rows`, K/V written at the positions in `write` (a subset of `rows`);
-    returns the attention context [len(rows), d] over the whole cached sequence."""
+    returns the attention context [len(rows), d] over the whole cached sequence.
+
+    With `cached` (contexts [sequence, d] by position), DyLLM's approximate attention
+    (its `attention_sparse_varlen`): a row outside `write` keeps its cached context
+    plus softmax(q Kᵀ / √d) · ΔV, where ΔV is what this call changed in V (zero at
+    every position not written); rows in `write` get exact attention."""
     q, k_new, v_new = model.project(i, x, rows)
     k, v = kv[i]
     written = set(write.tolist())
     j = torch.tensor([j for j, pos in enumerate(rows.tolist()) if pos in written],
                      dtype=torch.long)
+    delta = torch.zeros_like(v)
+    delta[:, rows[j]] = v_new[:, j] - v[:, rows[j]]
     k[:, rows[j]], v[:, rows[j]] = k_new[:, j], v_new[:, j]
     if model.n_kv_heads != model.n_heads:
         rep = model.n_heads // model.n_kv_heads
         k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        delta = delta.repeat_interleave(rep, 0)
     a = F.scaled_dot_product_attention(q, k, v, is_causal=False)
-    return a.transpose(0, 1).reshape(len(rows), -1)
+    a = a.transpose(0, 1).reshape(len(rows), -1)
+    if cached is None:
+        return a
+    for r, pos in enumerate(rows.tolist()):
+        if pos not in written:
+            scores = torch.einsum("hd,hld->hl", q[:, r], k) * model.head_dim**-0.5
+            weights = torch.softmax(scores, dim=-1)
+            change = torch.einsum("hl,hld->hd", weights, delta).reshape(-1)
+            a[r] = cached[pos] + change
+    return a
 
 
 def es_forward(model, tokens: torch.Tensor, window: torch.Tensor,
@@ -129,17 +149,20 @@ def es_forward(model, tokens: torch.Tensor, window: torch.Tensor,
 def dyllm_forward(model, tokens: torch.Tensor, window: torch.Tensor,
                   kv: list[tuple[torch.Tensor, torch.Tensor]],
                   contexts: dict[int, torch.Tensor], ffns: dict[int, torch.Tensor],
-                  *, sparse: bool, tau: float, fresh: torch.Tensor) -> torch.Tensor:
+                  *, sparse: bool, tau: float, fresh: torch.Tensor, approximate: bool
+                  ) -> torch.Tensor:
     """One DyLLM pass over `window`; updates `kv`, `contexts`, `ffns`. Returns the
     last hidden states of every window row."""
     rows = window
     x = model.embed(tokens[rows])
     salient = [not sparse or bool(fresh[pos]) for pos in rows.tolist()]
+    width = model.n_heads * model.head_dim
     for i in range(model.n_layers):
         write = torch.tensor([pos for pos, s in zip(rows.tolist(), salient) if s],
                              dtype=torch.long)
-        context = _attention(model, i, x, rows, kv, write)
-        c_cache = contexts.setdefault(i, torch.zeros(len(tokens), context.shape[-1]))
+        c_cache = contexts.setdefault(i, torch.zeros(len(tokens), width))
+        context = _attention(model, i, x, rows, kv, write,
+                             c_cache if sparse and approximate else None)
         m_cache = ffns.setdefault(i, torch.zeros(len(tokens), x.shape[-1]))
         if sparse:
             salient = []
@@ -167,7 +190,8 @@ class RequestSkipping:
                  es_keep: tuple[float, ...] = (1.0, 0.5, 0.25),
                  es_depth: tuple[float, ...] = (0.0, 0.125, 0.25), es_alpha: float = 0.5,
                  es_block_update_freq: int = 16, dyllm_threshold: float = 0.99,
-                 dyllm_full_steps: int = 4, dyllm_query_period: int = 4):
+                 dyllm_full_steps: int = 4, dyllm_query_period: int = 4,
+                 dyllm_attention: str = "approximate"):
         assert skip in ("es", "dyllm"), skip
         self.model, self.skip, self.cache, self.mask_id = model, skip, cache, mask_id
         self.prompt_len, self.length, self.block_length = prompt_len, length, block_length
@@ -176,6 +200,7 @@ class RequestSkipping:
         self.es_block_update_freq, self.refresh_period = es_block_update_freq, refresh_period
         self.dyllm_threshold, self.dyllm_full_steps = dyllm_threshold, dyllm_full_steps
         self.dyllm_query_period = dyllm_query_period
+        self.dyllm_attention = dyllm_attention
         self.fractions = es_layer_fractions(list(es_keep), list(es_depth), model.n_layers)
         self.kv = [(torch.zeros(model.n_kv_heads, length, model.head_dim),
                     torch.zeros(model.n_kv_heads, length, model.head_dim))
@@ -236,7 +261,8 @@ class RequestSkipping:
         else:
             out_rows = window
             out = dyllm_forward(self.model, x, window, self.kv, self.contexts, self.ffns,
-                                sparse=not full, tau=self.dyllm_threshold, fresh=self.fresh)
+                                sparse=not full, tau=self.dyllm_threshold, fresh=self.fresh,
+                                approximate=self.dyllm_attention == "approximate")
         column = out_rows + self.offset - start
         inside = (column >= 0) & (column < self.block_length)
         needed = inside & (x[(out_rows + self.offset).clamp(max=self.length - 1)]

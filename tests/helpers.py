@@ -52,7 +52,7 @@ SMALL = special_ids(SMALL_VOCAB)
 DREAM_EXTRA_ARGS = ("gen_length", "block_length", "steps", "alg", "alg_temp", "cache", "policy",
                     "threshold", "frechet_delta", "refresh_period", "skip", "es_keep",
                     "es_depth", "es_block_update_freq", "dyllm_threshold",
-                    "dyllm_full_steps", "dyllm_query_period")
+                    "dyllm_full_steps", "dyllm_query_period", "dyllm_attention")
 
 
 def dream_prompt(seed: int, length: int, below: int = DREAM_EOS) -> list[int]:

@@ -10,6 +10,7 @@ from vllm_dllm.attention_backends.bidirectional import (
     BidirectionalMetadata,
     _cpu_kernel_isa,
 )
+from vllm_dllm.attention_backends.paged_attention import DeltaRows
 
 
 def dense_attention(q, k, v, scale):
@@ -95,6 +96,87 @@ def test_random_query_subsets_match_dense(num_heads, num_kv_heads, head, block_s
         k_now[s], v_now[s] = fresh_k[b], fresh_v[b]  # fresh where recomputed
         want = dense_attention(q[b], k_now, v_now, scale)
         torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head, block_size, isa", CASES)
+def test_dyllm_approximate_attention_matches_its_definition(num_heads, num_kv_heads, head,
+                                                            block_size, isa):
+    """A `DeltaRows` layer on either page layout: exact rows attend exactly to the K/V after
+    this layer's writes; every other row is its cached context plus softmax(q Kᵀ) · ΔV."""
+    g = torch.Generator().manual_seed(7 * num_heads + block_size + head)
+    lengths = [37, 5, 64]
+    num_blocks = 32
+    kv_cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head)
+    pages = [-(-n // block_size) for n in lengths]
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    block_table = torch.zeros(len(lengths), max(pages), dtype=torch.int32)
+    for b, n in enumerate(pages):
+        block_table[b, :n] = torch.tensor(order[sum(pages[:b]): sum(pages[:b]) + n])
+    impl = BidirectionalAttentionImpl(num_heads, head, head**-0.5, num_kv_heads)
+    scale = head**-0.5
+
+    def slots(b, positions):
+        return torch.stack([block_table[b, p // block_size].long() * block_size + p % block_size
+                            for p in positions.tolist()]) if len(positions) else \
+            torch.zeros(0, dtype=torch.long)
+
+    def metadata(subsets, kv_slots, delta=None):
+        starts = [0]
+        for s in subsets:
+            starts.append(starts[-1] + len(s))
+        return BidirectionalMetadata(
+            num_actual_tokens=starts[-1], query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32), block_table=block_table,
+            slot_mapping=kv_slots, max_query_len=max(len(s) for s in subsets),
+            max_seq_len=max(lengths), delta=delta)
+
+    # A full pass fills the pages: the old K/V.
+    full = [torch.arange(n) for n in lengths]
+    q, old_k, old_v = qkv_views(sum(lengths), num_heads, num_kv_heads, head, g)
+    impl.forward(None, q, old_k, old_v, kv_cache,
+                 metadata(full, torch.cat([slots(b, s) for b, s in enumerate(full)])),
+                 torch.empty(sum(lengths), num_heads * head))
+    old_k, old_v = old_k.split(lengths), old_v.split(lengths)
+
+    # The sparse pass: query rows, refreshed rows among them (none in one request), and
+    # the exact rows: the refreshed ones and a few more.
+    queries = [torch.sort(torch.randperm(n, generator=g)[: max(2, n // 2)]).values for n in lengths]
+    refreshed_mask = [torch.rand(len(s), generator=g) < 0.3 for s in queries]
+    refreshed_mask[1][:] = False
+    exact_mask = [r | (torch.rand(len(r), generator=g) < 0.2) for r in refreshed_mask]
+    n = sum(len(s) for s in queries)
+    query = torch.randn(n, num_heads, head, generator=g)
+    refreshed = torch.cat(refreshed_mask).nonzero().flatten()
+    key, value = (torch.randn(len(refreshed), num_kv_heads, head, generator=g) for _ in range(2))
+    context = torch.randn(n, num_heads * head, generator=g)
+    positions = torch.cat(queries)
+    request = torch.cat([torch.full((len(s),), b) for b, s in enumerate(queries)])
+    kv_slots = torch.cat([slots(int(request[r]), positions[r:r + 1]) for r in refreshed.tolist()]
+                         or [torch.zeros(0, dtype=torch.long)])
+    delta = DeltaRows(positions=positions, refreshed=refreshed, exact=torch.cat(exact_mask),
+                      context=context, max_refreshed=max(int(r.sum()) for r in refreshed_mask),
+                      max_exact=max(int(e.sum()) for e in exact_mask))
+    out = torch.empty(n, num_heads * head)
+    impl.forward(None, query, key, value, kv_cache, metadata(queries, kv_slots, delta), out)
+
+    group = num_heads // num_kv_heads
+    for r in range(n):
+        b, pos = int(request[r]), int(positions[r])
+        k_now, v_now = old_k[b].clone(), old_v[b].clone()
+        change = torch.zeros_like(v_now)
+        for j, row in enumerate(refreshed.tolist()):
+            if int(request[row]) == b:
+                p = int(positions[row])
+                k_now[p], v_now[p] = key[j], value[j]
+                change[p] = value[j] - old_v[b][p]
+        if bool(delta.exact[r]):
+            want = dense_attention(query[r:r + 1], k_now, v_now, scale)[0].flatten()
+        else:
+            weights = torch.softmax(torch.einsum("hd,lhd->hl", query[r],
+                                                 k_now.repeat_interleave(group, 1)) * scale, -1)
+            want = context[r] + torch.einsum("hl,lhd->hd", weights,
+                                             change.repeat_interleave(group, 1)).flatten()
+        torch.testing.assert_close(out[r], want, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_kernel_needs_packed_blocks():

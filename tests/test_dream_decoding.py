@@ -131,7 +131,7 @@ def test_skipping_degenerate_settings_equal_no_skipping(llm):
     cases = [{**c, "cache": cache} for c in CASES[::9] for cache in CACHES]
     es_all = [{**c, "skip": "es", "es_keep": "1", "es_depth": "0"} for c in cases]
     dyllm_all = [{**c, "skip": "dyllm", "dyllm_threshold": 1.0, "dyllm_full_steps": 0,
-                  "dyllm_query_period": 1} for c in cases]
+                  "dyllm_query_period": 1, "dyllm_attention": "exact"} for c in cases]
     plain, es_out, dyllm_out = (plugin_tokens(llm, c, dream_sampling_params, batched=True)
                                 for c in (cases, es_all, dyllm_all))
     assert es_out == plain
@@ -230,7 +230,7 @@ DYLLM = {"skip": "dyllm", "dyllm_threshold": 0.99, "dyllm_full_steps": 2,
 COUNTED = [{"alg": "maskgit_plus"}, {"alg": "entropy"}]
 THRESHOLD = {"alg": "maskgit_plus", "policy": "threshold", "threshold": 0.2}
 SKIP_PARAMS = ("skip", "refresh_period", "es_block_update_freq", "dyllm_threshold",
-               "dyllm_full_steps", "dyllm_query_period")
+               "dyllm_full_steps", "dyllm_query_period", "dyllm_attention")
 
 
 SKIP_CASES = [
@@ -244,6 +244,11 @@ SKIP_CASES = [
 for case in SKIP_CASES:
     if case["cache"] == "dual":
         case["refresh_period"] = 3
+# DyLLM with exact attention for every query row.
+SKIP_CASES += [dict(prompt=small_prompt(340 + i, [5, 17][i]), gen_length=16, block_length=8,
+                    steps=16, temperature=0.0, seed=None, cache=cache, alg="entropy", **DYLLM,
+                    dyllm_attention="exact")
+               for i, cache in enumerate(("none", "dual"))]
 
 
 def skip_reference_tokens(reference: ReferenceDream, case: dict) -> list[int]:

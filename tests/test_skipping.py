@@ -34,9 +34,14 @@ CASES = [
 for case in CASES:
     if case["cache"] != "none" and case["policy"] == "threshold":
         case["refresh_period"] = 3
+# DyLLM with exact attention for every query row, once per cache mode.
+CASES += [dict(prompt=random_prompt(930 + i, [4, 13, 22][i]), gen_length=32, block_length=8,
+               steps=32, temperature=0.0, seed=None, cache=cache, policy="fixed",
+               **DYLLM, dyllm_attention="exact")
+          for i, cache in enumerate(CACHES)]
 PARAMS = ("gen_length", "block_length", "steps", "cache", "refresh_period", "policy",
           "threshold", "skip", "es_block_update_freq", "dyllm_threshold",
-          "dyllm_full_steps", "dyllm_query_period")
+          "dyllm_full_steps", "dyllm_query_period", "dyllm_attention")
 
 
 def sampling_params(case: dict):
@@ -84,11 +89,23 @@ def test_skipping_changes_the_reference_decode(deep_reference, deep_model, expec
     for case, tokens in zip(CASES, expected):
         plain = {**_settings(case), "skip": "none"}
         for name in ("es_block_update_freq", "dyllm_threshold",
-                     "dyllm_full_steps", "dyllm_query_period"):
+                     "dyllm_full_steps", "dyllm_query_period", "dyllm_attention"):
             plain.pop(name, None)
         changed.append(tokens != reference_tokens(deep_reference, deep_model, case["prompt"],
                                                   **plain))
     assert sum(changed) > len(CASES) // 2, changed
+
+
+def test_dyllm_approximate_attention_changes_the_reference_decode(deep_reference, deep_model,
+                                                                 expected):
+    """DyLLM's approximate attention is not its exact variant in disguise: most cases
+    decode other tokens with exact attention for every row."""
+    approximate = [(c, tokens) for c, tokens in zip(CASES, expected)
+                   if c["skip"] == "dyllm" and "dyllm_attention" not in c]
+    changed = [tokens != reference_tokens(deep_reference, deep_model, c["prompt"],
+                                          **{**_settings(c), "dyllm_attention": "exact"})
+               for c, tokens in approximate]
+    assert sum(changed) > len(approximate) // 2, changed
 
 
 def test_reference_es_keeps_fewer_rows(deep_reference, deep_model, monkeypatch):
@@ -137,8 +154,10 @@ def test_degenerate_settings_equal_no_skipping(deep_llm, cache, refresh_period):
 
     es_all = plugin_tokens(deep_llm, cases, with_extra({"skip": "es", "es_keep": "1,1,1"}),
                            batched=True)
+    # tau = 1 makes every row salient after layer 0; layer 0 refreshes only the
+    # committed rows, whose change the others would otherwise approximate.
     dyllm_all = plugin_tokens(deep_llm, cases, with_extra(
         {"skip": "dyllm", "dyllm_threshold": 1.0, "dyllm_full_steps": 0,
-         "dyllm_query_period": 1}), batched=True)
+         "dyllm_query_period": 1, "dyllm_attention": "exact"}), batched=True)
     assert es_all == plain
     assert dyllm_all == plain

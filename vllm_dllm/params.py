@@ -21,6 +21,7 @@ from vllm_dllm.sampling import r2 as r2_rules
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 SKIP_MODES = ("none", "es", "dyllm")
+DYLLM_ATTENTION = ("approximate", "exact")
 # How an architecture turns logits into commits: LLaDA's remasking rules, or
 # Dream's samplers (`alg`).
 SAMPLERS = ("llada", "dream")
@@ -215,6 +216,11 @@ class DllmParams:
         4, _positive_int,
         "DyLLM with `cache=none`: the prompt is queried at every n-th step and during the"
         " first n only", skip="dyllm")
+    dyllm_attention: str = _param(
+        "approximate", _choice(DYLLM_ATTENTION),
+        "DyLLM: `approximate` (the paper's) gives exact attention to the rows whose K/V the"
+        " layer refreshes, and the others their cached context + softmax(qKᵀ)·ΔV; `exact`"
+        " gives every row exact attention", skip="dyllm")
 
     @property
     def num_blocks(self) -> int:

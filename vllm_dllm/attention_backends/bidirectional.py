@@ -37,7 +37,14 @@ from vllm import envs
 from vllm.platforms import CpuArchEnum, current_platform
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from vllm_dllm.attention_backends.paged_attention import paged_attention, write_kv
+from vllm_dllm.attention_backends.paged_attention import (
+    DeltaRows,
+    approximate_attention,
+    gather_pages,
+    paged_attention,
+    read_values,
+    write_kv,
+)
 
 BACKEND_NAME = "DLLM_BIDIRECTIONAL"
 
@@ -50,7 +57,8 @@ class BidirectionalMetadata:
     has `seq_lens[b]` positions in the pages listed by `block_table[b]`;
     `slot_mapping[t]` is the cache slot that K/V row t is written to (negative:
     not written). A layer may get fewer K/V rows than query rows (a sparse layer
-    refreshes the K/V of some rows only); `slot_mapping` then lists theirs. Built
+    refreshes the K/V of some rows only); `slot_mapping` then lists theirs, and
+    `delta`, where set, makes the layer's attention DyLLM's approximation. Built
     once per row set (`rows_metadata`, or vLLM's builder for its own dummy passes)
     and only read afterwards.
     """
@@ -62,6 +70,7 @@ class BidirectionalMetadata:
     slot_mapping: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    delta: DeltaRows | None = None
 
 
 def row_offsets(counts: torch.Tensor | list[int]) -> torch.Tensor:
@@ -199,26 +208,36 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
         nk = len(m.slot_mapping)
         isa = _cpu_kernel_isa(kv_cache.device.type, self.head_size, kv_cache.dtype,
                               tuple(kv_cache.shape), tuple(kv_cache.stride()))
-        if isa is not None:
-            return self._forward_cpu_kernel(isa, query[:n], key[:nk], value[:nk], kv_cache, m,
-                                            output)
-        write_kv(kv_cache, m.slot_mapping[:nk], key[:nk].to(kv_cache.dtype),
-                 value[:nk].to(kv_cache.dtype))
-        return paged_attention(query[:n], kv_cache, m, self.scale, output)
+        query, key, value = query[:n], key[:nk].to(kv_cache.dtype), value[:nk].to(kv_cache.dtype)
+        if m.delta is not None:
+            old = (read_values(kv_cache, m.slot_mapping) if isa is None
+                   else _cpu_kernel_values(kv_cache, m.slot_mapping))
+            self._write(isa, key, value, kv_cache, m.slot_mapping)
+            k, v = gather_pages(kv_cache, m) if isa is None else _cpu_kernel_pages(kv_cache, m)
+            return approximate_attention(query, k, v, value - old, m, m.delta, self.scale,
+                                         output)
+        self._write(isa, key, value, kv_cache, m.slot_mapping)
+        if isa is None:
+            return paged_attention(query, kv_cache, m, self.scale, output)
+        return self._cpu_kernel_attention(isa, query, kv_cache, m, output)
 
-    def _forward_cpu_kernel(self, isa: str, query, key, value, kv_cache: torch.Tensor,
-                            m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:
-        """vLLM's CPU kernel: write through its cache op, one non-causal attention call."""
-        n, nk = query.shape[0], key.shape[0]
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size,
-                                               self.head_size).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(key.to(kv_cache.dtype), value.to(kv_cache.dtype),
-                                       key_cache, value_cache, m.slot_mapping[:nk], isa)
+    @staticmethod
+    def _write(isa: str | None, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+               slots: torch.Tensor) -> None:
+        if isa is None:
+            write_kv(kv_cache, slots, key, value)
+        else:
+            ops.cpu_attn_reshape_and_cache(key, value, *_cpu_kernel_halves(kv_cache), slots, isa)
+
+    def _cpu_kernel_attention(self, isa: str, query: torch.Tensor, kv_cache: torch.Tensor,
+                              m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:
+        """vLLM's CPU kernel: one non-causal attention call over the pages."""
+        n = query.shape[0]
+        key_cache, value_cache = _cpu_kernel_halves(kv_cache)
         query_start_loc = m.query_start_loc.to(torch.int32)
         seq_lens = m.seq_lens.to(torch.int32)
         scheduler = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=seq_lens.shape[0], num_heads=self.num_heads, num_kv_heads=num_kv_heads,
+            num_reqs=seq_lens.shape[0], num_heads=self.num_heads, num_kv_heads=kv_cache.shape[1],
             head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype,
             query_start_loc=query_start_loc, causal=False, sliding_window_size=-1, isa=isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
@@ -229,6 +248,38 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
             alibi_slopes=None, sliding_window=-1, block_table=m.block_table.to(torch.int32),
             softcap=0.0, scheduler_metadata=scheduler, s_aux=None)
         return output
+
+
+def _cpu_kernel_halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V caches vLLM's CPU ops take: a page of a head is [2 * block, D], K's
+    half holding [D, block] (transposed), V's [block, D]."""
+    num_blocks, num_kv_heads, block_size, width = kv_cache.shape
+    view = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, width // 2)
+    return view[:, :, :block_size], view[:, :, block_size:]
+
+
+def _cpu_kernel_values(kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`read_values` for the CPU kernel's page layout."""
+    block_size = kv_cache.shape[2]
+    slots = slots.clamp(min=0)
+    return _cpu_kernel_halves(kv_cache)[1][slots // block_size, :, slots % block_size]
+
+
+def _cpu_kernel_pages(kv_cache: torch.Tensor, m: BidirectionalMetadata
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gather_pages` for the CPU kernel's page layout."""
+    _, num_kv_heads, block_size, width = kv_cache.shape
+    head_size, batch = width // 2, m.seq_lens.shape[0]
+    pages = -(-m.max_seq_len // block_size)
+    key_cache, value_cache = (half[m.block_table[:, :pages].long()]
+                              for half in _cpu_kernel_halves(kv_cache))  # [B, P, H, block, D]
+    key_cache = key_cache.reshape(batch, pages, num_kv_heads, head_size, block_size)
+
+    def by_position(t: torch.Tensor) -> torch.Tensor:  # [B, P, H, block, D] -> [B, H, L, D]
+        return t.transpose(1, 2).reshape(batch, num_kv_heads, pages * block_size,
+                                         head_size)[:, :, : m.max_seq_len]
+
+    return by_position(key_cache.transpose(-1, -2)), by_position(value_cache)
 
 
 @functools.cache

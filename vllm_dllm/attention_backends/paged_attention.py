@@ -10,8 +10,13 @@ Two implementations of the same call:
 - `paged_attention_triton`: a Triton kernel that reads K/V in place through the
   block table with an online softmax (CUDA; also runs under TRITON_INTERPRET=1).
 `paged_attention` picks the kernel for CUDA tensors and the torch path otherwise.
+
+DyLLM's approximate attention (`approximate_attention`, `DeltaRows`) works on each
+request's K/V gathered from the pages (`gather_pages` for this layout; the backend
+gathers vLLM's CPU layout itself), one padded batched computation on any device.
 """
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -48,6 +53,51 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, val
     kv_cache[blocks, :, offsets, head_size:] = value
 
 
+def _padded_queries(query: torch.Tensor, rows: PagedRows
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query [N, ...] laid out [B, max_query_len, ...] (zeros in the padding), with each
+    row's request and its index among its request's rows."""
+    n, batch = query.shape[0], rows.seq_lens.shape[0]
+    starts = rows.query_start_loc[:-1].long()
+    lengths = rows.query_start_loc[1:].long() - starts
+    request = torch.repeat_interleave(torch.arange(batch, device=query.device), lengths,
+                                      output_size=n)
+    slot = torch.arange(n, device=query.device) - starts[request]
+    padded = query.new_zeros(batch, rows.max_query_len, *query.shape[1:])
+    padded[request, slot] = query
+    return padded, request, slot
+
+
+def gather_pages(kv_cache: torch.Tensor, rows: PagedRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each request's K and V, [B, H_kv, max_seq_len, D], positions in order (past a
+    request's `seq_lens` the values are whatever its last page holds)."""
+    num_kv_heads, block_size, head_size = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
+    batch, max_seq_len = rows.seq_lens.shape[0], rows.max_seq_len
+    pages = -(-max_seq_len // block_size)
+    # One gather, heads first, so that the per-request view below needs no second copy.
+    kv = kv_cache.transpose(0, 1)[:, rows.block_table[:, :pages].long()]  # [H_kv, B, pages, block, 2D]
+    kv = kv.reshape(num_kv_heads, batch, pages * block_size, 2 * head_size).transpose(0, 1)
+    return kv[..., :max_seq_len, :head_size], kv[..., :max_seq_len, head_size:]
+
+
+def read_values(kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The V rows [N, H_kv, D] stored at `slots` (negative: page 0's, see `write_kv`)."""
+    block_size, head_size = kv_cache.shape[2], kv_cache.shape[3] // 2
+    slots = slots.clamp(min=0)
+    return kv_cache[slots // block_size, :, slots % block_size, head_size:]
+
+
+def _key_mask(rows: PagedRows, device: torch.device) -> torch.Tensor:
+    keys = torch.arange(rows.max_seq_len, device=device)
+    return (keys[None, :] < rows.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
+
+
+def _per_head(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, H_kv, ...] repeated to [B, H, ...] (grouped-query attention)."""
+    group = num_heads // kv.shape[1]
+    return kv if group == 1 else kv.repeat_interleave(group, dim=1)
+
+
 def paged_attention_torch(query: torch.Tensor, kv_cache: torch.Tensor, rows: PagedRows,
                           scale: float, out: torch.Tensor) -> torch.Tensor:
     """out[t] = softmax(q_t K_b^T * scale) V_b over every position < seq_lens[b] of t's request b.
@@ -56,35 +106,91 @@ def paged_attention_torch(query: torch.Tensor, kv_cache: torch.Tensor, rows: Pag
     queries are laid out [B, H, max_query_len, D], each request's pages gathered to
     [B, H_kv, max_seq_len, D] and the padding keys masked out.
     """
-    n, num_heads, head_size = query.shape
-    query_start_loc, seq_lens, block_table = rows.query_start_loc, rows.seq_lens, rows.block_table
-    max_query_len, max_seq_len = rows.max_query_len, rows.max_seq_len
-    batch = seq_lens.shape[0]
-    if n == 0 or batch == 0:
+    n, num_heads = query.shape[0], query.shape[1]
+    if n == 0 or rows.seq_lens.shape[0] == 0:
         return out
-    num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    device = query.device
-    starts = query_start_loc[:-1].long()
-    lengths = query_start_loc[1:].long() - starts
-    request = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=n)
-    slot = torch.arange(n, device=device) - starts[request]
-
-    q = query.new_zeros(batch, max_query_len, num_heads, head_size)
-    q[request, slot] = query
-    pages = -(-max_seq_len // block_size)
-    # One gather, heads first, so that the per-request view below needs no second copy.
-    kv = kv_cache.transpose(0, 1)[:, block_table[:, :pages].long()]  # [H_kv, B, pages, block, 2D]
-    kv = kv.reshape(num_kv_heads, batch, pages * block_size, 2 * head_size).transpose(0, 1)
-    k, v = kv[..., :max_seq_len, :head_size], kv[..., :max_seq_len, head_size:]
-    if num_heads != num_kv_heads:
-        group = num_heads // num_kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    keys = torch.arange(max_seq_len, device=device)
-    mask = (keys[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
-    attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
-                                              attn_mask=mask, scale=scale)  # [B, H, M, D]
+    q, request, slot = _padded_queries(query, rows)
+    k, v = (_per_head(t, num_heads).to(q.dtype) for t in gather_pages(kv_cache, rows))
+    attended = F.scaled_dot_product_attention(q.transpose(1, 2), k, v,
+                                              attn_mask=_key_mask(rows, query.device),
+                                              scale=scale)  # [B, H, M, D]
     out[:n] = attended.transpose(1, 2)[request, slot].reshape(out[:n].shape).to(out.dtype)
+    return out
+
+
+@dataclass
+class DeltaRows:
+    """DyLLM's approximate attention in a sparse layer (arXiv:2603.08026; the attention
+    layer and `attention_sparse_varlen` kernel of younjoo0614/DyLLM). Query rows
+    `exact` [N] get exact attention; every other row keeps its cached `context`
+    [N, H, D] and adds softmax(q Kᵀ · scale) · ΔV, ΔV being the change this layer
+    makes to the values (zero except at the refreshed rows). The layer writes K/V for
+    the query rows `refreshed` (indices, ascending: the K/V rows in order); `positions`
+    [N] are the rows' key indices in their requests. `max_refreshed` and `max_exact`
+    bound those rows per request (host)."""
+
+    positions: torch.Tensor
+    refreshed: torch.Tensor
+    exact: torch.Tensor
+    context: torch.Tensor
+    max_refreshed: int
+    max_exact: int
+
+
+def _first(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices [B, count] of the True entries of each row of `mask` [B, M], in order, then
+    of False ones (padding) where a row has fewer than `count`."""
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :count]
+
+
+def approximate_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          value_change: torch.Tensor, rows: PagedRows, delta: DeltaRows,
+                          scale: float, out: torch.Tensor) -> torch.Tensor:
+    """`DeltaRows`' attention for query [N, H, D], laid out as `rows` says, over each
+    request's `key`, `value` [B, H_kv, L, D] (`gather_pages`, after this layer's writes);
+    `value_change` [len(refreshed), H_kv, D] is new minus old V of the refreshed rows.
+
+    The scores are computed for every row and key; the value products only for the
+    exact rows (over every key) and for the others over the refreshed keys, so a
+    layer where few rows change does a fraction of the exact call's second product.
+    """
+    n, num_heads, head_size = query.shape
+    if n == 0 or rows.seq_lens.shape[0] == 0:
+        return out
+    q, request, slot = _padded_queries(query, rows)  # [B, M, H, D]
+    batch, width = q.shape[:2]
+
+    def padded(values: torch.Tensor) -> torch.Tensor:
+        grid = values.new_zeros(batch, width, *values.shape[1:])
+        grid[request, slot] = values
+        return grid
+
+    k, v = (_per_head(t, num_heads).to(q.dtype) for t in (key, value))
+    scores = q.transpose(1, 2) @ k.transpose(2, 3) * scale  # [B, H, M, L]
+    scores = scores.masked_fill(~_key_mask(rows, query.device), float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+
+    exact = padded(delta.exact)
+    chosen = _first(exact, delta.max_exact)  # [B, X]
+    exact_rows = weights.gather(2, chosen[:, None, :, None].expand(-1, num_heads, -1,
+                                                                  weights.shape[3]))
+    exact_out = (exact_rows @ v).transpose(1, 2)  # [B, X, H, D]
+
+    refreshed = torch.zeros(n, dtype=torch.bool, device=query.device)
+    refreshed[delta.refreshed] = True
+    change = query.new_zeros(n, *value_change.shape[1:])
+    change[delta.refreshed] = value_change.to(q.dtype)
+    keys = _first(padded(refreshed), delta.max_refreshed)  # [B, S]
+    change = _per_head(padded(change).gather(
+        1, keys[:, :, None, None].expand(-1, -1, *change.shape[1:])).transpose(1, 2), num_heads)
+    at_keys = padded(delta.positions).gather(1, keys)  # [B, S] key indices
+    moved = weights.gather(3, at_keys[:, None, None, :].expand(-1, num_heads, width, -1))
+    cached = padded(delta.context.view(n, num_heads, head_size).to(q.dtype))
+    approximate = cached + (moved @ change).transpose(1, 2)
+
+    result = approximate.scatter(1, chosen[:, :, None, None].expand_as(exact_out), exact_out)
+    result = torch.where(exact[:, :, None, None], result, approximate)
+    out[:n] = result[request, slot].reshape(out[:n].shape).to(out.dtype)
     return out
 
 

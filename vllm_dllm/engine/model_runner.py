@@ -63,8 +63,10 @@ class DllmModelRunner(PlatformModelRunner):
                                        dtype=torch.int32, device=self.device)
         self.n_layers = hf_config.num_hidden_layers
         self.slot_caches: SlotCaches | None = None
-        # Rows computed per layer, summed over every pass (benchmarks read it).
+        # Rows computed per layer (queries, exact attention, FFN), summed over every
+        # pass (benchmarks read them).
         self.layer_rows = [0] * self.n_layers
+        self.layer_attention_rows = [0] * self.n_layers
         self.layer_ffn_rows = [0] * self.n_layers
 
     def _set_pages(self, row: int, block_ids: list[int]) -> None:
@@ -120,8 +122,11 @@ class DllmModelRunner(PlatformModelRunner):
                             fresh=self.batch.fresh[batch_rows, positions],
                             leftmost=predicted == leftmost[request])
             caches = self._slot_caches()
+        context_width = (self.model_config.get_num_attention_heads(self.parallel_config)
+                         * self.model_config.get_head_size())
         return PassRows(metadata, self.attention_layers, counts, query.seq_lens, positions,
-                        request, skips, caches, features, self.model_config.get_hidden_size())
+                        request, skips, caches, features, self.model_config.get_hidden_size(),
+                        context_width)
 
     @functools.cached_property
     def attention_layers(self) -> list[str]:
@@ -130,9 +135,12 @@ class DllmModelRunner(PlatformModelRunner):
         names = self.kv_cache_config.kv_cache_groups[0].layer_names
         return sorted(names, key=extract_layer_index)
 
-    def _count_rows(self, rows: list[int], ffn_rows: list[int]) -> None:
-        self.layer_rows = [a + b for a, b in zip(self.layer_rows, rows)]
-        self.layer_ffn_rows = [a + b for a, b in zip(self.layer_ffn_rows, ffn_rows)]
+    def _count_rows(self, controller: PassRows) -> None:
+        for total, rows in ((self.layer_rows, controller.rows_per_layer),
+                            (self.layer_attention_rows, controller.attention_rows_per_layer),
+                            (self.layer_ffn_rows, controller.ffn_rows_per_layer)):
+            for i, n in enumerate(rows):
+                total[i] += n
 
     def run_pass(self, states: list[RequestState], query: QueryBatch, rows: torch.Tensor
                  ) -> tuple[BatchPlan, torch.Tensor]:
@@ -146,7 +154,7 @@ class DllmModelRunner(PlatformModelRunner):
         with set_forward_context(metadata, self.vllm_config, num_tokens=len(query.input_ids)):
             hidden = self.model(input_ids=query.input_ids, positions=query.positions,
                                 rows=controller)
-        self._count_rows(controller.rows_per_layer, controller.ffn_rows_per_layer)
+        self._count_rows(controller)
         offset = self.model.dllm_logits_offset
         predicted = controller.positions + offset
         is_mask = self.batch.tokens[rows[controller.request],

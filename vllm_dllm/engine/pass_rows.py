@@ -9,14 +9,16 @@ first layer; the model runs its own layer loop and asks this controller, a
   fraction drops, its rows are scored (`skipping.es.importance`) and only the best
   go on; the others keep their stale K/V in the pages and get no logits;
 * `dyllm` (DyLLM, arXiv:2603.08026): every row stays a query, but the layer is a
-  `decoder.SparseRows`: only salient rows write K/V and run the FFN, the rest reuse
-  their cached FFN output (`skipping.dyllm.salient`).
+  `decoder.SparseRows`: only salient rows write K/V, get exact attention and run
+  the FFN; the rest add the change of the salient values to their cached context
+  (`DeltaRows`; or get exact attention, `dyllm_attention=exact`) and reuse their
+  cached FFN output (`skipping.dyllm.salient`).
 
 All requests of the pass share one attention call per layer. Each row set gets its
 own attention metadata (`rows_metadata` when ES drops rows; a K/V slot list for a
 sparse layer), installed for the layers it serves and never changed afterwards.
-Row counts of ES are known on the host before the pass; a sparse layer counts its
-FFN rows, the pass's only read-back per layer.
+Row counts of ES are known on the host before the pass; a sparse layer reads back
+its K/V and FFN row sets (and, approximating, their per-request counts).
 
 Per-token caches (hidden states for ES; contexts and FFN outputs for DyLLM) are
 indexed by KV-cache slot, so a request owns exactly the cache rows of its pages:
@@ -37,6 +39,7 @@ from vllm_dllm.attention_backends.bidirectional import (
     row_offsets,
     rows_metadata,
 )
+from vllm_dllm.attention_backends.paged_attention import DeltaRows
 from vllm_dllm.skipping import dyllm, es
 from vllm_dllm.skipping.plan import RequestSkip
 
@@ -73,10 +76,11 @@ class PassRows:
     def __init__(self, metadata: dict[str, BidirectionalMetadata], layer_names: list[str],
                  counts: list[int], seq_lens: torch.Tensor, positions: torch.Tensor,
                  request: torch.Tensor, skips: list[RequestSkip], caches: SlotCaches | None,
-                 features: dict[str, torch.Tensor], hidden_size: int):
+                 features: dict[str, torch.Tensor], hidden_size: int, context_width: int):
         self.metadata = metadata
         self.seq_lens = seq_lens
         self.ffn_width = hidden_size
+        self.context_width = context_width
         self.layer_names = layer_names
         self.counts = list(counts)
         self.skips = skips
@@ -98,10 +102,17 @@ class PassRows:
             self.rows["tau"] = per_row([s.params.dyllm_threshold for s in skips])
             # The first layer's salient rows: those whose token the last iteration set.
             self.rows["kv"] = ~self.rows["dy_sparse"] | features["fresh"]
+            approximate = [s.method == "dyllm" and s.sparse
+                           and s.params.dyllm_attention == "approximate" for s in skips]
+            # Rows with exact attention in every layer; the others only where salient.
+            self.rows["exact"] = ~per_row(approximate)
+            self.approximates = any(approximate)
         if self.es_layers:
             self.rows["alpha"] = per_row([s.params.es_alpha for s in skips])
-        # Query rows and FFN rows per layer, summed over the batch (for reports).
+        # Query rows, rows with exact attention and FFN rows per layer, summed over the
+        # batch (for reports).
         self.rows_per_layer: list[int] = []
+        self.attention_rows_per_layer: list[int] = []
         self.ffn_rows_per_layer: list[int] = []
 
     @property
@@ -115,12 +126,30 @@ class PassRows:
     def before(self, layer: int) -> "_SalientRows | None":
         self.rows_per_layer.append(len(self.positions))
         if not self.uses_dyllm:
+            self.attention_rows_per_layer.append(len(self.positions))
             self.ffn_rows_per_layer.append(len(self.positions))
             return None
         sparse = _SalientRows(self, layer)
+        delta = self._delta_rows(layer, sparse.kv_rows) if self.approximates else None
+        if delta is None:
+            self.attention_rows_per_layer.append(len(self.positions))
         self.metadata[self.layer_names[layer]] = replace(
-            self.row_set, slot_mapping=self.rows["slots"][sparse.kv_rows])
+            self.row_set, slot_mapping=self.rows["slots"][sparse.kv_rows], delta=delta)
         return sparse
+
+    def _delta_rows(self, layer: int, kv_rows: torch.Tensor) -> DeltaRows:
+        """DyLLM's approximate attention for layer `layer`: exact for the rows that
+        refresh K/V (and those of requests that approximate nothing), the cached
+        context plus the values' change for the others."""
+        rows = self.rows
+        exact = rows["exact"] | rows["kv"]
+        per_request = torch.zeros(2, len(self.counts), device=self.device).index_add_(
+            1, rows["request"], torch.stack([rows["kv"], exact]).float()).tolist()
+        self.attention_rows_per_layer.append(int(sum(per_request[1])))
+        context = self.caches.get("context", layer, self.context_width)[rows["slots"]]
+        return DeltaRows(positions=self.positions, refreshed=kv_rows, exact=exact,
+                         context=context, max_refreshed=int(max(per_request[0])),
+                         max_exact=int(max(per_request[1])))
 
     def after(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if layer in self.es_layers:

@@ -1,18 +1,18 @@
 """DyLLM salient-token recompute (arXiv:2603.08026; younjoo0614/DyLLM): which rows a layer really computes.
 
 After the first `full_steps` iterations of a request, a layer computes K/V only
-for its salient rows, every query row attends (exactly, over the pages), and
-the rows whose attention context moved (cosine similarity to the context they
-had when last computed below tau) are the salient set of the layer's FFN and of
-the next layer's K/V. The other rows add their cached FFN output. The first
-layer's salient rows are the positions the previous iteration committed: only
-their input changed.
+for its salient rows, which get exact attention; every other query row keeps its
+cached context plus the change the salient rows' values bring
+(`attention_backends.paged_attention.DeltaRows`). The rows whose attention context
+moved (cosine similarity to the cached one below tau) are the salient set of the
+layer's FFN and of the next layer's K/V; the other rows add their cached FFN
+output. The first layer's salient rows are the positions the previous iteration
+committed: only their input changed.
 
-Choices where the paper leaves details open: the rows of a layer's salient set are
-not forced into the next one (the similarity test decides alone), and the
-non-salient queries get exact attention over the current pages rather than a
-rank-|S| correction of their cached context (same order of cost, no error of
-its own). tau >= 1 makes every row salient: the pass is then exactly the plain one.
+As in DyLLM's code, the rows of a layer's salient set are not forced into the next
+one (the similarity test decides alone). tau >= 1 makes every row salient after
+the first layer; with exact attention for every row the pass is then exactly the
+plain one.
 """
 
 from collections.abc import Callable
