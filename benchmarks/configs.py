@@ -117,6 +117,10 @@ COST_SKIPS = {
     f"dual-p{ES_REFRESH_PERIOD}": {"refresh_period": ES_REFRESH_PERIOD},
     f"dual-p{ES_REFRESH_PERIOD}+es": {"refresh_period": ES_REFRESH_PERIOD, "skip": "es"},
     f"dual-p{ES_REFRESH_PERIOD}+dyllm": {"refresh_period": ES_REFRESH_PERIOD, "skip": "dyllm"},
+    # DyLLM with exact attention for every query row: what its approximation saves.
+    "dual+dyllm-exact": {"skip": "dyllm", "dyllm_attention": "exact"},
+    f"dual-p{ES_REFRESH_PERIOD}+dyllm-exact": {"refresh_period": ES_REFRESH_PERIOD,
+                                               "skip": "dyllm", "dyllm_attention": "exact"},
 }
 # Acceptance targets at gen 256 / block 32: the caches' throughput vs cache "none"
 # (issue 4), token skipping's vs "dual" without skipping (issue 11).

@@ -35,7 +35,7 @@ skip=...)` drive. The conventions the plugin follows too:
   exact attention, the others their cached context plus softmax(q Kᵀ) · ΔV (ΔV:
   the change of the refreshed values), or, with `dyllm_attention="exact"`, exact
   attention too; rows whose context has cosine similarity < tau to their cached one (tau >= 1:
-  all rows) run the FFN and refresh K/V in the next layer; the others add their
+  all rows, layer 0's too) run the FFN and refresh K/V in the next layer; the others add their
   cached FFN output. Under cache `none` a sparse iteration queries the canvas
   only, unless its 1-based step is a multiple of `dyllm_query_period` or within
   the first period.
@@ -155,7 +155,7 @@ def dyllm_forward(model, tokens: torch.Tensor, window: torch.Tensor,
     last hidden states of every window row."""
     rows = window
     x = model.embed(tokens[rows])
-    salient = [not sparse or bool(fresh[pos]) for pos in rows.tolist()]
+    salient = [not sparse or tau >= 1 or bool(fresh[pos]) for pos in rows.tolist()]
     width = model.n_heads * model.head_dim
     for i in range(model.n_layers):
         write = torch.tensor([pos for pos, s in zip(rows.tolist(), salient) if s],

@@ -44,19 +44,17 @@ def reference(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def llm(tiny_model):
-    """One multiprocess vLLM engine on the tiny model, shared by the token-exact tests."""
-    from vllm import LLM
-
-    engine = LLM(model=str(tiny_model), max_model_len=512, max_num_seqs=64)
-    yield engine
-    shutdown(engine)
+def inproc(tiny_model):
+    """The suite's engine on the tiny model, with a recorder of its schedules: in this
+    process, which starts in seconds where a separate engine process takes tens (the
+    servers and the tensor-parallel tests run the multiprocess engine)."""
+    llm, recorder = inproc_engine(tiny_model, max_model_len=512, max_num_seqs=64)
+    yield llm, recorder
+    shutdown(llm)
 
 
 @pytest.fixture(scope="session")
-def inproc(tiny_model):
-    """An in-process engine on the tiny model with a recorder of its schedules."""
-    llm, recorder = inproc_engine(tiny_model, max_model_len=512, max_num_seqs=16)
-    yield llm, recorder
-    shutdown(llm)
+def llm(inproc):
+    """The suite's engine (`inproc`), for the token-exact tests."""
+    return inproc[0]
 

@@ -1,5 +1,6 @@
 """Shared pieces of the integration tests."""
 
+import gc
 import json
 from pathlib import Path
 
@@ -17,8 +18,21 @@ def model_ids(model_dir: Path) -> dict:
 
 
 def shutdown(llm) -> None:
-    """Stop an engine's processes now, not at interpreter exit after pytest's summary."""
-    llm.llm_engine.engine_core.shutdown()
+    """Stop an engine now, not at interpreter exit after pytest's summary. An engine core
+    in this process frees only its own executor and scheduler: vLLM's
+    `EngineCore.shutdown` would also tear down the process's distributed state, which
+    the suite's other in-process engines still use."""
+    client = llm.llm_engine.engine_core
+    core = getattr(client, "engine_core", None)
+    if core is None:
+        client.shutdown()
+        return
+    # Its finalizer would run the full shutdown when the client is collected.
+    client._finalizer.detach()
+    core.model_executor.shutdown()
+    core.scheduler.shutdown()
+    # EngineCore freezes what it allocated at start-up; the collector may free it now.
+    gc.unfreeze()
 
 
 def random_prompt(seed: int, length: int, vocab: int = 96) -> list[int]:
@@ -85,13 +99,12 @@ def dream_sampling_params(case: dict):
 
 
 def dream_engine(model_dir: Path):
-    """A multiprocess engine on a random Dream, with a small KV cache (token skipping
+    """An in-process engine on a random Dream, with a small KV cache (token skipping
     sizes its per-slot caches by it); one with a small vocabulary has no tokenizer."""
-    from vllm import LLM
-
-    return LLM(model=str(model_dir), max_model_len=256, max_num_seqs=32,
-               kv_cache_memory_bytes=32 << 20,
-               skip_tokenizer_init=not (Path(model_dir) / "vocab.json").is_file())
+    llm, _ = inproc_engine(model_dir, max_model_len=256, max_num_seqs=32,
+                           kv_cache_memory_bytes=32 << 20,
+                           skip_tokenizer_init=not (Path(model_dir) / "vocab.json").is_file())
+    return llm
 
 
 class ScheduleRecorder:
@@ -160,14 +173,18 @@ def run_to_completion(llm, arrivals: dict[int, list[tuple]], max_steps: int = 20
 
 def inproc_engine(model, **kwargs):
     """An LLM whose engine core runs in this process, so tests can watch its scheduler."""
+    from vllm import LLM, envs
+
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-
+    # An engine core caches vLLM's environment variables when it starts; each engine
+    # here reads them afresh (the tensor-parallel one sets its own thread binding).
+    envs.disable_envs_cache()
     try:
         llm = LLM(model=str(model), **kwargs)
     finally:
         mp.undo()
+        envs.disable_envs_cache()
     return llm, ScheduleRecorder(llm)
 
 

@@ -131,7 +131,7 @@ def test_skipping_degenerate_settings_equal_no_skipping(llm):
     cases = [{**c, "cache": cache} for c in CASES[::9] for cache in CACHES]
     es_all = [{**c, "skip": "es", "es_keep": "1", "es_depth": "0"} for c in cases]
     dyllm_all = [{**c, "skip": "dyllm", "dyllm_threshold": 1.0, "dyllm_full_steps": 0,
-                  "dyllm_query_period": 1, "dyllm_attention": "exact"} for c in cases]
+                  "dyllm_query_period": 1} for c in cases]
     plain, es_out, dyllm_out = (plugin_tokens(llm, c, dream_sampling_params, batched=True)
                                 for c in (cases, es_all, dyllm_all))
     assert es_out == plain

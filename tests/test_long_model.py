@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from dllm_reference import tasks
 from dllm_reference.modeling import ReferenceLLaDA
-from tests.helpers import reference_tokens, shutdown
+from tests.helpers import inproc_engine, reference_tokens, shutdown
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def llm():
-    from vllm import LLM
-
-    engine = LLM(model=str(MODEL), max_model_len=256, max_num_seqs=PROMPTS)
+    engine, _ = inproc_engine(MODEL, max_model_len=256, max_num_seqs=PROMPTS)
     yield engine
     shutdown(engine)
 

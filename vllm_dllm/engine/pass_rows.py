@@ -100,8 +100,9 @@ class PassRows:
         if self.uses_dyllm:
             self.rows["dy_sparse"] = per_row([s.method == "dyllm" and s.sparse for s in skips])
             self.rows["tau"] = per_row([s.params.dyllm_threshold for s in skips])
-            # The first layer's salient rows: those whose token the last iteration set.
-            self.rows["kv"] = ~self.rows["dy_sparse"] | features["fresh"]
+            # The first layer's salient rows: those whose token the last iteration set
+            # (every row under tau >= 1, which makes every row salient).
+            self.rows["kv"] = ~self.rows["dy_sparse"] | features["fresh"] | (self.rows["tau"] >= 1)
             approximate = [s.method == "dyllm" and s.sparse
                            and s.params.dyllm_attention == "approximate" for s in skips]
             # Rows with exact attention in every layer; the others only where salient.

@@ -10,9 +10,8 @@ output. The first layer's salient rows are the positions the previous iteration
 committed: only their input changed.
 
 As in DyLLM's code, the rows of a layer's salient set are not forced into the next
-one (the similarity test decides alone). tau >= 1 makes every row salient after
-the first layer; with exact attention for every row the pass is then exactly the
-plain one.
+one (the similarity test decides alone). tau >= 1 makes every row salient, the
+first layer's too: the pass is then exactly the plain one.
 """
 
 from collections.abc import Callable
