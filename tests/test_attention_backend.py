@@ -156,8 +156,9 @@ def test_dyllm_approximate_attention_matches_its_definition(num_heads, num_kv_he
     delta = DeltaRows(positions=positions, refreshed=refreshed, exact=torch.cat(exact_mask),
                       context=context, max_refreshed=max(int(r.sum()) for r in refreshed_mask),
                       max_exact=max(int(e.sum()) for e in exact_mask))
-    out = torch.empty(n, num_heads * head)
+    out = torch.empty(n, num_heads, head)  # as vLLM's `Attention` hands it over
     impl.forward(None, query, key, value, kv_cache, metadata(queries, kv_slots, delta), out)
+    out = out.flatten(1)
 
     group = num_heads // num_kv_heads
     for r in range(n):

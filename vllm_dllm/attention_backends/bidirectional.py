@@ -18,7 +18,7 @@ Two kernels, each with its own in-page layout (a layer always uses the same one)
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -209,35 +209,60 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
         isa = _cpu_kernel_isa(kv_cache.device.type, self.head_size, kv_cache.dtype,
                               tuple(kv_cache.shape), tuple(kv_cache.stride()))
         query, key, value = query[:n], key[:nk].to(kv_cache.dtype), value[:nk].to(kv_cache.dtype)
+        if isa is not None:
+            if m.delta is not None:
+                return self._cpu_kernel_approximate(isa, query, key, value, kv_cache, m, output)
+            key_cache, value_cache = _cpu_kernel_halves(kv_cache)
+            ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, m.slot_mapping, isa)
+            return self._cpu_kernel_attention(isa, query, key_cache, value_cache, m, output)
         if m.delta is not None:
-            old = (read_values(kv_cache, m.slot_mapping) if isa is None
-                   else _cpu_kernel_values(kv_cache, m.slot_mapping))
-            self._write(isa, key, value, kv_cache, m.slot_mapping)
-            k, v = gather_pages(kv_cache, m) if isa is None else _cpu_kernel_pages(kv_cache, m)
+            old = read_values(kv_cache, m.slot_mapping)
+            write_kv(kv_cache, m.slot_mapping, key, value)
+            k, v = gather_pages(kv_cache, m)
             return approximate_attention(query, k, v, value - old, m, m.delta, self.scale,
                                          output)
-        self._write(isa, key, value, kv_cache, m.slot_mapping)
-        if isa is None:
-            return paged_attention(query, kv_cache, m, self.scale, output)
-        return self._cpu_kernel_attention(isa, query, kv_cache, m, output)
+        write_kv(kv_cache, m.slot_mapping, key, value)
+        return paged_attention(query, kv_cache, m, self.scale, output)
 
-    @staticmethod
-    def _write(isa: str | None, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-               slots: torch.Tensor) -> None:
-        if isa is None:
-            write_kv(kv_cache, slots, key, value)
-        else:
-            ops.cpu_attn_reshape_and_cache(key, value, *_cpu_kernel_halves(kv_cache), slots, isa)
+    def _cpu_kernel_approximate(self, isa: str, query: torch.Tensor, key: torch.Tensor,
+                                value: torch.Tensor, kv_cache: torch.Tensor,
+                                m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:
+        """`DeltaRows`' attention on vLLM's CPU kernel, the pages read in place: one call
+        for the exact rows, and one for every row against a scratch value cache that
+        holds the refreshed rows' change of V and zeros elsewhere, whose output is then
+        exactly softmax(q Kᵀ) · ΔV. The kernel has no sparse value product, so this
+        costs about one exact call over all rows; `approximate_attention` is the
+        definition it is tested against."""
+        delta, n = m.delta, query.shape[0]
+        key_cache, value_cache = _cpu_kernel_halves(kv_cache)
+        slots = m.slot_mapping.clamp(min=0)  # negative: the null page, never read
+        blocks, offsets = slots // key_cache.shape[2], slots % key_cache.shape[2]
+        change = value - value_cache[blocks, :, offsets]
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, m.slot_mapping, isa)
+        exact_rows = delta.exact.nonzero().squeeze(1)
+        exact_out = output.new_empty(len(exact_rows), *output.shape[1:])
+        if len(exact_rows):
+            exact = replace(m, num_actual_tokens=len(exact_rows), max_query_len=delta.max_exact,
+                            query_start_loc=torch.searchsorted(exact_rows, m.query_start_loc.long()))
+            self._cpu_kernel_attention(isa, query[exact_rows], key_cache, value_cache, exact,
+                                       exact_out)
+        scratch = _zero_values(tuple(kv_cache.shape), kv_cache.dtype, kv_cache.device)
+        scratch[blocks, :, offsets] = change
+        self._cpu_kernel_attention(isa, query, key_cache, scratch, m, output)
+        scratch[blocks, :, offsets] = 0
+        output[:n] += delta.context.view(output[:n].shape).to(output.dtype)
+        output[exact_rows] = exact_out
+        return output
 
-    def _cpu_kernel_attention(self, isa: str, query: torch.Tensor, kv_cache: torch.Tensor,
-                              m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:
+    def _cpu_kernel_attention(self, isa: str, query: torch.Tensor, key_cache: torch.Tensor,
+                              value_cache: torch.Tensor, m: BidirectionalMetadata,
+                              output: torch.Tensor) -> torch.Tensor:
         """vLLM's CPU kernel: one non-causal attention call over the pages."""
         n = query.shape[0]
-        key_cache, value_cache = _cpu_kernel_halves(kv_cache)
         query_start_loc = m.query_start_loc.to(torch.int32)
         seq_lens = m.seq_lens.to(torch.int32)
         scheduler = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=seq_lens.shape[0], num_heads=self.num_heads, num_kv_heads=kv_cache.shape[1],
+            num_reqs=seq_lens.shape[0], num_heads=self.num_heads, num_kv_heads=key_cache.shape[1],
             head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype,
             query_start_loc=query_start_loc, causal=False, sliding_window_size=-1, isa=isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
@@ -258,28 +283,11 @@ def _cpu_kernel_halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return view[:, :, :block_size], view[:, :, block_size:]
 
 
-def _cpu_kernel_values(kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """`read_values` for the CPU kernel's page layout."""
-    block_size = kv_cache.shape[2]
-    slots = slots.clamp(min=0)
-    return _cpu_kernel_halves(kv_cache)[1][slots // block_size, :, slots % block_size]
-
-
-def _cpu_kernel_pages(kv_cache: torch.Tensor, m: BidirectionalMetadata
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gather_pages` for the CPU kernel's page layout."""
-    _, num_kv_heads, block_size, width = kv_cache.shape
-    head_size, batch = width // 2, m.seq_lens.shape[0]
-    pages = -(-m.max_seq_len // block_size)
-    key_cache, value_cache = (half[m.block_table[:, :pages].long()]
-                              for half in _cpu_kernel_halves(kv_cache))  # [B, P, H, block, D]
-    key_cache = key_cache.reshape(batch, pages, num_kv_heads, head_size, block_size)
-
-    def by_position(t: torch.Tensor) -> torch.Tensor:  # [B, P, H, block, D] -> [B, H, L, D]
-        return t.transpose(1, 2).reshape(batch, num_kv_heads, pages * block_size,
-                                         head_size)[:, :, : m.max_seq_len]
-
-    return by_position(key_cache.transpose(-1, -2)), by_position(value_cache)
+@functools.cache
+def _zero_values(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch value cache with the strides of a layer's V half (the kernel reads both
+    halves alike), one per page shape and shared by every layer; zero between uses."""
+    return _cpu_kernel_halves(torch.zeros(shape, dtype=dtype, device=device))[1]
 
 
 @functools.cache
