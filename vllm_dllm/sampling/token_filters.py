@@ -68,7 +68,7 @@ class _Runs:
         """(logits row, entry) pairs: every entry of each logits row's request."""
         per_row = self.counts[logit_request]
         rows = torch.repeat_interleave(torch.arange(len(logit_request)), per_row)
-        first = (self.starts[logit_request] - (torch.cumsum(per_row, 0) - per_row))
+        first = self.starts[logit_request] - (torch.cumsum(per_row, 0) - per_row)
         entries = torch.arange(int(per_row.sum())) + first.repeat_interleave(per_row)
         return (rows.to(device, non_blocking=True), entries.to(device, non_blocking=True))
 
@@ -111,8 +111,8 @@ class TokenFilterBatch:
                     for name in ("bias", "allowed", "ends", "slots") if getattr(self, name).used}
         restricted = None
         if self.allowed.used:
-            hosts = torch.nonzero(self.allowed.counts[logit_request] > 0).flatten()
-            restricted = hosts.to(self.device, non_blocking=True)
+            rows = torch.nonzero(self.allowed.counts[logit_request] > 0).flatten()
+            restricted = rows.to(self.device, non_blocking=True)
         return TokenFilterPlan(self, expanded, restricted)
 
 
@@ -136,6 +136,7 @@ class TokenFilterPlan:
         if "allowed" in self.expanded:
             at, entries = self.expanded["allowed"]
             allowed = f.allowed.data[0][entries]
+            # Keep, fill, restore: no [M, V] mask for a handful of allowed ids.
             kept = logits[at, allowed]
             logits.index_fill_(0, self.restricted, inf)
             logits.index_put_((at, allowed), kept)
@@ -173,17 +174,16 @@ class TokenFilterPlan:
         those commits. Occurrences end inside the block: the masks after it hold none."""
         f = self.batch
         b, k = new.shape
-        ends = torch.arange(k, device=new.device)
+        last = torch.arange(k, device=new.device).expand(len(f.words), k)
         spelled = f.words[:, None, :]
-        ends_per_word = ends.expand(len(f.words), k)
-        held = _windows(context[f.word_request], ends_per_word, f.span)
+        held = _windows(context[f.word_request], last, f.span)
         padded = torch.zeros((b, k + 2 * f.span), dtype=torch.bool, device=new.device)
         padded[:, f.span : f.span + k] = new
-        fresh = _windows(padded[f.word_request], ends_per_word, f.span)
+        fresh = _windows(padded[f.word_request], last, f.span)
         fresh &= spelled != NOT_COMMITTED
         hit = ((spelled == NOT_COMMITTED) | (held == spelled)).all(-1) & fresh.any(-1)
         # The rightmost fresh slot j sits span - j columns before the occurrence's end.
-        back = ends - fresh.flip(-1).int().argmax(-1)
+        back = last - fresh.flip(-1).int().argmax(-1)
         out = torch.zeros((b, k + 1), dtype=torch.bool, device=new.device)
         request = f.word_request[:, None].expand_as(hit)
         return out.index_put_((request, torch.where(hit, back, k)),
