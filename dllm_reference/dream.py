@@ -47,6 +47,9 @@ Conventions shared with the plugin so that runs can be compared token for token
 * Token skipping (`skip=es|dyllm`): `skipping.RequestSkipping` on these
   weights with offset 1, as for LLaDA otherwise; a masked position whose
   prediction row it skipped is no candidate this iteration.
+* Token filters (`token_filters`): `dllm_reference.token_filters` on every masked
+  position's row (float32, before temperature, top_p and top_k); a block that
+  bad-word breaks leave with masks after its steps goes on at its last ratio.
 """
 
 from pathlib import Path
@@ -55,7 +58,9 @@ import torch
 
 from dllm_reference import skipping
 from dllm_reference.modeling import Layout, ReferenceDecoder
+from dllm_reference.token_filters import bad_word_breaks, filter_row
 from vllm_dllm.sampling import noise
+from vllm_dllm.sampling.token_filters import TokenFilters
 
 LOGITS_OFFSET = 1
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -173,9 +178,11 @@ def diffusion_generate(
     cache: str = "none",
     refresh_period: int = 0,
     skip: str = "none",
+    token_filters: TokenFilters | None = None,
     **skip_settings,
 ) -> dict:
-    """Decode one request with Dream's sampler `alg` under `cache` and `skip` (the
+    """Decode one request with Dream's sampler `alg` under `cache`, `skip` and
+    `token_filters` (the
     skipping settings, `es_*` / `dyllm_*`, are `skipping.RequestSkipping`'s); returns the
     canvas (`tokens`), the number of forwards (`forwards`) and the commits of each
     forward (`commits`).
@@ -208,8 +215,7 @@ def diffusion_generate(
         start = prompt_len + b * block_length
         end = start + block_length
         i = 0
-        while i < steps_per_block or (skipper is not None
-                                      and bool((x[start:end] == mask_id).any())):
+        while i < steps_per_block or bool((x[start:end] == mask_id).any()):
             iteration = len(commits)
             with_logits = None
             if skipper is not None:
@@ -235,6 +241,10 @@ def diffusion_generate(
             masked = [p for p in range(block_length) if int(x[start + p]) == mask_id
                       and (with_logits is None or p in with_logits)]
             canvas_pos = torch.arange(start, end) - prompt_len
+            if token_filters is not None:
+                canvas = x[prompt_len:].tolist()
+                for p in masked:
+                    filter_row(rows[p], canvas, int(canvas_pos[p]), token_filters, mask_id)
 
             def draw(stream: int) -> list[float]:
                 return noise.uniforms(torch.tensor(seed), torch.tensor(iteration), canvas_pos,
@@ -255,6 +265,12 @@ def diffusion_generate(
                 picks = {p: scored[p][0] for p in chosen}
             for p, token in picks.items():
                 x[start + p] = token
+            if token_filters is not None:
+                new = {int(canvas_pos[p]) for p in picks}
+                back = bad_word_breaks(x[prompt_len:].tolist(), new, token_filters, mask_id)
+                for q in back:
+                    x[prompt_len + q] = mask_id
+                picks = {p: t for p, t in picks.items() if int(canvas_pos[p]) not in back}
             if skipper is not None:
                 # ES scores rows by the raw top-1 probability of what they predict.
                 skipper.record(start, {p: float(torch.softmax(rows[p].double(), -1).max())

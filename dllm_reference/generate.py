@@ -44,12 +44,18 @@ Conventions shared with the plugin so that runs can be compared token for token:
   only (`dual`) against the K/V that forward left, from `logits_offset` rows
   before the block (the rows that predict it; so do the skipping windows, and
   DyLLM's canvas-only queries under `none`).
+* Token filters (`token_filters`: vLLM's `logit_bias`, `allowed_token_ids`,
+  `bad_words`, `min_tokens`): `dllm_reference.token_filters`, on every masked
+  position's row before its token and confidence; a block left with masks after its
+  steps (bad-word breaks) goes on as under skipping.
 """
 
 import torch
 
 from dllm_reference import skipping
+from dllm_reference.token_filters import bad_word_breaks, filter_row
 from vllm_dllm.sampling import noise
+from vllm_dllm.sampling.token_filters import TokenFilters
 
 POLICIES = ("fixed", "threshold", "factor", "frechet")
 
@@ -114,13 +120,14 @@ def generate(
     skip: str = "none",
     delay_eos_generation: bool = False,
     eos_id: int | None = None,
+    token_filters: TokenFilters | None = None,
     **skip_settings,
 ) -> dict:
     """Decode one request under `policy` (with its `threshold`, `factor` or
     `frechet_delta`), `cache` and `skip` (with `skipping.RequestSkipping`'s settings,
-    `es_*` / `dyllm_*`, in `skip_settings`); `steps` is used by the
-    `fixed` policy only. A fixed-schedule block that skipping left unfinished after
-    its steps goes on committing max(1, schedule) tokens an iteration.
+    `es_*` / `dyllm_*`, in `skip_settings`) and `token_filters`; `steps` is used by
+    the `fixed` policy only. A fixed-schedule block that skipping or a bad word left
+    unfinished after its steps goes on committing max(1, schedule) tokens an iteration.
 
     Returns the canvas (`tokens`), the number of forward passes (`forwards`) and
     how many tokens each forward committed (`commits`, one entry per forward).
@@ -151,8 +158,7 @@ def generate(
         if policy == "fixed":
             schedule = num_transfer_tokens(int((x[block] == mask_id).sum()), steps_per_block)
         i = 0
-        while (bool((x[block] == mask_id).any()) or (policy == "fixed" and i < steps_per_block)
-               if skip != "none" or policy != "fixed" else i < steps_per_block):
+        while bool((x[block] == mask_id).any()) or (policy == "fixed" and i < steps_per_block):
             iteration = len(commits)  # forwards of this request before this one
             candidates_with_logits = None
             if skipper is not None:
@@ -180,6 +186,11 @@ def generate(
             # Never predict the mask itself (the untrained models here can).
             rows[:, mask_id] = float("-inf")
             canvas_pos = torch.arange(start, start + block_length) - prompt_len
+            if token_filters is not None:
+                canvas = x[prompt_len:].tolist()
+                for p in range(block_length):
+                    if int(x[start + p]) == mask_id:
+                        filter_row(rows[p], canvas, int(canvas_pos[p]), token_filters, mask_id)
 
             def draw(stream: int) -> torch.Tensor:
                 return noise.uniforms(torch.tensor(seed), torch.tensor(iteration), canvas_pos,
@@ -219,6 +230,12 @@ def generate(
             chosen = candidates[:n]
             for p in chosen:
                 x[start + p] = x0[p]
+            if token_filters is not None:
+                new = {int(canvas_pos[p]) for p in chosen}
+                back = bad_word_breaks(x[prompt_len:].tolist(), new, token_filters, mask_id)
+                for q in back:
+                    x[prompt_len + q] = mask_id
+                chosen = [p for p in chosen if int(canvas_pos[p]) not in back]
             if skipper is not None:
                 skipper.record(start, {p: 0.0 if p in delayed else float(probs[p].max())
                                        for p in candidates}, chosen)

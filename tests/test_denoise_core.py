@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dllm_reference.generate import generate
-from tests.helpers import model_ids, random_prompt
+from tests.helpers import CoreDriver, SyncCounter, model_ids, random_prompt
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling import noise
 from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
 from vllm_dllm.sampling.schedule import transfer_counts
-from vllm_dllm.sampling.state import RequestState
+from vllm_dllm.sampling.token_filters import TokenFilters
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,49 +23,6 @@ def test_transfer_counts_front_load_remainder():
     counts = [int(transfer_counts(torch.tensor([10]), torch.tensor([4]), torch.tensor([i])))
               for i in range(4)]
     assert counts == [3, 3, 2, 2]
-
-
-class CoreDriver:
-    """Runs the core the way the model runner does, with the reference model's logits."""
-
-    def __init__(self, model, mask_id: int, device: str, max_rows: int = 2, eos: int = -1):
-        self.model, self.mask_id, self.device = model, mask_id, device
-        self.batch = DenoiseBatch(max_rows, 256, SpecialTokens(mask_id, eos=eos, eot=None), device)
-        self.states: dict[str, tuple[RequestState, list[int]]] = {}
-
-    def add(self, key: str, prompt: list[int], params: DllmParams, temperature: float, seed: int):
-        row = self.batch.add(prompt, params, temperature, seed)
-        self.states[key] = (RequestState(len(prompt), params, self.mask_id, row), prompt)
-
-    def iterate(self, keys: list[str]) -> None:
-        states = [self.states[k][0] for k in keys]
-        masked = [s.masked_columns() for s in states]
-        request = torch.repeat_interleave(torch.arange(len(keys)),
-                                          torch.tensor([len(m) for m in masked]))
-        column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
-        rows = []
-        for (state, prompt), cols in zip((self.states[k] for k in keys), masked):
-            logits = self.model(torch.tensor(prompt + state.canvas))
-            rows.append(logits[[state.prompt_len + state.block_start + c for c in cols]])
-        plan = self.batch.plan([s.row for s in states], request, column)
-        packed = self.batch.step(plan, torch.cat(rows).to(self.device)).tolist()
-        for state, p in zip(states, packed):
-            state.apply(p)
-        for key, state in zip(keys, states):
-            if state.finished:
-                self.batch.remove(state.row)
-
-    def run(self, arrivals: dict[int, list[tuple]] | None = None) -> dict[str, list[int]]:
-        """Decode until every request finished; `arrivals[i]` join before iteration i."""
-        arrivals = arrivals or {}
-        for i in itertools.count():
-            for args in arrivals.get(i, []):
-                self.add(*args)
-            active = [k for k, (s, _) in self.states.items() if not s.finished]
-            if not active and i >= max(arrivals, default=0):
-                return {k: s.canvas for k, (s, _) in self.states.items()}
-            if active:
-                self.iterate(active)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,37 +64,20 @@ def test_requests_with_different_settings_decode_as_alone(reference, tiny_model)
         assert together[a[0]] == alone[a[0]], a
 
 
-class SyncCounter:
-    """Counts calls that read a tensor's value back to the host."""
-
-    NAMES = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__",
-             "__index__")
-
-    def __init__(self, monkeypatch):
-        self.calls: list[str] = []
-        for name in self.NAMES:
-            original = getattr(torch.Tensor, name)
-
-            def wrapper(t, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(t, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, wrapper)
-        original_nonzero = torch.nonzero
-        monkeypatch.setattr(torch, "nonzero", lambda *a, **k: (self.calls.append("nonzero"),
-                                                                original_nonzero(*a, **k))[1])
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_iteration_reads_nothing_back(monkeypatch, device):
-    """DenoiseBatch.step, with every optional rule on, never synchronises with the host."""
+    """DenoiseBatch.step, with every optional rule and token filter on, never synchronises
+    with the host."""
     vocab, mask = 50, 49
     batch = DenoiseBatch(4, 64, SpecialTokens(mask, eos=47, eot=48), device)
     kinds = [dict(policy="threshold", r2=True, r2_token_cluster="random", logits_eos_inf=True),
              dict(policy="fixed", remasking="random", confidence_eos_eot_inf=True),
              dict(policy="frechet"), dict(policy="factor")]
-    rows = [batch.add([1, 2, 3], DllmParams(16, 8, 8, **k), t, 5 + i)
-            for i, (k, t) in enumerate(zip(kinds, [0.0, 0.8, 1.0, 0.0]))]
+    filters = [TokenFilters(logit_bias={4: 2.0}, bad_words=[[5, 6, 7], [8]]),
+               TokenFilters(allowed_token_ids=[1, 2, 47], min_tokens=4, end_ids=[47, 48]),
+               None, TokenFilters(bad_words=[[1, 1]])]
+    rows = [batch.add([1, 2, 3], DllmParams(16, 8, 8, **k), t, 5 + i, token_filters=f)
+            for i, (k, t, f) in enumerate(zip(kinds, [0.0, 0.8, 1.0, 0.0], filters))]
     request = torch.arange(4).repeat_interleave(8)
     column = torch.arange(8).repeat(4)
     plan = batch.plan(rows, request, column)

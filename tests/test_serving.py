@@ -189,11 +189,51 @@ def test_bad_parameters_get_400(server, model_name, xargs, parameter):
     assert ok.status_code == 200, ok.text
 
 
-def test_unsupported_sampling_option_gets_400(server, model_name):
+@pytest.mark.parametrize("option, value", [
+    ("top_p", 0.5), ("min_p", 0.1), ("presence_penalty", 0.5), ("frequency_penalty", 0.5),
+    ("repetition_penalty", 1.2), ("logprobs", 2), ("prompt_logprobs", 1),
+    ("structured_outputs", {"regex": "[0-9]+"}),
+])
+def test_unsupported_sampling_option_gets_400(server, model_name, option, value):
     r = requests.post(f"{server[0]}/v1/completions", json={
-        "model": model_name, "prompt": "hello", "max_tokens": 8, "top_p": 0.5})
+        "model": model_name, "prompt": "hello", "max_tokens": 8, option: value})
     assert r.status_code == 400
-    assert "top_p" in r.json()["error"]["message"]
+    assert option in r.json()["error"]["message"]
+
+
+def test_token_filters_through_the_openai_api(server, client, model_name):
+    """`logit_bias`, and in extra_body `min_tokens`, `allowed_token_ids` and `bad_words`, on
+    the completions endpoint: each answer keeps to its filter and differs from the
+    unfiltered one; a token id outside the vocabulary gets a 400 naming logit_bias and
+    the server serves on."""
+    from tokenizers import Tokenizer
+
+    from dllm_reference.tasks import render_chat
+
+    ids = model_ids(MODEL)
+    ends = {ids["eos"], ids["eot"]}
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+
+    def ask(logit_bias: dict | None = None, **extra) -> tuple[str, list[int]]:
+        out = client.completions.create(
+            model=model_name, prompt=render_chat("Uppercase: filters"), max_tokens=32,
+            temperature=0, logit_bias=logit_bias,
+            extra_body={"vllm_xargs": XARGS, "return_token_ids": True, **extra})
+        return out.choices[0].text, out.choices[0].token_ids
+
+    plain, _ = ask()
+    digits = tokenizer.encode("0123456789").ids
+    text, tokens = ask(allowed_token_ids=digits + sorted(ends))
+    assert text != plain and set(tokens) <= set(digits) | ends
+    word = plain.strip()[:2]
+    text, _ = ask(bad_words=[word])
+    assert text != plain and word not in text
+    text, tokens = ask(logit_bias={str(ids["eos"]): 100}, min_tokens=5)
+    assert not ends & set(tokens[:5]) and tokens[5] == ids["eos"]
+    r = requests.post(f"{server[0]}/v1/completions", json={
+        "model": model_name, "prompt": "hello", "max_tokens": 8, "logit_bias": {"104": 1}})
+    assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
+    assert ask(logit_bias={str(ids["eos"]): 100}, min_tokens=5)[1] == tokens
 
 
 def scrape(base: str) -> dict[tuple, float]:
@@ -393,7 +433,8 @@ BAD_VALUES = {
 }
 # Standard sampling options diffusion decoding refuses or vLLM itself checks.
 BAD_OPTIONS = {"top_p": [0.5], "top_k": [5], "min_p": [0.1], "logprobs": [2],
-               "temperature": [-1.0], "n": [0], "min_tokens": [3], "presence_penalty": [0.5]}
+               "temperature": [-1.0], "n": [0], "min_tokens": [64], "presence_penalty": [0.5],
+               "logit_bias": [{"104": 1.0}], "allowed_token_ids": [[99]]}
 
 
 def stream(base: str, body: dict, abort: bool) -> dict:

@@ -8,7 +8,7 @@ import functools
 import random
 from typing import Any
 
-from vllm.config import VllmConfig
+from vllm.config import ModelConfig, VllmConfig
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine import EngineCoreRequest
@@ -16,7 +16,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_dllm.config import dllm_defaults
 from vllm_dllm.model_executor.registry import BY_ARCHITECTURE, DLLM_ARCHITECTURES
-from vllm_dllm.params import ParamError, resolve
+from vllm_dllm.params import DllmParams, ParamError, resolve
 
 # Sampling options that diffusion decoding does not implement, with their
 # neutral values; anything else is refused rather than silently ignored.
@@ -26,13 +26,9 @@ _UNSUPPORTED: dict[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
-    "min_tokens": 0,
     "logprobs": None,
     "prompt_logprobs": None,
     "structured_outputs": None,
-    "logit_bias": None,
-    "allowed_token_ids": None,
-    "bad_words": None,
 }
 
 
@@ -89,6 +85,36 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
         # model ends a turn with <|eot_id|> and pads with EOS after it.
         params.stop_token_ids = sorted({*(params.stop_token_ids or []), eot})
         params._all_stop_token_ids.add(eot)
+    _check_token_filters(params, resolved, model_config)
+
+
+def _check_token_filters(params: SamplingParams, resolved: DllmParams,
+                         model_config: ModelConfig) -> None:
+    """What vLLM's own checks (token ids in the vocabulary) leave to a dLLM: the canvas
+    must hold `min_tokens`, and no masked position may be left without a token. The
+    filters can take out the mask, every token of a bad word, the end tokens (under
+    `min_tokens`) and EOS (under `logits_eos_inf`): `allowed_token_ids` (else the
+    vocabulary) must keep a token outside those."""
+    if params.bad_words and params.bad_words_token_ids is None:
+        raise VLLMValidationError("bad_words needs the model's tokenizer (the server was "
+                                  "started with --skip-tokenizer-init)", parameter="bad_words")
+    if params.min_tokens > resolved.gen_length:
+        raise VLLMValidationError(
+            f"min_tokens ({params.min_tokens}) exceeds the canvas (gen_length "
+            f"{resolved.gen_length})", parameter="min_tokens", value=params.min_tokens)
+    hf_config = model_config.hf_config
+    removable = {hf_config.mask_token_id,
+                 *(t for word in params.bad_words_token_ids or [] for t in word)}
+    if params.min_tokens:
+        removable |= params.all_stop_token_ids
+    if resolved.logits_eos_inf:
+        removable.add(hf_config.eos_token_id)
+    allowed = params.allowed_token_ids or range(model_config.get_vocab_size())
+    if all(t in removable for t in allowed):
+        raise VLLMValidationError(
+            "the filters leave no token to predict: allowed_token_ids has none outside the "
+            "mask, the bad words' tokens and, with min_tokens, the end tokens",
+            parameter="allowed_token_ids", value=params.allowed_token_ids)
 
 
 def install() -> None:

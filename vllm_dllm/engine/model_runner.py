@@ -19,6 +19,7 @@ import torch
 
 from vllm.forward_context import set_forward_context
 from vllm.platforms import current_platform
+from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
@@ -28,6 +29,7 @@ from vllm_dllm.engine.query_batch import QueryBatch, range_query_batch
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens
 from vllm_dllm.sampling.state import RequestState
+from vllm_dllm.sampling.token_filters import TokenFilters
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner as PlatformModelRunner
@@ -86,7 +88,7 @@ class DllmModelRunner(PlatformModelRunner):
             sp = new.sampling_params
             params = DllmParams.from_wire(sp.extra_args)
             row = self.batch.add(new.prompt_token_ids, params, sp.temperature, sp.seed,
-                                 sp.top_p, sp.top_k)
+                                 sp.top_p, sp.top_k, _token_filters(sp))
             self.requests[new.req_id] = RequestState(
                 len(new.prompt_token_ids), params, self.mask_token_id, row,
                 self.model.dllm_logits_offset)
@@ -194,6 +196,15 @@ class DllmModelRunner(PlatformModelRunner):
             dllm_committed={r: s.last_commits for r, s in zip(req_ids, states)},
             dllm_block={r: s.block for r, s in zip(req_ids, states)},
         )
+
+
+def _token_filters(sp: SamplingParams) -> TokenFilters:
+    """vLLM's filters of a request as the decoding core takes them: bad words as the
+    front end tokenized them, `min_tokens` against every token the request stops at."""
+    return TokenFilters(logit_bias=sp.logit_bias or {},
+                        allowed_token_ids=sp.allowed_token_ids or [],
+                        bad_words=sp.bad_words_token_ids or [], min_tokens=sp.min_tokens,
+                        end_ids=sorted(sp.all_stop_token_ids))
 
 
 def _width(window: tuple[int, int]) -> int:

@@ -22,6 +22,8 @@ from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
 from vllm_dllm.sampling.policies import POLICIES, PolicyBatch, select
 from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
 from vllm_dllm.sampling.schedule import transfer_counts
+from vllm_dllm.sampling.token_filters import (NOT_COMMITTED, TokenFilterBatch, TokenFilterPlan,
+                                              TokenFilters, word_context)
 
 _STREAK_FIELDS = ("ids", "count", "conf_sum", "conf_max")
 # Rules a batch runs only when one of its requests sets them off their default.
@@ -51,7 +53,8 @@ class BatchPlan:
     host-side fields say which policies and optional rules (`options`, parameter
     names) any of these requests uses; `dream`
     that these requests decode with Dream's samplers (`algs`: which), `ratios`
-    [B, steps] then their schedules (padded with 1).
+    [B, steps] then their schedules (padded with 1). `token_filters`: the iteration's
+    `logit_bias` / `allowed_token_ids` / `bad_words` / `min_tokens` (None: none).
     """
 
     rows: torch.Tensor
@@ -69,6 +72,7 @@ class BatchPlan:
     ratios: torch.Tensor | None = None
     hot: torch.Tensor | None = None
     filter: torch.Tensor | None = None
+    token_filters: TokenFilterPlan | None = None
 
 
 class DenoiseBatch:
@@ -82,6 +86,7 @@ class DenoiseBatch:
         self.params: list[DllmParams | None] = [None] * max_rows
         self.temperatures: list[float] = [0.0] * max_rows
         self.filters: list[bool] = [False] * max_rows
+        self.token_filters: list[TokenFilters | None] = [None] * max_rows
         self._free = list(range(max_rows - 1, -1, -1))
 
         def zeros(dtype: torch.dtype) -> torch.Tensor:
@@ -114,7 +119,8 @@ class DenoiseBatch:
         self.streaks = StreakState(max_rows, self.width, self.device)
 
     def add(self, prompt: list[int], params: DllmParams, temperature: float, seed: int,
-            top_p: float = 1.0, top_k: int = 0) -> int:
+            top_p: float = 1.0, top_k: int = 0, token_filters: TokenFilters | None = None
+            ) -> int:
         """Give a joining request a row and write its parameters; returns the row.
         `top_p` / `top_k` filter Dream's samplers (1 / 0 or less: off)."""
         if not self._free:
@@ -126,6 +132,8 @@ class DenoiseBatch:
         self.temperatures[row] = temperature
         top_k = max(top_k, 0)
         self.filters[row] = params.alg is not None and (top_p < 1 or top_k > 0)
+        self.token_filters[row] = (token_filters if token_filters is not None
+                                   and token_filters.in_use else None)
         self._composition = None
         if params.block_length > self.width:
             self.width = params.block_length
@@ -167,10 +175,12 @@ class DenoiseBatch:
         self.params += [None] * old
         self.temperatures += [0.0] * old
         self.filters += [False] * old
+        self.token_filters += [None] * old
         self._free = list(range(2 * old - 1, old - 1, -1))
 
     def remove(self, row: int) -> None:
         self.params[row] = None
+        self.token_filters[row] = None
         self._composition = None
         self._free.append(row)
 
@@ -183,13 +193,15 @@ class DenoiseBatch:
         fixed = self._composition[1]
         hot, filters = (None if fixed[k] is None else fixed[k][logit_request]
                         for k in ("hot", "filter"))
+        token_filters = fixed["token_filters"]
         return BatchPlan(
             logit_request=logit_request.to(self.device, non_blocking=True),
             logit_column=logit_column.to(self.device, non_blocking=True),
             sampled=None if hot is None else _indices(hot, self.device),
             hot=hot, filter=filters,
             logit_valid=logit_valid,
-            **{k: v for k, v in fixed.items() if k not in ("hot", "filter")},
+            token_filters=None if token_filters is None else token_filters.layout(logit_request),
+            **{k: v for k, v in fixed.items() if k not in ("hot", "filter", "token_filters")},
         )
 
     def rows_tensor(self, rows: list[int]) -> torch.Tensor:
@@ -225,6 +237,7 @@ class DenoiseBatch:
             ratios = ratios.to(self.device, non_blocking=True)
         settings = [p.r2_settings for p in params]
         rows_dev = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        token_filters = [self.token_filters[r] for r in rows]
         r2 = None
         if any(settings):
             host = R2Batch.build(settings)
@@ -244,6 +257,8 @@ class DenoiseBatch:
                               if any(getattr(p, name) != DEFAULTS[name] for p in params)),
             tracks_positions=any(p.skip != "none" for p in params),
             r2=r2,
+            token_filters=(TokenFilterBatch([f or TokenFilters() for f in token_filters],
+                                            self.device) if any(token_filters) else None),
         )
 
     def block_positions(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +280,7 @@ class DenoiseBatch:
         req, col = plan.logit_request, plan.logit_column
         cells, valid = self.block_positions(rows, k)
         current = self.tokens[rows[:, None], cells]
+        position = self.block[rows][req] * self.block_length[rows][req] + col
         if plan.logit_valid is not None:
             # Placeholder rows land in a scratch column that is dropped below.
             col = torch.where(plan.logit_valid, col, k)
@@ -274,6 +290,12 @@ class DenoiseBatch:
         logits[:, special.mask] = float("-inf")
         if "logits_eos_inf" in plan.options:
             suppress_eos_logits(logits, special.eos, self.logits_eos_inf[rows][req])
+        filters = plan.token_filters
+        words = filters is not None and filters.batch.has_words
+        if filters is not None:
+            span = filters.batch.span
+            context = self._word_context(rows, current, valid, span) if words else None
+            filters.apply(logits, req, plan.logit_column, position, context)
         top_ids = logits.argmax(-1)
         log_norm = torch.logsumexp(logits.double(), -1)
 
@@ -283,7 +305,6 @@ class DenoiseBatch:
         top_conf = probability(top_ids)
         seed = self.seed[rows][req]
         iteration = self.iteration[rows][req]
-        position = self.block[rows][req] * self.block_length[rows][req] + col
         x0, confidence = top_ids, top_conf
         if plan.dream:
             x0, confidence = self._dream_tokens(plan, logits, seed, iteration, position)
@@ -332,6 +353,10 @@ class DenoiseBatch:
         if plan.r2 is not None:
             commit, tokens = self._apply_r2(plan, commit, tokens, conf_matrix,
                                             scatter(top_ids, 0), scatter(top_conf, 0.0))
+        if words:
+            new = commit & valid
+            proposed = self._word_context(rows, torch.where(new, tokens, current), valid, span)
+            commit = commit & ~filters.break_bad_words(proposed, new)
 
         after = torch.where(commit & valid, tokens, current)
         self.tokens[rows[:, None], cells] = after
@@ -382,6 +407,19 @@ class DenoiseBatch:
         scheduled = dream.select(conf_matrix, self.alg[rows], self.alg_temp[rows], ratio, u)
         fixed = self.policy[rows] == POLICIES.index("fixed")
         return torch.where(fixed[:, None], scheduled, commit)
+
+    def _word_context(self, rows: torch.Tensor, block: torch.Tensor, valid: torch.Tensor,
+                      span: int) -> torch.Tensor:
+        """`token_filters.word_context` of each row's block tokens `block` [B, k]: the
+        `span` canvas positions before the block are committed, prompt positions are not
+        part of the canvas."""
+        prompt_len = self.prompt_len[rows][:, None]
+        before = (prompt_len + self.block[rows][:, None] * self.block_length[rows][:, None]
+                  - span + torch.arange(span, device=self.device))
+        held = self.tokens[rows[:, None], before.clamp(min=0)]
+        held = torch.where(before >= prompt_len, held, NOT_COMMITTED)
+        committed = valid & (block != self.special.mask)
+        return word_context(held, torch.where(committed, block, NOT_COMMITTED), span)
 
     def _eos_delayed(self, rows: torch.Tensor, req: torch.Tensor, position: torch.Tensor,
                      x0: torch.Tensor) -> torch.Tensor:
