@@ -62,6 +62,13 @@ def test_llada_filters_decode_as_the_reference(reference, tiny_model, policy, te
                           for i, f in enumerate(filters[:3])],
                       2: [(str(i), prompts[i], DllmParams(**shape), temperature, 30 + i, f)
                           for i, f in enumerate(filters) if i >= 3]})
+    check_against_reference(got, filters, decode)
+
+
+def check_against_reference(got: dict[str, list[int]], filters: list[TokenFilters | None],
+                            decode) -> None:
+    """The core's tokens are the reference's with the same filters, and each filter set
+    changes the reference's decode and is respected by it."""
     for i, f in enumerate(filters):
         want = decode(i, f)
         assert got[str(i)] == want, i
@@ -98,14 +105,7 @@ def test_dream_filters_decode_as_the_reference(small_dream, alg, temperature, se
                         logits_offset=1)
     got = driver.run({0: [(str(i), prompts[i], DllmParams(**shape), temperature, seed + i, f)
                           for i, f in enumerate(filters)]})
-    for i, f in enumerate(filters):
-        want = decode(i, f)
-        assert got[str(i)] == want, i
-        if f is not None:
-            assert want != decode(i, None), i
-            assert_respected(want, f)
-            if f.min_tokens:
-                assert want != decode(i, TokenFilters(logit_bias=f.logit_bias)), i
+    check_against_reference(got, filters, decode)
 
 
 def test_tokens_committed_together_never_spell_a_bad_word():
