@@ -82,35 +82,6 @@ def test_cases_cover_the_matrix():
     assert len(configs) == 3 * 2 * 2
 
 
-# Before the TP=2 fixture starts: its idle worker processes would take the two cores
-# from Ray's ranks.
-def test_ray_executor_tp2_equals_tp1(tiny_model, tp1_tokens, tmp_path):
-    """vLLM's Ray executor (RayExecutorV2, its default) with two Ray actors as ranks, on the
-    test platform of `tests/ray_platform`, activated through vLLM's platform entry point."""
-    site = install_ray_platform(tmp_path / "site")
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps([{"prompt": c["prompt"], "sampling": sampling(c)}
-                                 for c in CASES]))
-    out = tmp_path / "out.json"
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": BIND, "RAY_USAGE_STATS_ENABLED": "0",
-           # Ray kills workers when the node nears full memory; the suite shares it.
-           "RAY_memory_monitor_refresh_ms": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), str(ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.ray_platform.generate", str(tiny_model), str(cases),
-         str(out), "--tp", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    result = json.loads(out.read_text())
-    assert result["executor"] == "RayExecutorV2"
-    ranks = result["ranks"]
-    assert sorted(r["rank"] for r in ranks) == [0, 1]
-    assert {(r["platform"], r["worker"], r["runner"]) for r in ranks} == {
-        ("RayCpuPlatform", "DllmWorker", "DllmModelRunner")}
-    assert len({r["actor"] for r in ranks}) == 2 and None not in {r["actor"] for r in ranks}
-    assert [i for i in range(len(CASES)) if result["tokens"][i] != tp1_tokens[i]] == []
-
-
 def test_tp2_equals_tp1(tp2, tp1_tokens):
     got = plugin_tokens(tp2, CASES, params_of, batched=True)
     assert [i for i in range(len(CASES)) if got[i] != tp1_tokens[i]] == []
@@ -151,3 +122,30 @@ def test_pipeline_parallel_is_refused_at_start(tiny_model):
 
     with pytest.raises(ValueError, match="do not support pipeline parallelism"):
         LLM(model=str(tiny_model), max_model_len=512, pipeline_parallel_size=2)
+
+
+def test_ray_executor_tp2_equals_tp1(tiny_model, tp1_tokens, tmp_path):
+    """vLLM's Ray executor (RayExecutorV2, its default) with two Ray actors as ranks, on the
+    test platform of `tests/ray_platform`, activated through vLLM's platform entry point."""
+    site = install_ray_platform(tmp_path / "site")
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"prompt": c["prompt"], "sampling": sampling(c)}
+                                 for c in CASES]))
+    out = tmp_path / "out.json"
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": BIND, "RAY_USAGE_STATS_ENABLED": "0",
+           # Ray kills workers when the node nears full memory; the suite shares it.
+           "RAY_memory_monitor_refresh_ms": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), str(ROOT),
+                                                       os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.ray_platform.generate", str(tiny_model), str(cases),
+         str(out), "--tp", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    result = json.loads(out.read_text())
+    assert result["executor"] == "RayExecutorV2"
+    ranks = result["ranks"]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert {(r["platform"], r["worker"], r["runner"]) for r in ranks} == {
+        ("RayCpuPlatform", "DllmWorker", "DllmModelRunner")}
+    assert len({r["actor"] for r in ranks}) == 2 and None not in {r["actor"] for r in ranks}
+    assert [i for i in range(len(CASES)) if result["tokens"][i] != tp1_tokens[i]] == []
