@@ -131,15 +131,15 @@ class PassRows:
             self.ffn_rows_per_layer.append(len(self.positions))
             return None
         sparse = _SalientRows(self, layer)
-        delta = self._delta_rows(layer, sparse.kv_rows) if self.approximates else None
+        delta = self._delta_rows(sparse) if self.approximates else None
         if delta is None:
             self.attention_rows_per_layer.append(len(self.positions))
         self.metadata[self.layer_names[layer]] = replace(
             self.row_set, slot_mapping=self.rows["slots"][sparse.kv_rows], delta=delta)
         return sparse
 
-    def _delta_rows(self, layer: int, kv_rows: torch.Tensor) -> DeltaRows:
-        """DyLLM's approximate attention for layer `layer`: exact for the rows that
+    def _delta_rows(self, sparse: "_SalientRows") -> DeltaRows:
+        """DyLLM's approximate attention for the layer `sparse`: exact for the rows that
         refresh K/V (and those of requests that approximate nothing), the cached
         context plus the values' change for the others."""
         rows = self.rows
@@ -147,9 +147,8 @@ class PassRows:
         per_request = torch.zeros(2, len(self.counts), device=self.device).index_add_(
             1, rows["request"], torch.stack([rows["kv"], exact]).float()).tolist()
         self.attention_rows_per_layer.append(int(sum(per_request[1])))
-        context = self.caches.get("context", layer, self.context_width)[rows["slots"]]
-        return DeltaRows(positions=self.positions, refreshed=kv_rows, exact=exact,
-                         context=context, max_refreshed=int(max(per_request[0])),
+        return DeltaRows(positions=self.positions, refreshed=sparse.kv_rows, exact=exact,
+                         context=sparse.cached_context, max_refreshed=int(max(per_request[0])),
                          max_exact=int(max(per_request[1])))
 
     def after(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -236,18 +235,22 @@ class _SalientRows:
         self.pass_rows = rows
         self.layer = layer
         self.kv_rows = rows.rows["kv"].nonzero().squeeze(1)
+        self.context_cache = rows.caches.get("context", layer, rows.context_width)
+        # The rows' contexts as the pass found them: what the approximate attention
+        # starts from and the similarity test compares with.
+        self.cached_context = self.context_cache[rows.rows["slots"]]
 
     def ffn(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pass_rows
         rows, slots = p.rows, p.rows["slots"]
-        cached = p.caches.get("context", self.layer, context.shape[-1])
         reduce = (tensor_model_parallel_all_reduce
                   if get_tensor_model_parallel_world_size() > 1 else None)
         salient = torch.where(rows["dy_sparse"],
-                              dyllm.salient(context, cached[slots], rows["tau"], reduce), True)
+                              dyllm.salient(context, self.cached_context, rows["tau"], reduce),
+                              True)
         # Rows of requests that do not use DyLLM write the caches too: only a sparse
         # DyLLM pass reads them, and a request's first pass, full, overwrites its slots.
-        cached[slots] = context
+        self.context_cache[slots] = context
         rows["kv"] = salient
         index = salient.nonzero().squeeze(1)
         p.ffn_rows_per_layer.append(len(index))
