@@ -138,13 +138,20 @@ class ReferenceDecoder(torch.nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return _rms_norm(x, self.w(self.layout.final_norm), self.eps) @ self.w(self.layout.head).T
 
-    def forward(self, tokens: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *, block_length: int | None = None) -> torch.Tensor:
+        """`block_length`: block-causal attention (block diffusion, arXiv:2503.09573 §3):
+        a row sees every position of its own block and of the blocks before it, blocks
+        cut from position 0."""
         # Leading dims are kept as given (none for [L]) so the single-sequence path runs
         # the same kernels, bit for bit, as before batching was added.
         lead, length = tokens.shape[:-1], tokens.shape[-1]
         positions = torch.arange(length)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if block_length is not None:
+            block = positions // block_length
+            causal = block[None, :] <= block[:, None]
+            key_mask = causal if key_mask is None else key_mask & causal
         x = self.embed(tokens)
         for i in range(self.n_layers):
             q, k, v = self.project(i, x, positions)
