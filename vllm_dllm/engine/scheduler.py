@@ -29,7 +29,9 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dllm.engine.stats import DllmStats
+from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling.blocks import block_grid
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Progress:
     # Prompt + canvas: what a new or resumed request recomputes first.
     sequence_length: int
     # The rows its next iteration recomputes, as the runner reported them
-    # (`RequestState.recompute_range`); None until it has run or after preemption.
+    # (`RequestState.rows`); None until it has run or after preemption.
     next_rows: int | None = None
     iterations: int = 0
     block: int = 0
@@ -53,12 +55,14 @@ class DllmScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._progress: dict[str, Progress] = {}
+        self._block_causal = BY_ARCHITECTURE[self.vllm_config.model_config.architecture].block_causal
         # Stats since the last `make_stats`.
         self._dllm_stats = DllmStats()
 
     def add_request(self, request: Request) -> None:
         params = DllmParams.from_wire(request.sampling_params.extra_args)
-        self._progress[request.request_id] = Progress(request.num_prompt_tokens + params.gen_length)
+        grid = block_grid(request.num_prompt_tokens, params, self._block_causal)
+        self._progress[request.request_id] = Progress(grid.sequence_length)
         super().add_request(request)
 
     def _free_request(self, request: Request, *args, **kwargs):

@@ -27,6 +27,9 @@ class DllmArchitecture:
     # sets none and the config's max_position_embeddings is larger: every running
     # request keeps a max_model_len-wide token row.
     default_max_model_len: int | None = None
+    # Block diffusion (SDAR, LLaDA2): block-causal attention over blocks of the
+    # config class's `dllm_block_length`, cut from position 0.
+    block_causal: bool = False
 
 
 ARCHITECTURES: tuple[DllmArchitecture, ...] = (
