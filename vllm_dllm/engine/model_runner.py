@@ -93,7 +93,8 @@ class DllmModelRunner(PlatformModelRunner):
                                  sp.top_p, sp.top_k, _token_filters(sp))
             self.requests[new.req_id] = RequestState(
                 len(new.prompt_token_ids), params, self.mask_token_id, row,
-                self.model.dllm_logits_offset, self.batch.block_causal)
+                self.model.dllm_logits_offset, self.batch.block_causal,
+                new.num_computed_tokens)
             self._set_pages(row, new.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, block_ids in zip(cached.req_ids, cached.new_block_ids):
@@ -102,6 +103,7 @@ class DllmModelRunner(PlatformModelRunner):
                 state = self.requests[req_id]
                 self._set_pages(state.row, block_ids[0])
                 state.needs_refresh = True
+                state.cached = 0
 
     def _slot_caches(self) -> SlotCaches:
         if self.slot_caches is None:

@@ -33,6 +33,14 @@ class BlockGrid:
     def canvas_length(self) -> int:
         return self.sequence_length - self.prompt_len
 
+    def refresh_rows(self, block: int) -> int:
+        """The rows an iteration at `block` computes when the pages hold none of the
+        request's K/V (it joins or resumes): the whole sequence, or for a block-causal
+        model every block up to the current one (`RequestState.segments`)."""
+        if not self.block_causal:
+            return self.sequence_length
+        return self.block_start(block) + self.block_length
+
     def block_start(self, block: int) -> int:
         """Absolute start of decoded block `block` (0: the first)."""
         return self.origin + block * self.block_length

@@ -16,7 +16,7 @@ from vllm_dllm.skipping.plan import RequestSkip
 
 class RequestState:
     def __init__(self, prompt_len: int, params: DllmParams, mask_id: int, row: int,
-                 logits_offset: int = 0, block_causal: bool = False):
+                 logits_offset: int = 0, block_causal: bool = False, cached: int = 0):
         self.prompt_len = prompt_len
         # The model's: logits row p predicts position p + logits_offset.
         self.logits_offset = logits_offset
@@ -28,8 +28,10 @@ class RequestState:
         self.block = 0
         self.step_in_block = 0
         self.emitted = 0
-        # The pages hold none of this request's K/V (new or resumed request).
+        # The pages hold none of this request's K/V (new or resumed request), but for
+        # its first `cached` positions (whole prompt blocks from vLLM's prefix cache).
         self.needs_refresh = True
+        self.cached = cached
         # Forwards so far, and how many tokens the last one committed.
         self.iterations = 0
         self.last_commits = 0
@@ -93,7 +95,7 @@ class RequestState:
         rows see up to their own end: those K/V are exact and never recomputed (SDAR's
         `generate` spends a separate forward on them; here they share the next
         iteration's). A new or resumed request computes every block before its current
-        one, one segment each.
+        one that its pages lack, one segment each.
         """
         if not self.grid.block_causal:
             lo, hi = self.recompute_range()
@@ -101,7 +103,7 @@ class RequestState:
         b = self.grid.block_length
         start = self.grid.block_start(self.block)
         if self.needs_refresh:
-            first = 0
+            first = self.cached
         elif self.step_in_block == 0 and self.block > 0:
             first = start - b
         else:
