@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.eval_reference import evaluate, format_report
-from dllm_reference import tasks
-from dllm_reference import tiny_sdar
+from dllm_reference import tasks, tiny_sdar
 from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
 from dllm_reference.sdar import ReferenceSDAR
 from dllm_reference.tiny_llada import build_tokenizer, build_vocab, llada_config, write_checkpoint
+from vllm_dllm.configs.sdar import DEFAULT_BLOCK_SIZE
 from vllm_dllm.params import DEFAULTS
 from vllm_dllm.sampling.policies import select_threshold
 
@@ -476,7 +476,7 @@ def main() -> None:
                              "--arch sdar a LLaDA checkpoint is converted to SDAR's names")
     parser.add_argument("--arch", choices=("llada", "sdar"), default="llada",
                         help="sdar: block-causal SDAR trained with the block-diffusion loss")
-    parser.add_argument("--block-length", type=int, default=tiny_sdar.DEFAULT_BLOCK_LENGTH,
+    parser.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="--arch sdar: the block size (config.json's block_size)")
     args = parser.parse_args()
     if args.arch == "sdar" and (args.ordered_fraction or args.threshold_fraction):

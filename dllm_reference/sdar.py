@@ -13,14 +13,12 @@ from pathlib import Path
 import torch
 
 from dllm_reference.modeling import Layout, ReferenceDecoder
-
-# SDAR's released generate.py and sglang's SDAR entry both fall back to 4.
-DEFAULT_BLOCK_LENGTH = 4
+from vllm_dllm.configs.sdar import DEFAULT_BLOCK_SIZE
 
 
 def block_length(config: dict) -> int:
     """The block size an SDAR checkpoint was trained with (config.json's `block_size`)."""
-    return int(config.get("block_size") or DEFAULT_BLOCK_LENGTH)
+    return int(config.get("block_size") or DEFAULT_BLOCK_SIZE)
 
 
 class ReferenceSDAR(ReferenceDecoder):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dllm_reference.sdar import DEFAULT_BLOCK_LENGTH
+from vllm_dllm.configs.sdar import DEFAULT_BLOCK_SIZE
 from dllm_reference.tiny_llada import SPECIAL_TOKENS, build_vocab, write_tokenizer_files
 
 MASK_TOKEN = "<|MASK|>"
@@ -33,7 +33,7 @@ def build_sdar_vocab() -> dict[str, int]:
 
 def sdar_config(vocab: dict[str, int], *, hidden_size: int, num_hidden_layers: int,
                 num_attention_heads: int, num_key_value_heads: int, intermediate_size: int,
-                max_position_embeddings: int, block_size: int = DEFAULT_BLOCK_LENGTH,
+                max_position_embeddings: int, block_size: int = DEFAULT_BLOCK_SIZE,
                 rope_theta: float = 1000000.0, rms_norm_eps: float = 1e-06,
                 tie_word_embeddings: bool = False) -> dict:
     # Same fields as tests/data/sdar-8b-chat/config.json; only sizes and ids differ.
@@ -118,7 +118,7 @@ def write_random_model(out: str | Path, *, seed: int = 0, hidden_size: int = 64,
                        num_hidden_layers: int = 2, num_attention_heads: int = 4,
                        num_key_value_heads: int = 2, intermediate_size: int = 128,
                        max_position_embeddings: int = 1024,
-                       block_size: int = DEFAULT_BLOCK_LENGTH,
+                       block_size: int = DEFAULT_BLOCK_SIZE,
                        tie_word_embeddings: bool = False) -> Path:
     vocab = build_sdar_vocab()
     config = sdar_config(vocab, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--num-key-value-heads", type=int, default=2)
     parser.add_argument("--intermediate-size", type=int, default=128)
     parser.add_argument("--max-position-embeddings", type=int, default=1024)
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_LENGTH)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--tie-word-embeddings", action="store_true")
     a = parser.parse_args()
     write_random_model(a.out, seed=a.seed, hidden_size=a.hidden_size,
