@@ -43,6 +43,10 @@ ARCHITECTURES: tuple[DllmArchitecture, ...] = (
         config_cls="vllm_dllm.configs.dream:DreamConfig",
         tokenizer_cls="vllm_dllm.configs.dream:DreamTokenizer",
         logits_offset=1, sampler="dream", default_max_model_len=2048),
+    DllmArchitecture(
+        "SDARForCausalLM", "sdar",
+        model_cls="vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
+        config_cls="vllm_dllm.configs.sdar:SDARConfig"),
 )
 
 BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}
