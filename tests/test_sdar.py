@@ -5,7 +5,6 @@ block-diffusion training pass, and the real config built by vLLM with dummy weig
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,13 +142,14 @@ def test_block_diffusion_pass_is_each_block_given_the_clean_ones_before(tiny):
 
 def test_block_length_comes_from_the_config():
     from vllm_dllm.configs.sdar import SDARConfig
-    from vllm_dllm.model_executor.models.sdar import SDARForCausalLM
+    from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 
     config = SDARConfig.from_pretrained(str(REAL))
     assert (config.block_size, config.mask_token_id, config.head_dim) == (4, 151669, 128)
-    assert SDARForCausalLM.dllm_block_causal
-    assert SDARForCausalLM.dllm_block_length(SDARConfig(block_size=8)) == 8
-    assert SDARForCausalLM.dllm_block_length(SimpleNamespace()) == 4
+    assert BY_ARCHITECTURE["SDARForCausalLM"].block_causal
+    assert config.dllm_block_length == 4
+    assert SDARConfig(block_size=8).dllm_block_length == 8
+    assert SDARConfig(block_size=None).dllm_block_length == 4
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ class SDARConfig(PretrainedConfig):
         self.rope_scaling = rope_scaling
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
-        self.block_size = block_size
+        self.block_size = block_size or DEFAULT_BLOCK_SIZE
         self.mask_token_id = mask_token_id
         # Attention is block-causal, which no transformers flag describes; the plugin's
         # model declares it. The config's sliding-window fields are off in every release.
@@ -71,3 +71,9 @@ class SDARConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    @property
+    def dllm_block_length(self) -> int:
+        """The block the checkpoint was trained with, what the plugin decodes by
+        (`registry.DllmArchitecture.block_causal`)."""
+        return self.block_size

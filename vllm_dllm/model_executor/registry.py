@@ -46,7 +46,7 @@ ARCHITECTURES: tuple[DllmArchitecture, ...] = (
     DllmArchitecture(
         "SDARForCausalLM", "sdar",
         model_cls="vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
-        config_cls="vllm_dllm.configs.sdar:SDARConfig"),
+        config_cls="vllm_dllm.configs.sdar:SDARConfig", block_causal=True),
 )
 
 BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}

@@ -4,8 +4,9 @@ Qwen3's decoder (per-head RMSNorm of q and k before RoPE, GQA, no biases, SwiGLU
 optionally tied embeddings; JetLM's `modeling_sdar.py`) under block-causal attention: a
 position sees every position of its own block and of the blocks before it, blocks of
 `block_size` cut from position 0. Logits row p predicts position p (SDAR's `generate.py`
-reads a masked position's own row). The model declares that it is block-causal
-(`dllm_block_causal`, `dllm_block_length`); the engine lays the blocks out. Weights load
+reads a masked position's own row). The registry marks it block-causal and the config
+gives its block (`SDARConfig.dllm_block_length`); the engine lays the blocks out as query
+segments, so nothing here masks attention. Weights load
 from the original names, which are Qwen3's: k/v into one `kv_proj` (q stays apart, see
 `decoder.ProjectedAttention`), gate/up into `gate_up_proj`.
 """
@@ -15,7 +16,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
-from vllm_dllm.configs.sdar import DEFAULT_BLOCK_SIZE, SDARConfig
+from vllm_dllm.configs.sdar import SDARConfig
 from vllm_dllm.model_executor.decoder import (
     DecoderLayer,
     DllmForMaskedLM,
@@ -44,7 +45,6 @@ class SDARAttention(ProjectedAttention):
 
 class SDARForCausalLM(DllmForMaskedLM):
     dllm_logits_offset = 0
-    dllm_block_causal = True
     # Qwen3's names are this module's, but for the fused projections (q stays apart).
     stacked = {
         ".k_proj.": (".kv_proj.", "k"),
@@ -52,11 +52,6 @@ class SDARForCausalLM(DllmForMaskedLM):
         ".gate_proj.": (".gate_up_proj.", 0),
         ".up_proj.": (".gate_up_proj.", 1),
     }
-
-    @staticmethod
-    def dllm_block_length(config: SDARConfig) -> int:
-        """The block the checkpoint was trained with (config.json's `block_size`)."""
-        return getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
