@@ -116,6 +116,8 @@ class DllmScheduler(Scheduler):
                 # write, layer by layer.
                 exact = progress.grid.origin // self.block_size * self.block_size
                 self.kv_cache_manager.cache_blocks(request, exact)
+                # vLLM's own prefix-cache counters (`vllm:prefix_cache_hits`).
+                self.kv_cache_manager.record_prefix_cache_stats(request, cached)
             self.waiting.pop_request()
             self.running.append(request)
             admitted.append(request)
