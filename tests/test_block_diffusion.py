@@ -14,7 +14,7 @@ from dllm_reference import block_diffusion
 from dllm_reference.sdar import ReferenceSDAR
 from dllm_reference.tiny_sdar import write_random_model
 from tests.helpers import (cut_after_end, inproc_engine, plugin_tokens, random_prompt,
-                           run_to_completion, shutdown)
+                           run_to_completion, shutdown, start_server)
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +180,32 @@ def test_preempted_request_resumes_with_same_tokens(sdar):
     for rid, (prompt, extra, t, seed) in (("low", low), ("high", high)):
         assert done[rid] == reference(sdar, prompt, extra, t, seed, ignore_eos=True), rid
     shutdown(llm)
+
+
+def test_vllm_serve_answers_chat(sdar, tmp_path):
+    """`vllm serve <SDAR folder>` with no plugin flag: chat with its template, stream and
+    not alike, and a block-causal refusal is an HTTP 400 naming the parameter."""
+    import requests
+    from openai import OpenAI
+
+    proc, base = start_server(sdar[0], ["--max-model-len", "256", "--block-size", "16"],
+                              tmp_path / "server.log")
+    try:
+        client = OpenAI(base_url=f"{base}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        kwargs = dict(model=model, messages=[{"role": "user", "content": "What is 2+2?"}],
+                      max_tokens=24, temperature=0,
+                      extra_body={"ignore_eos": True, "vllm_xargs": {"policy": "threshold"}})
+        full = client.chat.completions.create(**kwargs)
+        pieces = [c.choices[0].delta.content or "" for c in
+                  client.chat.completions.create(stream=True, **kwargs) if c.choices]
+        assert full.usage.completion_tokens == 24
+        assert len([p for p in pieces if p]) > 1
+        assert "".join(pieces) == full.choices[0].message.content
+        bad = requests.post(f"{base}/v1/chat/completions", json={
+            **{k: v for k, v in kwargs.items() if k != "extra_body"},
+            "vllm_xargs": {"cache": "dual"}}, timeout=60)
+        assert bad.status_code == 400 and "cache" in bad.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
