@@ -107,7 +107,8 @@ def random_state_dict(config: dict, seed: int, logit_scale: float = 4.0) -> dict
 
 def write_tokenizer_files(out: Path, vocab: dict[str, int],
                           special_tokens: list[str] = SPECIAL_TOKENS,
-                          mask_token: str | None = None) -> None:
+                          mask_token: str | None = None,
+                          chat_template: str = CHAT_TEMPLATE) -> None:
     """`mask_token` is named in tokenizer_config.json (SDAR's tokenizer names its mask;
     LLaDA's does not)."""
     build_tokenizer(vocab, special_tokens).save(str(out / "tokenizer.json"))
@@ -120,7 +121,7 @@ def write_tokenizer_files(out: Path, vocab: dict[str, int],
         "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": added,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE, "model_max_length": 1000000000000000019884624838656,
+        "chat_template": chat_template, "model_max_length": 1000000000000000019884624838656,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     if mask_token is not None:

@@ -47,6 +47,10 @@ ARCHITECTURES: tuple[DllmArchitecture, ...] = (
         "SDARForCausalLM", "sdar",
         model_cls="vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
         config_cls="vllm_dllm.configs.sdar:SDARConfig", block_causal=True),
+    DllmArchitecture(
+        "LLaDA2MoeModelLM", "llada2_moe",
+        model_cls="vllm_dllm.model_executor.models.llada2:LLaDA2MoeModelLM",
+        config_cls="vllm_dllm.configs.llada2:LLaDA2MoeConfig", block_causal=True),
 )
 
 BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}
