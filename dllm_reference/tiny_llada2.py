@@ -56,8 +56,7 @@ def llada2_config(vocab: dict[str, int], *, hidden_size: int = 64, num_hidden_la
         num_experts_per_tok=num_experts_per_tok, n_group=n_group, topk_group=topk_group,
         max_position_embeddings=max_position_embeddings,
         vocab_size=(len(vocab) + 7) // 8 * 8, pad_token_id=vocab["<|endoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"], mask_token_id=vocab[MASK_TOKEN],
-        use_qk_norm=True)
+        eos_token_id=vocab["<|endoftext|>"], mask_token_id=vocab[MASK_TOKEN])
     return config
 
 

@@ -306,8 +306,18 @@ def readme_table() -> list[str]:
     return rows
 
 
+# LLaDA2.1's decoding parameters for token editing (arXiv:2602.08676): committed tokens
+# that later steps may replace, which the decoding core never does.
+TOKEN_EDITING = ("editing_threshold", "max_post_steps")
+
+
 def _check_known(source: str, values: dict[str, Any]) -> None:
     unknown = sorted(set(values) - set(_PARAMS))
+    editing = [name for name in unknown if name in TOKEN_EDITING]
+    if editing:
+        raise ParamError(editing[0], f"{source} parameter {editing[0]!r}: LLaDA2.1's token "
+                         "editing (arXiv:2602.08676) is not supported; committed tokens are "
+                         "final here, so LLaDA2.1 decodes as LLaDA2.0 (mask-to-token only)")
     if unknown:
         raise ParamError(unknown[0], f"unknown {source} parameter {unknown[0]!r}; "
                          f"known: {', '.join(_PARAMS)}")

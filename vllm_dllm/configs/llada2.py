@@ -3,7 +3,8 @@
 inclusionAI/LLaDA2.0-mini and -flash name `configuration_llada2_moe.LLaDA2MoeConfig` in
 `auto_map` (`model_type: "llada2_moe"`): Ling 2.0's BailingMoeV2 fields (GQA attention with
 per-head q/k RMSNorm and partial RoPE, a mixture of experts with a shared expert, sigmoid
-grouped routing with an expert bias). The defaults are that configuration file's; the
+grouped routing with an expert bias). The defaults are that configuration file's, but for
+the vocabulary and the pad id, which are LLaDA2's tokenizer's like the mask and end ids; the
 fields vLLM's `bailing_moe.py` reads and the original file does not declare (`use_rmsnorm`,
 `rope_parameters`) are derived here. The config carries no mask or end id: LLaDA2's
 `generate` (`modeling_llada2_moe.py`) takes them as arguments, and their defaults there
@@ -24,7 +25,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 30592,
+        vocab_size: int = 157184,
         hidden_size: int = 1024,
         intermediate_size: int | None = None,
         num_hidden_layers: int = 24,
@@ -43,7 +44,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
         max_position_embeddings: int = 16384,
         rope_theta: float = 10000.0,
         rope_scaling: dict | None = None,
-        pad_token_id: int = 126081,
+        pad_token_id: int = EOS_TOKEN_ID,
         num_experts: int = 16,
         num_shared_experts: int = 0,
         num_experts_per_tok: int = 2,
