@@ -164,8 +164,9 @@ def test_real_config_builds_with_dummy_weights(tmp_path, name, billions):
     assert total == _parameter_count(real)
     assert round(total / 1e9) == billions
     # vLLM's fused experts: one w13 and one w2 tensor per MoE layer, all experts in them.
-    assert result[3]["params"]["model.layers.2.mlp.experts.w13_weight"] == (
-        real["num_experts"] * 2 * real["moe_intermediate_size"] * real["hidden_size"])
+    w13 = [n for name, n in result[3]["params"].items()
+           if name.startswith("model.layers.2.mlp.experts.") and name.endswith("w13_weight")]
+    assert w13 == [real["num_experts"] * 2 * real["moe_intermediate_size"] * real["hidden_size"]]
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -232,6 +233,14 @@ def test_tp2_equals_tp1(tiny, tp1_tokens):
         assert plugin_tokens(llm, cases(), params, batched=True) == tp1_tokens
     finally:
         shutdown(llm)
+
+
+@pytest.mark.slow
+def test_expert_parallel_is_refused_at_start(tiny):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="do not support expert parallelism"):
+        LLM(model=str(tiny[0]), max_model_len=256, enable_expert_parallel=True)
 
 
 # -- vllm serve ------------------------------------------------------------------------------

@@ -47,6 +47,13 @@ class DllmConfig(VerifyAndUpdateConfig):
                 "dLLM models do not support pipeline parallelism (pipeline_parallel_size="
                 f"{pipeline_stages}); use --tensor-parallel-size across GPUs and nodes instead")
 
+        if vllm_config.parallel_config.enable_expert_parallel:
+            # vLLM 0.32's CPU experts kernel kills the worker (SIGSEGV) in the first forward
+            # of LLaDA2 under expert parallelism; no GPU has run it here.
+            raise ValueError(
+                "dLLM models do not support expert parallelism (--enable-expert-parallel) "
+                "yet; --tensor-parallel-size shards every expert across the GPUs instead")
+
         scheduler = vllm_config.scheduler_config
         scheduler.scheduler_cls = "vllm_dllm.engine.scheduler.DllmScheduler"
         # Denoising iterations depend on the previous one's commits.
