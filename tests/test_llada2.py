@@ -34,14 +34,16 @@ CASES = [
     (3, {"gen_length": 64, "policy": "factor", "factor": 1.0}, 0.0, 5),
 ]
 CPUS = sorted(os.sched_getaffinity(0))
+FOLDER_DEFAULTS = {"policy": "threshold", "threshold": 0.6}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    # LLaDA2's `generate` defaults as the folder's decoding defaults.
+    # Decoding defaults in the folder: LLaDA2's threshold rule, at a threshold the tiny
+    # model's predictions clear (LLaDA2's own 0.95 commits the floor of one a step here,
+    # the plugin's default schedule).
     folder = tiny_llada2.write_random_model(
-        tmp_path_factory.mktemp("llada2-tiny"), seed=0,
-        dllm_defaults={"policy": "threshold", "threshold": 0.95})
+        tmp_path_factory.mktemp("llada2-tiny"), seed=0, dllm_defaults=FOLDER_DEFAULTS)
     config = json.loads((folder / "config.json").read_text())
     return folder, ReferenceLLaDA2.from_pretrained(folder), config
 
@@ -188,13 +190,21 @@ def test_plugin_equals_reference_batched(tiny, tp1_tokens):
     want = [reference(tiny, c["prompt"], c["extra"], c["temperature"], c["seed"])
             for c in cases()]
     assert tp1_tokens == want
-    # The answers are not one repeated token, and the attention really is block-causal:
-    # the same decoding without the block mask differs.
+    # The answers are not one repeated token, and they tell the model's parts apart: the
+    # same decoding without the block mask, the expert bias or the q/k norms differs.
     assert any(len(set(w)) > 3 for w in want)
     _, ref, _ = tiny
-    bidirectional = lambda tokens, block_length: ref(tokens)  # noqa: E731
-    assert any(reference(tiny, c["prompt"], c["extra"], c["temperature"], c["seed"],
-                         model=bidirectional) != w for c, w in zip(cases(), want))
+
+    def without(part: str) -> ReferenceLLaDA2:
+        return ReferenceLLaDA2(ref.config, {k: v * 0 if part in k else v
+                                            for k, v in ref.w.items()})
+
+    def bidirectional(tokens: torch.Tensor, block_length: int) -> torch.Tensor:
+        return ref(tokens)
+
+    for model in (bidirectional, without("expert_bias"), without("attention.key_layernorm")):
+        assert any(reference(tiny, c["prompt"], c["extra"], c["temperature"], c["seed"],
+                             model=model) != w for c, w in zip(cases(), want))
 
 
 @pytest.mark.slow
@@ -248,8 +258,9 @@ def test_expert_parallel_is_refused_at_start(tiny):
 @pytest.mark.slow
 def test_serve_answers_chat_stream_and_not(tiny, tmp_path):
     """One server on the tiny folder: a chat request decodes the folder's chat template and
-    its `dllm` defaults (LLaDA2's threshold 0.95) as the reference does, streamed or not;
-    top_p and token editing get HTTP 400 naming them."""
+    its `dllm` defaults as the reference does, streamed or not (the same tokens, and the
+    iterations of the threshold rule, not of the plugin's one-a-step default); top_p and
+    token editing get HTTP 400 naming them."""
     import requests
     from openai import OpenAI
     from transformers import AutoTokenizer
@@ -257,7 +268,7 @@ def test_serve_answers_chat_stream_and_not(tiny, tmp_path):
     folder, _, config = tiny
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc, base = start_server(folder, ["--max-model-len", "256", "--max-num-seqs", "8"],
-                              tmp_path / "server.log", env=env)
+                              tmp_path / "server.log", env=env, timeout=480)
     try:
         client = OpenAI(base_url=f"{base}/v1", api_key="none")
         name = client.models.list().data[0].id
@@ -271,9 +282,20 @@ def test_serve_answers_chat_stream_and_not(tiny, tmp_path):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
         assert tokenizer.decode(prompt).endswith("<|role_end|><role>ASSISTANT</role>")
-        want = reference(tiny, list(prompt), {"gen_length": 40, "policy": "threshold",
-                                              "threshold": 0.95}, 0.0, 0)
+        extra = {"gen_length": 40, **FOLDER_DEFAULTS}
+        want = reference(tiny, list(prompt), extra, 0.0, 0)
         assert full == tokenizer.decode(want, skip_special_tokens=True)
+        forwards = block_diffusion.generate(
+            tiny[1], list(prompt), mask_id=config["mask_token_id"], gen_length=40,
+            block_length=BLOCK, stop_ids=(config["eos_token_id"],), **FOLDER_DEFAULTS)["forwards"]
+        one_a_step = block_diffusion.generate(
+            tiny[1], list(prompt), mask_id=config["mask_token_id"], gen_length=40,
+            block_length=BLOCK, stop_ids=(config["eos_token_id"],), policy="fixed")["forwards"]
+        assert forwards != one_a_step
+        metrics = requests.get(f"{base}/metrics").text.splitlines()
+        iterations = [float(line.split()[-1]) for line in metrics
+                      if line.startswith("vllm:dllm_request_iterations_sum")]
+        assert iterations == [2 * forwards]
         for body, parameter in (({"top_p": 0.5}, "top_p"),
                                 ({"vllm_xargs": {"editing_threshold": 0.9}},
                                  "editing_threshold")):
