@@ -12,7 +12,7 @@ from vllm.platforms import current_platform
 from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import ParamError, server_defaults
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handler and level
 
 
 def dllm_defaults(vllm_config: VllmConfig) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from vllm_dllm.attention_backends.paged_attention import (
     write_kv,
 )
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handler and level
 
 BACKEND_NAME = "DLLM_BIDIRECTIONAL"
 

@@ -28,7 +28,7 @@ from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
 from vllm_dllm.engine.query_batch import QueryBatch, segment_query_batch
 from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens, full_blocks_step
+from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens, full_blocks
 from vllm_dllm.sampling.state import RequestState
 from vllm_dllm.sampling.token_filters import TokenFilters
 
@@ -89,7 +89,9 @@ class DllmModelRunner(PlatformModelRunner):
         hidden = torch.rand(rows, hidden_states.shape[-1], dtype=hidden_states.dtype,
                             device=hidden_states.device)
         logits = self.model.compute_logits(hidden)
-        full_blocks_step(logits, WARM_UP_BLOCK, 0.7, self.batch.special, self.batch.block_causal)
+        batch, plan = full_blocks(rows // WARM_UP_BLOCK, WARM_UP_BLOCK, 0.7, self.batch.special,
+                                  self.device, self.batch.block_causal)
+        batch.step(plan, logits)
         return logits
 
     def _set_pages(self, row: int, block_ids: list[int]) -> None:

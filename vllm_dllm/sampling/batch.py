@@ -507,19 +507,19 @@ def _indices(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.nonzero(flags).flatten().to(device, non_blocking=True)
 
 
-def full_blocks_step(logits: torch.Tensor, block: int, temperature: float, special: SpecialTokens,
-                     block_causal: bool = False) -> torch.Tensor:
-    """One `step` of len(logits) / `block` fresh requests (threshold policy, seeded),
-    each scoring one all-masked block of `block` positions: the decoding core's work
-    and memory at that many logits rows, without a model. The model runner's warm-up
-    sizes vLLM's memory profile with it; benchmarks time it."""
-    requests = len(logits) // block
-    assert requests * block == len(logits), "logits rows must be whole blocks"
+def full_blocks(requests: int, block: int, temperature: float, special: SpecialTokens,
+                device: torch.device | str, block_causal: bool = False
+                ) -> tuple[DenoiseBatch, BatchPlan]:
+    """A batch of `requests` fresh requests (threshold policy, seeded), each scoring one
+    all-masked block of `block` positions, and the plan of its first iteration, whose
+    `step` takes logits [requests * block, V]: the decoding core's work and memory at
+    that many logits rows, without a model. The model runner's warm-up sizes vLLM's
+    memory profile with it; benchmarks time it."""
     # A prompt of one whole block: a block-causal model's canvas then starts on the grid.
-    batch = DenoiseBatch(requests, 2 * block, special, logits.device, block_causal)
+    batch = DenoiseBatch(requests, 2 * block, special, device, block_causal)
     params = DllmParams(block, block, block, policy="threshold")
     prompt = [1 if special.mask == 0 else 0] * block
     rows = [batch.add(prompt, params, temperature, seed) for seed in range(requests)]
     plan = batch.plan(rows, torch.arange(requests).repeat_interleave(block),
                       torch.arange(block).repeat(requests))
-    return batch.step(plan, logits)
+    return batch, plan
