@@ -84,7 +84,9 @@ class DllmConfig(VerifyAndUpdateConfig):
             import torch
 
             if model_config.dtype != torch.float32:
-                logger.warning("dLLM on CPU runs in float32 (bfloat16 kills the spawned "
-                               "worker with SIGILL on CPUs without AVX-512 BF16); was %s",
-                               model_config.dtype)
+                # vLLM's CPU platform casts float32 checkpoints to bfloat16 by default and
+                # keeps only the resolved dtype, so an explicit --dtype cannot be told from
+                # that default; bfloat16 itself runs (README, "GPUs" and "CPU notes").
+                logger.warning("dLLM on CPU runs in float32 (the dtype its token-exact "
+                               "checks use); was %s", model_config.dtype)
                 model_config.dtype = torch.float32
