@@ -198,7 +198,12 @@ def check_step(shapes: Shapes, device: torch.device) -> list[Row]:
                     if x.is_cuda:
                         torch.cuda.set_sync_debug_mode(0)
 
-            ms, packed = _elapsed_ms(step, device, shapes.repeats, setup=fresh)
+            try:
+                ms, packed = _elapsed_ms(step, device, shapes.repeats, setup=fresh)
+            except RuntimeError as e:  # a host synchronisation inside the step
+                traceback.print_exc()
+                rows.append(Row("b DenoiseBatch.step", case, False, str(e)[:300]))
+                continue
             want = step(fresh(cpu), logits)
             differ = int((packed.cpu() != want).sum())
             sync = ", no host synchronisation" if device.type == "cuda" else ""
@@ -248,15 +253,15 @@ def check_tokens(shapes: Shapes, device: torch.device) -> list[Row]:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 90, (5 + 7 * i,), generator=g).tolist() for i in range(3)]
     shape = dict(gen_length=shapes.gen_length, block_length=8, steps=shapes.gen_length // 2)
-    for name, fields, temperature in CORE_CASES[shapes.core_cases]:
+
+    def core(name: str, fields: dict, temperature: float) -> int:
         params = DllmParams(**shape, **fields)
         runs = [CoreDriver(model, mask, dev, max_rows=3).run(
                     {0: [(str(i), p, params, temperature, 30 + i) for i, p in enumerate(prompts)]})
                 for model, dev in ((cpu_model, "cpu"), (dev_model, device))]
-        differ = sum(a != b for key in runs[0] for a, b in zip(runs[0][key], runs[1][key]))
-        rows.append(Row("c core tokens", name, differ == 0,
-                        f"{differ} of {3 * shape['gen_length']} tokens differ from the CPU"))
-    for name, fields, temperature in REFERENCE_CASES[shapes.reference_cases]:
+        return sum(a != b for key in runs[0] for a, b in zip(runs[0][key], runs[1][key]))
+
+    def reference(name: str, fields: dict, temperature: float) -> int:
         canvases = []
         for model, dev in ((cpu_model, torch.device("cpu")), (dev_model, device)):
             # The reference makes its tensors where torch's default device says.
@@ -264,9 +269,20 @@ def check_tokens(shapes: Shapes, device: torch.device) -> list[Row]:
                 canvases.append([generate(model, p, mask_id=mask, temperature=temperature,
                                           seed=40 + i, **shape, **fields)["tokens"]
                                  for i, p in enumerate(prompts)])
-        differ = sum(a != b for x, y in zip(*canvases) for a, b in zip(x, y))
-        rows.append(Row("c reference tokens", name, differ == 0,
-                        f"{differ} of {3 * shape['gen_length']} tokens differ from the CPU"))
+        return sum(a != b for x, y in zip(*canvases) for a, b in zip(x, y))
+
+    for section, run, cases in (("c core tokens", core, CORE_CASES[shapes.core_cases]),
+                                ("c reference tokens", reference,
+                                 REFERENCE_CASES[shapes.reference_cases])):
+        for case in cases:
+            try:
+                differ = run(*case)
+            except Exception as e:  # one case's failure must not hide the others'
+                traceback.print_exc()
+                rows.append(Row(section, case[0], False, f"{type(e).__name__}: {e}"[:300]))
+                continue
+            rows.append(Row(section, case[0], differ == 0,
+                            f"{differ} of {3 * shape['gen_length']} tokens differ from the CPU"))
     return rows
 
 
