@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import timed
-from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
+from vllm_dllm.sampling.batch import SpecialTokens, full_blocks
 from vllm_dllm.sampling.policies import select_threshold
 
 LLADA_VOCAB = 126464
@@ -45,13 +44,10 @@ def per_request_step(logits: torch.Tensor, requests: int, block: int, temperatur
 def run(requests: int, block: int, temperature: float, repeats: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn((requests * block, LLADA_VOCAB), generator=g).to(device)
-    params = DllmParams(block, block, block, policy="threshold")
 
     def batched() -> torch.Tensor:
-        batch = DenoiseBatch(requests, block + 8, SpecialTokens(MASK, EOS, EOT), device)
-        rows = [batch.add([1] * 8, params, temperature, seed) for seed in range(requests)]
-        plan = batch.plan(rows, torch.arange(requests).repeat_interleave(block),
-                          torch.arange(block).repeat(requests))
+        batch, plan = full_blocks(requests, block, temperature, SpecialTokens(MASK, EOS, EOT),
+                                  device)
         return batch.step(plan, logits).cpu()
 
     generators = [torch.Generator().manual_seed(s) for s in range(requests)]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,7 +26,8 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float, full_precision
     """NeoX halves. `full_precision`: rotate in fp32 (LLaDA's `rope_full_precision`);
     otherwise cos/sin are cast to the activation dtype and it rotates there (Qwen2)."""
     dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                             device=positions.device) / dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     work = x.float() if full_precision else x
@@ -87,6 +87,8 @@ class ReferenceDecoder(torch.nn.Module):
     @staticmethod
     def load(path: str | Path, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
         """config.json and the safetensors weights of a checkpoint folder."""
+        from safetensors.torch import load_file
+
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         state = {}
@@ -152,7 +154,7 @@ class ReferenceDecoder(torch.nn.Module):
         cut from position 0."""
         # Leading dims are kept as given (none for [L]) so the single-sequence path runs
         # the same kernels, bit for bit, as before batching was added.
-        positions = torch.arange(tokens.shape[-1])
+        positions = torch.arange(tokens.shape[-1], device=tokens.device)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         if block_length is not None:
             block = positions // block_length

@@ -13,9 +13,12 @@ import json
 import string
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # LLaDA-8B-Instruct's chat template, verbatim from its tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -47,7 +50,11 @@ def build_vocab() -> dict[str, int]:
 
 
 def build_tokenizer(vocab: dict[str, int], special_tokens: list[str] = SPECIAL_TOKENS
-                    ) -> Tokenizer:
+                    ) -> "Tokenizer":
+    # Imported here: a model built in memory (`benchmarks.gpu_check`) needs neither
+    # tokenizers nor safetensors.
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -137,6 +144,8 @@ def write_checkpoint(out: str | Path, state_dict: dict[str, torch.Tensor], confi
                      dllm_defaults: dict | None = None) -> Path:
     """`dllm_defaults` go into generation_config.json, where the plugin reads a model's
     request defaults."""
+    from safetensors.torch import save_file
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))

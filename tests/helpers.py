@@ -1,7 +1,6 @@
 """Shared pieces of the integration tests."""
 
 import gc
-import itertools
 import json
 import os
 import subprocess
@@ -12,12 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dllm_reference.core_driver import CoreDriver  # noqa: F401 (the tests' import)
 from dllm_reference.generate import generate
 from dllm_reference.tiny_dream import special_ids
-from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
-from vllm_dllm.sampling.state import RequestState
-from vllm_dllm.sampling.token_filters import TokenFilters
 
 
 def model_ids(model_dir: Path) -> dict:
@@ -160,54 +156,6 @@ class ScheduleRecorder:
 
     def iterations(self, request_id: str) -> int:
         return sum(request_id in s["scheduled"] for s in self.steps)
-
-
-class CoreDriver:
-    """Runs the core the way the model runner does, with the reference model's logits."""
-
-    def __init__(self, model, mask_id: int, device: str, max_rows: int = 2, eos: int = -1,
-                 logits_offset: int = 0):
-        self.model, self.mask_id, self.device = model, mask_id, device
-        self.logits_offset = logits_offset
-        self.batch = DenoiseBatch(max_rows, 256, SpecialTokens(mask_id, eos=eos, eot=None), device)
-        self.states: dict[str, tuple[RequestState, list[int]]] = {}
-
-    def add(self, key: str, prompt: list[int], params: DllmParams, temperature: float, seed: int,
-            token_filters: TokenFilters | None = None, top_p: float = 1.0, top_k: int = 0):
-        row = self.batch.add(prompt, params, temperature, seed, top_p, top_k, token_filters)
-        self.states[key] = (RequestState(len(prompt), params, self.mask_id, row,
-                                         self.logits_offset), prompt)
-
-    def iterate(self, keys: list[str]) -> None:
-        states = [self.states[k][0] for k in keys]
-        masked = [s.masked_columns() for s in states]
-        request = torch.repeat_interleave(torch.arange(len(keys)),
-                                          torch.tensor([len(m) for m in masked]))
-        column = torch.tensor([c for m in masked for c in m], dtype=torch.long)
-        rows = []
-        for (state, prompt), cols in zip((self.states[k] for k in keys), masked):
-            logits = self.model(torch.tensor(prompt + state.canvas))
-            rows.append(logits[[state.prompt_len + state.block_start + c - self.logits_offset
-                                for c in cols]])
-        plan = self.batch.plan([s.row for s in states], request, column)
-        packed = self.batch.step(plan, torch.cat(rows).to(self.device)).tolist()
-        for state, p in zip(states, packed):
-            state.apply(p)
-        for key, state in zip(keys, states):
-            if state.finished:
-                self.batch.remove(state.row)
-
-    def run(self, arrivals: dict[int, list[tuple]] | None = None) -> dict[str, list[int]]:
-        """Decode until every request finished; `arrivals[i]` join before iteration i."""
-        arrivals = arrivals or {}
-        for i in itertools.count():
-            for args in arrivals.get(i, []):
-                self.add(*args)
-            active = [k for k, (s, _) in self.states.items() if not s.finished]
-            if not active and i >= max(arrivals, default=0):
-                return {k: s.canvas for k, (s, _) in self.states.items()}
-            if active:
-                self.iterate(active)
 
 
 class SyncCounter:

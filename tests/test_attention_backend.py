@@ -5,10 +5,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
 from vllm_dllm.attention_backends.bidirectional import (
+    CPU_KERNEL,
+    CPU_KERNEL_APPROXIMATE,
+    FLASH,
+    TORCH,
+    TORCH_APPROXIMATE,
+    TRITON,
+    BidirectionalAttentionBackend,
     BidirectionalAttentionImpl,
     BidirectionalMetadata,
     _cpu_kernel_isa,
+    _layer_kernels,
+    select_kernels,
 )
 from vllm_dllm.attention_backends.paged_attention import DeltaRows
 
@@ -185,3 +196,49 @@ def test_cpu_kernel_needs_packed_blocks():
     nhd = torch.zeros(8, 32, 4, 64).transpose(1, 2)  # logical [blocks, heads, slots, 2D]
     assert _cpu_kernel_isa("cpu", 32, nhd.dtype, tuple(nhd.shape), tuple(nhd.stride())) is None
     assert _cpu_kernel_isa("cuda", 32, torch.float32, (8, 4, 32, 64), (8192, 2048, 64, 1)) is None
+
+
+# (device, dtype, head size, page size, FlashAttention version vLLM reports, CPU ISA found,
+#  kernel of exact passes, kernel of DyLLM's approximate passes)
+SELECTION = [
+    # LLaDA-8B / Dream on an H100 (FA3) or an A100 (FA2): FlashAttention.
+    ("cuda", torch.bfloat16, 128, 16, 3, None, FLASH, TORCH_APPROXIMATE),
+    ("cuda", torch.float16, 128, 32, 2, None, FLASH, TORCH_APPROXIMATE),
+    ("cuda", torch.bfloat16, 96, 16, 2, None, FLASH, TORCH_APPROXIMATE),
+    # FlashAttention is fp16/bf16 only: float32 runs the Triton kernel.
+    ("cuda", torch.float32, 128, 16, 3, None, TRITON, TORCH_APPROXIMATE),
+    # Not built, or a GPU below compute capability 8.0 (vLLM reports no version).
+    ("cuda", torch.bfloat16, 128, 16, None, None, TRITON, TORCH_APPROXIMATE),
+    # Pages FlashAttention cannot read (not a multiple of 16), head sizes it lacks.
+    ("cuda", torch.bfloat16, 128, 8, 3, None, TRITON, TORCH_APPROXIMATE),
+    ("cuda", torch.bfloat16, 264, 16, 2, None, TORCH, TORCH_APPROXIMATE),
+    # Neither FlashAttention (none) nor Triton (head size not a power of two).
+    ("cuda", torch.bfloat16, 96, 16, None, None, TORCH, TORCH_APPROXIMATE),
+    # CPUs: vLLM's kernel where it fits, our torch path elsewhere; never FlashAttention.
+    ("cpu", torch.float32, 128, 16, None, "vec16", CPU_KERNEL, CPU_KERNEL_APPROXIMATE),
+    ("cpu", torch.bfloat16, 128, 32, 3, "vec", CPU_KERNEL, CPU_KERNEL_APPROXIMATE),
+    ("cpu", torch.float32, 8, 16, None, None, TORCH, TORCH_APPROXIMATE),
+]
+
+
+@pytest.mark.parametrize("device, dtype, head, block_size, flash, isa, exact, approximate",
+                         SELECTION)
+def test_kernel_selection(device, dtype, head, block_size, flash, isa, exact, approximate):
+    if exact == TRITON:
+        pytest.importorskip("triton")
+    kernels = select_kernels(device, dtype, head, block_size, flash, isa)
+    assert (kernels.exact, kernels.approximate) == (exact, approximate)
+    assert kernels.flash_version == (flash if exact == FLASH else None)
+    assert kernels.cpu_isa == isa
+
+
+def test_layer_kernels_follow_the_cache_view():
+    """The forward's choice comes from the cache it is handed: vLLM's CPU layout (heads
+    outside slots) gets vLLM's CPU kernel, the CUDA layout's strides do not."""
+    lbhnc = torch.zeros(4, 2, 32, 64)
+    lbnhc = torch.zeros(4, 32, 2, 64).transpose(1, 2)
+    assert _layer_kernels("cpu", torch.float32, 32, tuple(lbhnc.shape),
+                          tuple(lbhnc.stride())).exact == CPU_KERNEL
+    assert _layer_kernels("cpu", torch.float32, 32, tuple(lbnhc.shape),
+                          tuple(lbnhc.stride())).exact == TORCH
+    assert BidirectionalAttentionBackend.supported_kv_cache_layouts() == (KVCacheLayout.LBHNC,)

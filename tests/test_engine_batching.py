@@ -129,3 +129,23 @@ def test_preempted_request_resumes_with_same_tokens(tiny_model, reference):
         assert done[rid] == reference_tokens(reference, tiny_model, prompt,
                                              stop_at_end=False, **p), rid
     shutdown(llm)
+
+
+def test_warm_up_scores_as_many_logits_rows_as_an_iteration_can(inproc):
+    """The sampler warm-up vLLM's GPU worker profiles runs the decoding core on logits
+    for every row the token budget allows, on a batch of its own: the runner's rows
+    and requests stay as they were."""
+    import torch
+
+    from vllm_dllm.engine.model_runner import WARM_UP_BLOCK
+
+    llm, _ = inproc
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    budget = runner.scheduler_config.max_num_batched_tokens
+    free, tokens = list(runner.batch._free), runner.batch.tokens.clone()
+    hidden = torch.zeros(3, runner.model_config.get_hidden_size())
+    logits = runner._dummy_sampler_run(hidden)
+    assert budget <= logits.shape[0] < budget + WARM_UP_BLOCK
+    assert logits.shape[0] % WARM_UP_BLOCK == 0
+    assert logits.shape[1] == runner.model_config.get_vocab_size()
+    assert runner.batch._free == free and torch.equal(runner.batch.tokens, tokens)

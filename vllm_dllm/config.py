@@ -12,7 +12,7 @@ from vllm.platforms import current_platform
 from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import ParamError, server_defaults
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handler and level
 
 
 def dllm_defaults(vllm_config: VllmConfig) -> dict[str, Any]:
@@ -81,6 +81,9 @@ class DllmConfig(VerifyAndUpdateConfig):
             # blocks (`DllmScheduler._cached_prefix`).
             vllm_config.cache_config.enable_prefix_caching = False
         # Query sets change shape every iteration; graphs would not be reused.
+        if not model_config.enforce_eager:
+            logger.info("dLLM: eager mode (no CUDA graphs, no torch.compile): every "
+                        "iteration's query rows have a new shape")
         model_config.enforce_eager = True
         vllm_config.compilation_config.mode = CompilationMode.NONE
         vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
@@ -88,7 +91,9 @@ class DllmConfig(VerifyAndUpdateConfig):
             import torch
 
             if model_config.dtype != torch.float32:
-                logger.warning("dLLM on CPU runs in float32 (bfloat16 kills the spawned "
-                               "worker with SIGILL on CPUs without AVX-512 BF16); was %s",
-                               model_config.dtype)
+                # vLLM's CPU platform casts float32 checkpoints to bfloat16 by default and
+                # keeps only the resolved dtype, so an explicit --dtype cannot be told from
+                # that default; bfloat16 itself runs (README, "GPUs" and "CPU notes").
+                logger.warning("dLLM on CPU runs in float32 (the dtype its token-exact "
+                               "checks use); was %s", model_config.dtype)
                 model_config.dtype = torch.float32

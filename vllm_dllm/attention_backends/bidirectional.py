@@ -5,16 +5,26 @@ a few tokens): their fresh K/V are written into the request's pages first, then
 each query row attends, with no causal mask, to every position the request has
 in the cache, fresh or stale. Positions not recomputed keep the K/V an earlier
 pass left there, which is what approximate KV caching and token skipping reuse.
+The metadata's "requests" are segments (a block-causal request has one per block
+it computes, each with its own key length), which is what every kernel takes.
 
-Per-layer KV cache view: [num_blocks, num_kv_heads, block_size, 2 * head_size].
-Two kernels, each with its own in-page layout (a layer always uses the same one):
-- on x86 CPUs, vLLM's own CPU attention ops (`cpu_attn_reshape_and_cache`,
+Per-layer KV cache view: [num_blocks, num_kv_heads, block_size, 2 * head_size],
+K in the first half of the last axis and V in the second; the physical order of
+its axes is the layout the backend declares. `select_kernels` decides, once per
+layer shape, which kernel serves each kind of pass (logged at start-up):
+- CUDA: vLLM's FlashAttention (`reshape_and_cache_flash`, one non-causal
+  `flash_attn_varlen_func` call over the pages, as vLLM's `FlashAttentionImpl`
+  calls it) for exact passes when it is built and the dtype, head size and pages
+  suit it; layout `LBNHC` (pages, slots, heads), the one vLLM gives it;
+- x86 CPUs: vLLM's own CPU attention ops (`cpu_attn_reshape_and_cache`,
   `cpu_attention_with_kv_cache`, non-causal) when the shapes suit them: head size
   a multiple of 16 in vLLM's list, pages a multiple of 16 (32 for the `vec` ISA),
-  blocks with [heads, slots, 2D] contiguous. Each page of a head holds K transposed
-  ([D, block]) then V ([block, D]);
-- otherwise `paged_attention.py` (Triton on CUDA, one padded SDPA call elsewhere):
-  K in the first half of the last axis and V in the second.
+  blocks with [heads, slots, 2D] contiguous (layout `LBHNC`). Each page of a head
+  then holds K transposed ([D, block]) then V ([block, D]);
+- otherwise `paged_attention.py` (Triton on CUDA, one padded SDPA call elsewhere),
+  which reads the view through its strides, and on every device but the CPU
+  kernel's DyLLM's approximate attention (`approximate_attention`), which
+  FlashAttention cannot express (it has no sparse value product).
 """
 
 import functools
@@ -34,7 +44,10 @@ from vllm.v1.attention.backend import (
 )
 from vllm import _custom_ops as ops
 from vllm import envs
+from vllm.config import get_current_vllm_config_or_none
+from vllm.logger import init_logger
 from vllm.platforms import CpuArchEnum, current_platform
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_dllm.attention_backends.paged_attention import (
@@ -43,10 +56,106 @@ from vllm_dllm.attention_backends.paged_attention import (
     gather_pages,
     paged_attention,
     read_values,
+    triton_serves,
     write_kv,
 )
 
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handler and level
+
 BACKEND_NAME = "DLLM_BIDIRECTIONAL"
+
+# The kernels a pass can run on (the names the start-up log gives).
+FLASH = "vLLM FlashAttention (flash_attn_varlen_func)"
+CPU_KERNEL = "vLLM cpu_attention_with_kv_cache"
+CPU_KERNEL_APPROXIMATE = "vLLM cpu_attention_with_kv_cache, twice (scratch ΔV cache)"
+TRITON = "paged_attention_triton"
+TORCH = "paged_attention_torch (padded SDPA)"
+TORCH_APPROXIMATE = "approximate_attention (gathered pages)"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernel of each kind of pass of a layer: `exact` (every query row attends to
+    all of its segment's keys) and `approximate` (DyLLM's `DeltaRows` layers), with
+    the FlashAttention version or CPU ISA they run with."""
+
+    exact: str
+    approximate: str
+    flash_version: int | None = None
+    cpu_isa: str | None = None
+
+
+def select_kernels(device_type: str, dtype: torch.dtype, head_size: int, block_size: int,
+                   flash_version: int | None, cpu_isa: str | None) -> Kernels:
+    """Which kernel serves which pass, from the device, the KV cache's dtype, the head
+    and page sizes, the FlashAttention version vLLM would run here (None: not built
+    or not supported by this GPU) and the CPU ISA `_cpu_kernel_isa` found (None: the
+    CPU kernel does not fit). FlashAttention's own limits are asked from vLLM's
+    `FlashAttentionBackend` (fp16/bf16 only, head size, pages a multiple of 16)."""
+    flash = (device_type == "cuda" and flash_version is not None
+             and FlashAttentionBackend.supports_dtype(dtype)
+             and FlashAttentionBackend.supports_head_size(head_size)
+             and FlashAttentionBackend.supports_block_size(block_size))
+    if flash:
+        exact = FLASH
+    elif cpu_isa is not None:
+        exact = CPU_KERNEL
+    elif triton_serves(device_type, head_size):
+        exact = TRITON
+    else:
+        exact = TORCH
+    approximate = CPU_KERNEL_APPROXIMATE if cpu_isa is not None else TORCH_APPROXIMATE
+    return Kernels(exact, approximate, flash_version if flash else None, cpu_isa)
+
+
+def _flash_version(head_size: int) -> int | None:
+    """The FlashAttention version vLLM runs on this GPU for `head_size`, None where it
+    has none (a CPU, a build without it, compute capability below 8.0)."""
+    if not current_platform.is_cuda():
+        return None
+    from vllm.v1.attention.backends import fa_utils
+
+    if not fa_utils.is_flash_attn_varlen_func_available():
+        return None
+    return fa_utils.get_flash_attn_version(head_size=head_size)
+
+
+@functools.cache
+def _log_kernels(num_kv_heads: int, head_size: int) -> None:
+    """Logs, once per process and head shape, which kernel will serve which pass: what
+    `_layer_kernels` picks for the KV cache vLLM allocates under the current config
+    (a layer built outside a vLLM config logs nothing)."""
+    config = get_current_vllm_config_or_none()
+    if config is None or config.model_config is None:
+        return
+    dtype = config.model_config.dtype
+    if config.cache_config.cache_dtype not in ("auto", None):
+        dtype = getattr(torch, config.cache_config.cache_dtype)
+    block_size = config.cache_config.block_size or 16
+    # A layer view with the declared layout's strides: heads outside slots on CPUs
+    # (LBHNC), slots outside heads elsewhere (LBNHC).
+    if current_platform.is_cpu():
+        view = torch.empty(1, num_kv_heads, block_size, 2 * head_size, device="meta")
+    else:
+        view = torch.empty(1, block_size, num_kv_heads, 2 * head_size,
+                           device="meta").transpose(1, 2)
+    kernels = _layer_kernels(current_platform.device_type, dtype, head_size,
+                             tuple(view.shape), tuple(view.stride()))
+    logger.info("dLLM attention (%s, %s, head size %d, pages of %d): exact passes on %s%s; "
+                "DyLLM's approximate attention on %s", current_platform.device_type, dtype,
+                head_size, block_size, kernels.exact,
+                f" (FA{kernels.flash_version})" if kernels.flash_version else
+                f" (ISA {kernels.cpu_isa})" if kernels.cpu_isa else "", kernels.approximate)
+
+
+@functools.cache
+def _layer_kernels(device_type: str, dtype: torch.dtype, head_size: int,
+                   shape: tuple[int, ...], stride: tuple[int, ...]) -> Kernels:
+    """`select_kernels` for a layer's KV cache view (same answer for every layer of a
+    model, so computed once)."""
+    isa = _cpu_kernel_isa(device_type, head_size, dtype, shape, stride)
+    return select_kernels(device_type, dtype, head_size, shape[2],
+                          _flash_version(head_size) if device_type == "cuda" else None, isa)
 
 
 @dataclass
@@ -117,7 +226,8 @@ class BidirectionalAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(1)]
+        # FlashAttention's paged kernels read pages of a multiple of 16 slots.
+        return [MultipleOf(16)] if current_platform.is_cuda() else [MultipleOf(1)]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -125,8 +235,14 @@ class BidirectionalAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...] | None:
-        # vLLM's CPU kernel views a page as [heads, 2 * slots, D]: heads outside slots.
-        return (KVCacheLayout.LBHNC,) if current_platform.is_cpu() else None
+        if current_platform.is_cpu():
+            # vLLM's CPU kernel views a page as [heads, 2 * slots, D]: heads outside slots.
+            return (KVCacheLayout.LBHNC,)
+        if current_platform.is_cuda():
+            # FlashAttention's: vLLM gives it the default, slots outside heads, and its
+            # `FlashAttentionImpl` reads K and V as [pages, slots, heads, D] views.
+            return (KVCacheLayout.LBNHC,)
+        return None
 
     @classmethod
     def supports_non_causal(cls) -> bool:
@@ -188,6 +304,7 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        _log_kernels(self.num_kv_heads, head_size)
 
     def forward(
         self,
@@ -206,23 +323,54 @@ class BidirectionalAttentionImpl(AttentionImpl[BidirectionalMetadata]):
         m = attn_metadata
         n = m.num_actual_tokens
         nk = len(m.slot_mapping)
-        isa = _cpu_kernel_isa(kv_cache.device.type, self.head_size, kv_cache.dtype,
-                              tuple(kv_cache.shape), tuple(kv_cache.stride()))
+        kernels = _layer_kernels(kv_cache.device.type, kv_cache.dtype, self.head_size,
+                                 tuple(kv_cache.shape), tuple(kv_cache.stride()))
         query, key, value = query[:n], key[:nk].to(kv_cache.dtype), value[:nk].to(kv_cache.dtype)
-        if isa is not None:
-            if m.delta is not None:
-                return self._cpu_kernel_approximate(isa, query, key, value, kv_cache, m, output)
-            key_cache, value_cache = _cpu_kernel_halves(kv_cache)
-            ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, m.slot_mapping, isa)
-            return self._cpu_kernel_attention(isa, query, key_cache, value_cache, m, output)
+        isa = kernels.cpu_isa
         if m.delta is not None:
+            if isa is not None:
+                return self._cpu_kernel_approximate(isa, query, key, value, kv_cache, m, output)
             old = read_values(kv_cache, m.slot_mapping)
             write_kv(kv_cache, m.slot_mapping, key, value)
             k, v = gather_pages(kv_cache, m)
             return approximate_attention(query, k, v, value - old, m, m.delta, self.scale,
                                          output)
+        if kernels.exact == FLASH:
+            return self._flash_attention(layer, kernels.flash_version, query, key, value,
+                                         kv_cache, m, output)
+        if isa is not None:
+            key_cache, value_cache = _cpu_kernel_halves(kv_cache)
+            ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, m.slot_mapping, isa)
+            return self._cpu_kernel_attention(isa, query, key_cache, value_cache, m, output)
         write_kv(kv_cache, m.slot_mapping, key, value)
         return paged_attention(query, kv_cache, m, self.scale, output)
+
+    def _flash_attention(self, layer: AttentionLayer, version: int, query: torch.Tensor,
+                         key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                         m: BidirectionalMetadata, output: torch.Tensor) -> torch.Tensor:
+        """vLLM's FlashAttention, called as its `FlashAttentionImpl` calls it: K/V in
+        with `reshape_and_cache_flash` (negative slots are skipped by the op), then one
+        varlen call with one sequence per segment, `seqused_k` its key length and
+        `causal=False`, the pages read in place through the block table."""
+        from vllm.v1.attention.backends.fa_utils import (
+            flash_attn_varlen_func,
+            reshape_and_cache_flash,
+        )
+
+        n = query.shape[0]
+        # [pages, heads, slots, 2D] -> K and V as [pages, slots, heads, D] views.
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        reshape_and_cache_flash(key, value, key_cache, value_cache, m.slot_mapping,
+                                self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+        if n == 0:
+            return output
+        flash_attn_varlen_func(
+            q=query, k=key_cache, v=value_cache,
+            out=output[:n].view(n, self.num_heads, self.head_size),
+            cu_seqlens_q=m.query_start_loc, max_seqlen_q=m.max_query_len,
+            seqused_k=m.seq_lens, max_seqlen_k=m.max_seq_len, softmax_scale=self.scale,
+            causal=False, block_table=m.block_table, fa_version=version)
+        return output
 
     def _cpu_kernel_approximate(self, isa: str, query: torch.Tensor, key: torch.Tensor,
                                 value: torch.Tensor, kv_cache: torch.Tensor,

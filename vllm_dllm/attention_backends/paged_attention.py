@@ -9,7 +9,9 @@ Two implementations of the same call:
 - `paged_attention_torch`: one padded scaled-dot-product call (CPU and fallback);
 - `paged_attention_triton`: a Triton kernel that reads K/V in place through the
   block table with an online softmax (CUDA; also runs under TRITON_INTERPRET=1).
-`paged_attention` picks the kernel for CUDA tensors and the torch path otherwise.
+`paged_attention` picks the kernel for CUDA tensors and the torch path otherwise. On
+CUDA the vLLM backend prefers vLLM's FlashAttention for exact passes; these serve
+where it cannot (float32, a GPU without it) and `gpu_check` times them against it.
 
 DyLLM's approximate attention (`approximate_attention`, `DeltaRows`) works on each
 request's K/V gathered from the pages (`gather_pages` for this layout; the backend
@@ -293,11 +295,16 @@ def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, rows: Pa
     return out
 
 
+def triton_serves(device_type: str, head_size: int) -> bool:
+    """Whether `paged_attention` runs the Triton kernel: CUDA tensors, triton installed,
+    a power-of-two head size >= 16 (the kernel's `tl.arange` over the head)."""
+    return (device_type == "cuda" and triton is not None and head_size >= 16
+            and head_size & (head_size - 1) == 0)
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, rows: PagedRows, scale: float,
                     out: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel for CUDA tensors (power-of-two head sizes), the torch path otherwise."""
-    head_size = query.shape[-1]
-    use_triton = (query.is_cuda and triton is not None and head_size >= 16
-                  and head_size & (head_size - 1) == 0)
+    """The Triton kernel where `triton_serves`, the torch path otherwise."""
+    use_triton = triton_serves(query.device.type, query.shape[-1])
     kernel = paged_attention_triton if use_triton else paged_attention_torch
     return kernel(query, kv_cache, rows, scale, out)

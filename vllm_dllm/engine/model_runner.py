@@ -28,7 +28,7 @@ from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
 from vllm_dllm.engine.query_batch import QueryBatch, segment_query_batch
 from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import DllmParams
-from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens
+from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens, full_blocks
 from vllm_dllm.sampling.state import RequestState
 from vllm_dllm.sampling.token_filters import TokenFilters
 
@@ -36,6 +36,9 @@ if current_platform.is_cpu():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner as PlatformModelRunner
 else:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as PlatformModelRunner
+
+# The block of the decoding core's warm-up (LLaDA's default `block_length`).
+WARM_UP_BLOCK = 32
 
 
 @dataclass
@@ -72,6 +75,24 @@ class DllmModelRunner(PlatformModelRunner):
         self.layer_rows = [0] * self.n_layers
         self.layer_attention_rows = [0] * self.n_layers
         self.layer_ffn_rows = [0] * self.n_layers
+
+    def _dummy_sampler_run(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """vLLM's sampler warm-up, which its GPU worker runs inside the profile run that
+        sizes the KV cache (and once more after start-up); vLLM's sampler never runs
+        here, so the decoding core takes its place at its largest: logits for as many
+        rows as one iteration can score (each is a row of a window the scheduler
+        charges against `max_num_batched_tokens`), rounded up to whole blocks, and one
+        `step` on them at temperature > 0 (its float32 copy, float64 chunks and
+        sampling). `--gpu-memory-utilization` then leaves room for both."""
+        budget = self.scheduler_config.max_num_batched_tokens
+        rows = -(-budget // WARM_UP_BLOCK) * WARM_UP_BLOCK
+        hidden = torch.rand(rows, hidden_states.shape[-1], dtype=hidden_states.dtype,
+                            device=hidden_states.device)
+        logits = self.model.compute_logits(hidden)
+        batch, plan = full_blocks(rows // WARM_UP_BLOCK, WARM_UP_BLOCK, 0.7, self.batch.special,
+                                  self.device, self.batch.block_causal)
+        batch.step(plan, logits)
+        return logits
 
     def _set_pages(self, row: int, block_ids: list[int]) -> None:
         if row >= self.block_table.shape[0]:

@@ -319,7 +319,7 @@ class DenoiseBatch:
             context = self._word_context(rows, current, valid, span) if words else None
             filters.apply(logits, req, plan.logit_column, position, context)
         top_ids = logits.argmax(-1)
-        log_norm = torch.logsumexp(logits.double(), -1)
+        log_norm = noise.log_normalizer(logits)
 
         def probability(ids: torch.Tensor) -> torch.Tensor:
             return (logits.gather(-1, ids[:, None]).squeeze(-1).double() - log_norm).exp()
@@ -505,3 +505,21 @@ class DenoiseBatch:
 def _indices(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The set positions of a host bool tensor, on `device`."""
     return torch.nonzero(flags).flatten().to(device, non_blocking=True)
+
+
+def full_blocks(requests: int, block: int, temperature: float, special: SpecialTokens,
+                device: torch.device | str, block_causal: bool = False
+                ) -> tuple[DenoiseBatch, BatchPlan]:
+    """A batch of `requests` fresh requests (threshold policy, seeded), each scoring one
+    all-masked block of `block` positions, and the plan of its first iteration, whose
+    `step` takes logits [requests * block, V]: the decoding core's work and memory at
+    that many logits rows, without a model. The model runner's warm-up sizes vLLM's
+    memory profile with it; benchmarks time it."""
+    # A prompt of one whole block: a block-causal model's canvas then starts on the grid.
+    batch = DenoiseBatch(requests, 2 * block, special, device, block_causal)
+    params = DllmParams(block, block, block, policy="threshold")
+    prompt = [1 if special.mask == 0 else 0] * block
+    rows = [batch.add(prompt, params, temperature, seed) for seed in range(requests)]
+    plan = batch.plan(rows, torch.arange(requests).repeat_interleave(block),
+                      torch.arange(block).repeat(requests))
+    return batch, plan

@@ -11,7 +11,8 @@ Sampling at temperature T > 0 draws a token from softmax(logits / T) by invertin
 the row's cumulative distribution at one such uniform. That is the distribution
 LLaDA's float64 Gumbel-max (`exp(l) / (-log u)^T`, LLaDA's `generate.py`) samples from, with
 one uniform per row instead of one per vocabulary entry. The cost is a float64
-softmax and a cumulative sum over the sampled rows, done in chunks of at most
+softmax and a cumulative sum over the sampled rows (and, at any temperature, a float64
+logsumexp over every row: `log_normalizer`), done in chunks of at most
 `SAMPLE_CHUNK_ELEMENTS` elements, so the extra memory is bounded by about
 3 x 8 bytes x that number (~400 MB), whatever the batch.
 """
@@ -49,6 +50,16 @@ def uniforms(seed: torch.Tensor, iteration: torch.Tensor, position: torch.Tensor
     x = _mix32(x ^ (iteration & _MASK32))
     x = _mix32(x ^ (position & _MASK32))
     return (x.to(torch.float64) + 0.5) * 2.0**-32
+
+
+def log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """The float64 logsumexp of each row of `logits` [N, V], in chunks of rows like
+    `sample` (a float64 copy of all of LLaDA-8B's logits rows is 1 MB a row)."""
+    rows = max(1, SAMPLE_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+    for lo in range(0, logits.shape[0], rows):
+        out[lo:lo + rows] = torch.logsumexp(logits[lo:lo + rows].double(), -1)
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
