@@ -12,15 +12,26 @@ request really recomputes: its whole sequence when it joins or resumes, then
 what the runner reported for its next iteration (a block or block + suffix
 under the prefix and dual caches). vLLM's token statistics then count real work.
 
+Structured outputs follow vLLM's conventions: the engine core compiles a request's
+grammar (`StructuredOutputManager`) and the request waits until it is ready; each
+iteration `get_grammar_bitmask` gives the runner the token masks of the request's
+frontier and of the positions after it that the last iteration's predictions (its
+drafts) lead to (`sampling/grammar.py`), and `update_from_output` advances the grammar
+with the returned tokens (vLLM's own `accept_tokens`).
+
 With stats on, the scheduler also counts what each iteration did (tokens committed,
 rows recomputed), iterations per request and requests per block
 (`engine/stats.py`); they reach the front end with vLLM's `SchedulerStats`.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+import numpy as np
+import torch
+
+from vllm.v1.core.sched.output import (CachedRequestData, GrammarOutput, NewRequestData,
+                                       SchedulerOutput)
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType
@@ -43,6 +54,8 @@ class Progress:
     next_rows: int | None = None
     iterations: int = 0
     block: int = 0
+    # A structured request's predictions from its frontier on (the runner's last report).
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -83,8 +96,14 @@ class DllmScheduler(Scheduler):
                 skipped.append(request)
 
         admitted: list[Request] = []
+        # Requests whose grammar is still compiling wait without holding up the others.
+        compiling: list[Request] = []
         while self.waiting and len(self.running) < self.max_num_running_reqs:
             request = self.waiting.peek_request()
+            if (self._is_blocked_waiting_status(request.status)
+                    and not self._handle_blocked_waiting_request(request)):
+                compiling.append(self.waiting.pop_request())
+                continue
             # A new or resumed request recomputes its whole sequence first.
             rows = self._progress[request.request_id].sequence_length
             if rows > budget:
@@ -125,6 +144,7 @@ class DllmScheduler(Scheduler):
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_scheduled[request.request_id]
 
+        self.waiting.prepend_requests(compiling)
         # Requests that had to sit out this iteration go first next time.
         self.running = skipped + [r for r in self.running if r not in skipped]
         for request_id, rows in num_scheduled.items():
@@ -152,6 +172,8 @@ class DllmScheduler(Scheduler):
             finished_req_ids=self.finished_req_ids,
             free_encoder_mm_hashes=[],
             preempted_req_ids=self.reset_preempted_req_ids,
+            has_structured_output_requests=any(
+                self.requests[r].use_structured_output for r in num_scheduled),
         )
         self.finished_req_ids = set()
         self.reset_preempted_req_ids = set()
@@ -162,9 +184,47 @@ class DllmScheduler(Scheduler):
         for request_id, rows in getattr(model_runner_output, "dllm_next_rows", {}).items():
             if request_id in self._progress:
                 self._progress[request_id].next_rows = rows
+        for request_id, drafts in getattr(model_runner_output, "dllm_drafts", {}).items():
+            if request_id in self._progress:
+                self._progress[request_id].drafts = drafts
         if self.log_stats:
             self._count_iterations(scheduler_output, model_runner_output)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None:
+        """Per scheduled structured request, the grammar's masks at its frontier and
+        after each of its drafts the grammar accepts, in order (`num_acceptable_drafts`:
+        how many rows past the first). A terminated grammar allows only the model's EOS,
+        the pad that fills the rest of the canvas."""
+        if not scheduler_output.has_structured_output_requests:
+            return None
+        ids = [r for r in scheduler_output.num_scheduled_tokens
+               if self.requests[r].use_structured_output]
+        grammars = [self.requests[r].structured_output_request.grammar for r in ids]
+        drafts = [self._progress[r].drafts for r in ids]
+        backend = self.structured_output_manager.backend
+        bitmask = backend.allocate_token_bitmask(sum(len(d) + 1 for d in drafts))
+        eos = self.vllm_config.model_config.hf_config.eos_token_id
+        only_eos = np.zeros(bitmask.shape[1], dtype=np.int32)
+        only_eos[eos // 32] = np.int32(np.uint32(1 << (eos % 32)).view(np.int32))
+        row, extra = 0, []
+        for request_id, grammar, pending in zip(ids, grammars, drafts):
+            accepted = [] if grammar.is_terminated() else grammar.validate_tokens(pending)
+            for i in range(len(pending) + 1):
+                if grammar.is_terminated():
+                    bitmask[row] = torch.from_numpy(only_eos)
+                else:
+                    grammar.fill_bitmask(bitmask, row)
+                row += 1
+                if i == len(pending) or not (
+                        i < len(accepted) or (grammar.is_terminated() and pending[i] == eos)):
+                    break
+                if i < len(accepted):
+                    grammar.accept_tokens(request_id, [pending[i]])
+            extra.append(i)
+            if accepted:
+                grammar.rollback(len(accepted))
+        return GrammarOutput(ids, bitmask[:row].numpy(), extra)
 
     def _count_iterations(self, scheduler_output: SchedulerOutput,
                           model_runner_output: ModelRunnerOutput) -> None:
