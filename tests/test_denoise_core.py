@@ -87,7 +87,9 @@ def test_an_iteration_reads_nothing_back(monkeypatch, device):
     grammar = GrammarPlan(torch.randint(-2**31, 2**31 - 1, (4, 2), dtype=torch.int32,
                                         device=device),
                           *(torch.tensor(v, device=device) for v in
-                            ([0, 0, 3, 0], [3, 0, 1, 0], [0, 0, 0, 0])))
+                            ([0, 0, 3, 0], [3, 0, 1, 0], [0, 0, 0, 0])),
+                          torch.randint(0, vocab, (4, 8), device=device),
+                          torch.rand(4, 8, device=device) < 0.5)
     plan = batch.plan(rows, request, column, grammar=grammar)
     logits = torch.randn(32, vocab, device=device)
     if device == "cuda":

@@ -1,6 +1,7 @@
 """The decoding core's side of structured outputs (`sampling/grammar.py`): masks reach the
 rows they belong to, and an iteration's commits for a structured request are the
-frontier and then a contiguous run whose tokens led to the next masks."""
+frontier and then a contiguous run whose tokens led to the next masks (selected by the
+policy, or the one token a mask allows)."""
 
 import torch
 
@@ -16,9 +17,14 @@ def bitmask(allowed: list[list[int]], vocab: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def plan(num_rows: list[int], frontier: list[int], first_row: list[int], masks) -> GrammarPlan:
+def plan(num_rows: list[int], frontier: list[int], first_row: list[int], masks,
+         drafts: torch.Tensor | None = None, forced: torch.Tensor | None = None
+         ) -> GrammarPlan:
+    shape = (len(num_rows), 6)
     return GrammarPlan(masks, torch.tensor(first_row), torch.tensor(num_rows),
-                       torch.tensor(frontier))
+                       torch.tensor(frontier),
+                       torch.full(shape, -1) if drafts is None else drafts,
+                       torch.zeros(shape, dtype=torch.bool) if forced is None else forced)
 
 
 def test_masks_go_to_the_frontier_and_the_rows_after_it():
@@ -37,8 +43,6 @@ def test_masks_go_to_the_frontier_and_the_rows_after_it():
 
 def test_chain_commits_the_frontier_and_a_contiguous_run():
     masks = bitmask([[1]] * 8, 8)
-    # Three requests, frontier at column 1, 4 mask rows each; the third is not structured.
-    p = plan([4, 4, 0], [1, 1, 1], [0, 4, 0], masks)
     commit = torch.tensor([[0, 0, 1, 1, 0, 1],    # the policy skipped the frontier
                            [0, 1, 1, 0, 1, 1],    # a gap at column 3
                            [0, 0, 0, 1, 0, 1]]).bool()
@@ -50,7 +54,9 @@ def test_chain_commits_the_frontier_and_a_contiguous_run():
                            [-1, 5, 6, 7, 8, 9]])
     valid = torch.ones(3, 6, dtype=torch.bool)
     held = torch.zeros(3, 6, dtype=torch.bool)
-    out = p.chain(commit, tokens, drafts, valid, held).int().tolist()
+    # Three requests, frontier at column 1, 4 mask rows each; the third is not structured.
+    p = plan([4, 4, 0], [1, 1, 1], [0, 4, 0], masks, drafts)
+    out = p.chain(commit, tokens, valid, held).int().tolist()
     # Request 0: the frontier, then column 2 (its mask was built on column 1's draft 5,
     # which column 1 committed); column 3's mask assumed draft 0 at column 2: it waits.
     assert out[0] == [0, 1, 1, 0, 0, 0]
@@ -60,10 +66,15 @@ def test_chain_commits_the_frontier_and_a_contiguous_run():
     # Past its mask rows nothing commits; a column without logits (-1) breaks the run;
     # a frontier a filter took back is not forced.
     full = torch.ones(3, 6, dtype=torch.bool)
-    same = tokens.clone()
-    assert p.chain(full, same, same, valid, held).int().tolist()[0] == [0, 1, 1, 1, 1, 0]
-    gap = same.clone()
+    same = plan([4, 4, 0], [1, 1, 1], [0, 4, 0], masks, tokens.clone())
+    assert same.chain(full, tokens, valid, held).int().tolist()[0] == [0, 1, 1, 1, 1, 0]
+    gap = tokens.clone()
     gap[0, 3] = -1
-    assert p.chain(full, gap, same, valid, held).int().tolist()[0] == [0, 1, 1, 0, 0, 0]
+    assert same.chain(full, gap, valid, held).int().tolist()[0] == [0, 1, 1, 0, 0, 0]
+    # A column whose mask allows one token commits though the policy did not select it.
+    forced = torch.zeros(3, 6, dtype=torch.bool)
+    forced[1, 3] = True
+    both = plan([4, 4, 0], [1, 1, 1], [0, 4, 0], masks, drafts, forced)
+    assert both.chain(commit, tokens, valid, held).int().tolist()[1] == [0, 1, 1, 1, 1, 0]
     held[0, 1] = True
-    assert p.chain(commit, tokens, drafts, valid, held).int().tolist()[0] == [0] * 6
+    assert p.chain(commit, tokens, valid, held).int().tolist()[0] == [0] * 6

@@ -21,12 +21,13 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
-from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
 from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
 from vllm_dllm.engine.query_batch import QueryBatch, range_query_batch
+from vllm_dllm.engine.scheduler import DllmGrammarOutput
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling import logprobs
 from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens
@@ -202,13 +203,14 @@ class DllmModelRunner(PlatformModelRunner):
         return None
 
     @torch.inference_mode()
-    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+    def sample_tokens(self, grammar_output: DllmGrammarOutput | None) -> ModelRunnerOutput:
         """The decoding step of the iteration `execute_model` ran the forward of."""
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
         (req_ids, states, counts, plan, logits), self._pending = self._pending, None
         if grammar_output is not None:
-            plan = replace(plan, grammar=self._grammar_plan(req_ids, states, grammar_output))
+            plan = replace(plan, grammar=self._grammar_plan(req_ids, states, grammar_output,
+                                                            plan.width))
         # The iteration's one device-to-host transfer.
         packed = self.batch.step(plan, logits).tolist()
         width = plan.width
@@ -238,19 +240,34 @@ class DllmModelRunner(PlatformModelRunner):
         )
 
     def _grammar_plan(self, req_ids: list[str], states: list[RequestState],
-                      grammar_output: GrammarOutput) -> GrammarPlan:
+                      grammar_output: DllmGrammarOutput, width: int) -> GrammarPlan:
         """The scheduler's masks laid out per batch request: a structured request's rows
-        start at its frontier (its first masked position; its committed text ends there)."""
-        ids = grammar_output.structured_output_request_ids
-        num_rows = [1 + n for n in grammar_output.num_acceptable_drafts]
-        first = dict(zip(ids, np.cumsum([0] + num_rows[:-1]).tolist()))
-        rows = dict(zip(ids, num_rows))
-        plan = [(first.get(r, 0), rows.get(r, 0), s.emitted - s.block_start)
-                for r, s in zip(req_ids, states)]
-        first_row, num, frontier = (torch.tensor(c, dtype=torch.long).to(self.device)
-                                    for c in zip(*plan))
-        bitmask = torch.from_numpy(grammar_output.grammar_bitmask).to(self.device)
-        return GrammarPlan(bitmask, first_row, num, frontier)
+        start at its frontier (its first masked position; its committed text ends there),
+        and so do its drafts and single-token flags."""
+        order = {r: i for i, r in enumerate(grammar_output.structured_output_request_ids)}
+        num_rows = [len(f) for f in grammar_output.forced]
+        starts = np.cumsum([0] + num_rows[:-1]).tolist()
+        first_row, num, frontier = [], [], []
+        drafts = torch.full((len(states), width), -1, dtype=torch.long)
+        forced = torch.zeros((len(states), width), dtype=torch.bool)
+        for b, (req_id, state) in enumerate(zip(req_ids, states)):
+            f = state.emitted - state.block_start
+            # A block its grammar's commits finished before its fixed steps did has no
+            # mask left: its remaining iterations commit nothing.
+            i = order.get(req_id) if f < state.params.block_length else None
+            first_row.append(0 if i is None else starts[i])
+            num.append(0 if i is None else num_rows[i])
+            frontier.append(f)
+            if i is not None:
+                d, single = grammar_output.drafts[i], grammar_output.forced[i]
+                drafts[b, f : f + len(d)] = torch.tensor(d, dtype=torch.long)
+                forced[b, f : f + len(single)] = torch.tensor(single)
+
+        def device(t) -> torch.Tensor:
+            return torch.as_tensor(t).to(self.device, non_blocking=True)
+
+        return GrammarPlan(device(grammar_output.grammar_bitmask), device(first_row),
+                           device(num), device(frontier), device(drafts), device(forced))
 
 
 def _token_filters(sp: SamplingParams) -> TokenFilters:

@@ -15,8 +15,8 @@ under the prefix and dual caches). vLLM's token statistics then count real work.
 Structured outputs follow vLLM's conventions: the engine core compiles a request's
 grammar (`StructuredOutputManager`) and the request waits until it is ready; each
 iteration `get_grammar_bitmask` gives the runner the token masks of the request's
-frontier and of the positions after it that the last iteration's predictions (its
-drafts) lead to (`sampling/grammar.py`), and `update_from_output` advances the grammar
+frontier and of the positions after it that its drafts lead to (the single token a
+mask allows, else the last iteration's prediction; `sampling/grammar.py`), and `update_from_output` advances the grammar
 with the returned tokens (vLLM's own `accept_tokens`).
 
 With stats on, the scheduler also counts what each iteration did (tokens committed,
@@ -27,7 +27,6 @@ rows recomputed), iterations per request and requests per block
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from vllm.v1.core.sched.output import (CachedRequestData, GrammarOutput, NewRequestData,
@@ -52,6 +51,8 @@ class Progress:
     # The rows its next iteration recomputes, as the runner reported them
     # (`RequestState.recompute_range`); None until it has run or after preemption.
     next_rows: int | None = None
+    # Its semi-autoregressive block (a structured request's masks end with it).
+    block_length: int = 1
     iterations: int = 0
     block: int = 0
     # A structured request's predictions from its frontier on (the runner's last report).
@@ -60,6 +61,16 @@ class Progress:
     @property
     def rows(self) -> int:
         return self.sequence_length if self.next_rows is None else self.next_rows
+
+
+@dataclass
+class DllmGrammarOutput(GrammarOutput):
+    """vLLM's grammar masks with what a canvas also needs: per structured request, the
+    tokens its masks after the first were built on (`drafts`, one fewer than its rows)
+    and which of its rows allow a single token (`forced`)."""
+
+    drafts: list[list[int]] = field(default_factory=list)
+    forced: list[list[bool]] = field(default_factory=list)
 
 
 class DllmScheduler(Scheduler):
@@ -71,7 +82,8 @@ class DllmScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         params = DllmParams.from_wire(request.sampling_params.extra_args)
-        self._progress[request.request_id] = Progress(request.num_prompt_tokens + params.gen_length)
+        self._progress[request.request_id] = Progress(request.num_prompt_tokens + params.gen_length,
+                                                      block_length=params.block_length)
         super().add_request(request)
 
     def _free_request(self, request: Request, *args, **kwargs):
@@ -191,40 +203,55 @@ class DllmScheduler(Scheduler):
             self._count_iterations(scheduler_output, model_runner_output)
         return super().update_from_output(scheduler_output, model_runner_output)
 
-    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None:
-        """Per scheduled structured request, the grammar's masks at its frontier and
-        after each of its drafts the grammar accepts, in order (`num_acceptable_drafts`:
-        how many rows past the first). A terminated grammar allows only the model's EOS,
-        the pad that fills the rest of the canvas."""
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput
+                            ) -> DllmGrammarOutput | None:
+        """Per scheduled structured request, the grammar's masks at its frontier and at
+        each position after it, to the end of its block, while a draft leads there: the
+        one token the last mask allows, else the request's prediction there, if the
+        grammar accepts it. A terminated grammar allows only the model's EOS, the pad
+        that fills the rest of the canvas."""
         if not scheduler_output.has_structured_output_requests:
             return None
         ids = [r for r in scheduler_output.num_scheduled_tokens
                if self.requests[r].use_structured_output]
-        grammars = [self.requests[r].structured_output_request.grammar for r in ids]
-        drafts = [self._progress[r].drafts for r in ids]
         backend = self.structured_output_manager.backend
-        bitmask = backend.allocate_token_bitmask(sum(len(d) + 1 for d in drafts))
         eos = self.vllm_config.model_config.hf_config.eos_token_id
-        only_eos = np.zeros(bitmask.shape[1], dtype=np.int32)
-        only_eos[eos // 32] = np.int32(np.uint32(1 << (eos % 32)).view(np.int32))
-        row, extra = 0, []
-        for request_id, grammar, pending in zip(ids, grammars, drafts):
-            accepted = [] if grammar.is_terminated() else grammar.validate_tokens(pending)
-            for i in range(len(pending) + 1):
+        masks, drafts, forced = [], [], []
+        for request_id in ids:
+            request = self.requests[request_id]
+            grammar = request.structured_output_request.grammar
+            progress = self._progress[request_id]
+            room = progress.block_length - request.num_output_tokens % progress.block_length
+            bitmask = backend.allocate_token_bitmask(room)
+            assumed, single_rows, accepted = [], [], 0
+            for i in range(room):
                 if grammar.is_terminated():
-                    bitmask[row] = torch.from_numpy(only_eos)
+                    bitmask[i] = 0
+                    bitmask[i, eos // 32] = _bit(eos % 32)
                 else:
-                    grammar.fill_bitmask(bitmask, row)
-                row += 1
-                if i == len(pending) or not (
-                        i < len(accepted) or (grammar.is_terminated() and pending[i] == eos)):
+                    grammar.fill_bitmask(bitmask, i)
+                single = _single_token(bitmask[i])
+                single_rows.append(single is not None)
+                draft = single if single is not None else (
+                    progress.drafts[i] if i < len(progress.drafts) else None)
+                if draft is None or i + 1 == room:
                     break
-                if i < len(accepted):
-                    grammar.accept_tokens(request_id, [pending[i]])
-            extra.append(i)
+                if grammar.is_terminated():
+                    if draft != eos:
+                        break
+                elif grammar.validate_tokens([draft]):
+                    grammar.accept_tokens(request_id, [draft])
+                    accepted += 1
+                else:
+                    break
+                assumed.append(draft)
             if accepted:
-                grammar.rollback(len(accepted))
-        return GrammarOutput(ids, bitmask[:row].numpy(), extra)
+                grammar.rollback(accepted)
+            masks.append(bitmask[: len(single_rows)])
+            drafts.append(assumed)
+            forced.append(single_rows)
+        return DllmGrammarOutput(ids, torch.cat(masks).numpy(), [len(d) for d in drafts],
+                                 drafts=drafts, forced=forced)
 
     def _count_iterations(self, scheduler_output: SchedulerOutput,
                           model_runner_output: ModelRunnerOutput) -> None:
@@ -257,3 +284,19 @@ class DllmScheduler(Scheduler):
         candidates = [r for r in self.running
                       if (r.priority, r.arrival_time) > (request.priority, request.arrival_time)]
         return max(candidates, key=lambda r: (r.priority, r.arrival_time), default=None)
+
+
+def _bit(j: int) -> int:
+    """Bit j of an int32 bitmask word, as the signed value that holds it."""
+    return (1 << j) - (1 << 32 if j == 31 else 0)
+
+
+def _single_token(row: torch.Tensor) -> int | None:
+    """The token an int32 bitmask row allows, if it allows exactly one."""
+    words = torch.nonzero(row).flatten().tolist()
+    if len(words) != 1:
+        return None
+    value = int(row[words[0]]) & 0xFFFFFFFF
+    if value & (value - 1):
+        return None
+    return 32 * words[0] + value.bit_length() - 1

@@ -109,10 +109,6 @@ class DenoiseBatch:
         self.last_conf = torch.zeros((max_rows, max_len + 1), dtype=torch.float32,
                                      device=self.device)
         self.fresh = torch.zeros((max_rows, max_len + 1), dtype=torch.bool, device=self.device)
-        # A structured request's predictions at its masked positions from the last
-        # iteration: what the grammar masks of its next iteration are built on.
-        self.drafts = torch.full((max_rows, max_len + 1), -1, dtype=torch.long,
-                                 device=self.device)
         # The decoding parameters the table marks as per-row tensors (`params.ROW_DTYPES`:
         # `policy`, `threshold`, `alg`, ...; a choice is its index), then what comes from
         # vLLM's sampling parameters (top_p 1 and top_k 0: off) and the schedule.
@@ -157,7 +153,6 @@ class DenoiseBatch:
         self.tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self.last_conf[row] = 0
         self.fresh[row] = False
-        self.drafts[row] = -1
         for name, value in (*row_values(params).items(),
                             ("prompt_len", len(prompt)), ("steps_per_block", params.steps_per_block),
                             ("temperature", temperature), ("seed", seed), ("top_p", top_p),
@@ -403,9 +398,7 @@ class DenoiseBatch:
             commit = commit & ~held
         if plan.grammar is not None:
             commit = plan.grammar.chain(commit, torch.where(predicted >= 0, tokens, -1),
-                                        self.drafts[rows[:, None], cells], valid, held)
-            self.drafts[rows[:, None], cells] = torch.where(
-                plan.grammar.structured[:, None], predicted, -1)
+                                        valid, held)
 
         after = torch.where(commit & valid, tokens, current)
         self.tokens[rows[:, None], cells] = after
@@ -414,6 +407,10 @@ class DenoiseBatch:
         clean = ~((after == special.mask) & valid).any(-1)
         step = step + 1
         fixed = self.policy[rows] == POLICIES.index("fixed")
+        if plan.grammar is not None:
+            # A structured request's block ends when its grammar's commits fill it: the
+            # fixed schedule no longer decides how many it commits.
+            fixed = fixed & ~plan.grammar.structured
         min_steps = torch.where(fixed, self.steps_per_block[rows], torch.ones_like(step))
         advance = clean & (step >= min_steps)
         self.block[rows] = self.block[rows] + advance.long()
