@@ -1,4 +1,4 @@
-"""Scores a LLaDA checkpoint on held-out tasks with the reference decoders, on the CPU.
+"""Scores a LLaDA or SDAR checkpoint on held-out tasks with the reference decoders, on the CPU.
 
     python -m benchmarks.eval_reference examples/llada-tasks [-n 300] [--skip 0] [--block-length 32]
 
@@ -10,6 +10,9 @@ its generation_config.json the canvas and block length. Two decoders, at tempera
 * threshold: per block, every forward commits each masked position whose confidence
   is >= the threshold, and always the most confident one (Fast-dLLM's parallel rule).
   It is here only to measure how confident the model is: tokens per iteration.
+
+An SDAR checkpoint (block-causal) is decoded by dllm_reference/block_diffusion.py instead,
+vanilla with one token per step and threshold with its threshold rule, both block by block.
 """
 
 import argparse
@@ -22,7 +25,8 @@ from tokenizers import Tokenizer
 
 from dllm_reference import tasks
 from dllm_reference.generate import generate
-from dllm_reference.modeling import ReferenceLLaDA
+from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
+from dllm_reference.sdar import ReferenceSDAR
 
 def checkpoint_tasks(path: str | Path) -> tuple[tuple[str, ...], int, int]:
     """The families a checkpoint was trained on, and its gen_length and block_length."""
@@ -99,6 +103,34 @@ def answer_text(tokenizer: Tokenizer, tokens: list[int], stop_ids: set[int]) -> 
     return tokenizer.decode(tokens[:end], skip_special_tokens=False)
 
 
+def block_generate(model: ReferenceDecoder, prompt: list[int], *, mask_id: int,
+                   gen_length: int, block_length: int, threshold: float, stop_ids: set[int]
+                   ) -> tuple[dict, dict]:
+    """Block-diffusion decoding of a block-causal model, greedy: one token per step, and
+    the threshold rule; each as {"tokens", "forwards"} (forwards counted at the model)."""
+    from dllm_reference import block_diffusion
+
+    forwards = 0
+
+    def count(*_) -> None:
+        nonlocal forwards
+        forwards += 1
+
+    hook = model.register_forward_hook(count)
+    try:
+        runs = []
+        for rule in (None, threshold):
+            forwards = 0
+            tokens = block_diffusion.generate(model, prompt, gen_length=gen_length,
+                                              block_length=block_length, steps=gen_length,
+                                              threshold=rule, mask_id=mask_id,
+                                              stop_ids=sorted(stop_ids))
+            runs.append({"tokens": tokens, "forwards": forwards})
+    finally:
+        hook.remove()
+    return runs[0], runs[1]
+
+
 def evaluate(path: str | Path, n: int, block_length: int | None = None,
              threshold: float = 0.9, skip: int = 0) -> Report:
     """Scores held-out prompts skip .. skip + n - 1 (the split's order is fixed, so prompts
@@ -106,19 +138,30 @@ def evaluate(path: str | Path, n: int, block_length: int | None = None,
     path = Path(path)
     families, gen_length, default_block = checkpoint_tasks(path)
     block_length = block_length or default_block
-    model = ReferenceLLaDA.from_pretrained(path).eval()
+    config = json.loads((path / "config.json").read_text())
+    block_causal = config.get("model_type") == "sdar"
+    model: ReferenceDecoder = (ReferenceSDAR if block_causal else ReferenceLLaDA
+                               ).from_pretrained(path).eval()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     mask_id = model.config["mask_token_id"]
-    stop_ids = {model.config["eot_token_id"], model.config["eos_token_id"]}
+    if block_causal:
+        stop_ids = set(json.loads((path / "generation_config.json").read_text())["eos_token_id"])
+    else:
+        stop_ids = {model.config["eot_token_id"], model.config["eos_token_id"]}
     report = Report(gen_length, block_length, threshold)
     with torch.inference_mode():
         for problem in tasks.heldout(skip + n, families=families)[skip:]:
             prompt = tokenizer.encode(tasks.render_chat(problem.prompt)).ids
-            vanilla = generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
-                               block_length=block_length, steps=gen_length,
-                               remasking="low_confidence", temperature=0.0)
-            fast = threshold_generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
-                                      block_length=block_length, threshold=threshold)
+            if block_causal:
+                vanilla, fast = block_generate(model, prompt, mask_id=mask_id,
+                                               gen_length=gen_length, block_length=block_length,
+                                               threshold=threshold, stop_ids=stop_ids)
+            else:
+                vanilla = generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
+                                   block_length=block_length, steps=gen_length,
+                                   remasking="low_confidence", temperature=0.0)
+                fast = threshold_generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
+                                          block_length=block_length, threshold=threshold)
             score = report.families.setdefault(problem.family, FamilyScore(gen_length))
             score.n += 1
             score.vanilla_correct += tasks.score(

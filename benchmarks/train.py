@@ -1,7 +1,10 @@
-"""Trains a small LLaDA on dllm_reference/tasks.py with LLaDA's SFT objective, on the CPU.
+"""Trains a small LLaDA on dllm_reference/tasks.py with LLaDA's SFT objective, on the CPU;
+or, with `--arch sdar`, a small SDAR with its block-diffusion objective.
 
     python -m benchmarks.train --out examples/llada-tasks [--steps N] [--seed S] ...
     python -m benchmarks.train --suite long --canvas 128 --out examples/llada-long ...
+    python -m benchmarks.train --arch sdar --block-length 8 --suite long \
+        --init-from examples/llada-long --out examples/sdar-long ...
 
 The model is dllm_reference/modeling.py's ReferenceLLaDA with trainable weights, the
 tokenizer is dllm_reference/tiny_llada.py's character vocabulary, and the checkpoint is
@@ -25,9 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.eval_reference import evaluate, format_report
-from dllm_reference import tasks
-from dllm_reference.modeling import ReferenceLLaDA
+from dllm_reference import tasks, tiny_sdar
+from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
+from dllm_reference.sdar import ReferenceSDAR
 from dllm_reference.tiny_llada import build_tokenizer, build_vocab, llada_config, write_checkpoint
+from vllm_dllm.configs.sdar import DEFAULT_BLOCK_SIZE
 from vllm_dllm.params import DEFAULTS
 from vllm_dllm.sampling.policies import select_threshold
 
@@ -210,6 +215,81 @@ def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: to
     return (ce * weight[scored]).sum() / canvas
 
 
+def block_diffusion_mask(length: int, block_length: int) -> torch.Tensor:
+    """[2L, 2L] attention of the vectorised block-diffusion pass (BD3-LM, arXiv:2503.09573
+    §3.2, the mask of its Fig. 2; SDAR trains with the same, `block_diff_mask` in its
+    modeling_sdar.py): rows 0..L-1 are the noisy copy, L..2L-1 the clean one. A noisy row of
+    block b sees its own noisy block and the clean blocks before b; a clean row sees the
+    clean blocks up to its own. Blocks are cut from position 0, as decoding cuts them."""
+    block = torch.arange(length) // block_length
+    same = block[:, None] == block[None, :]
+    before = block[:, None] > block[None, :]
+    noisy_rows = torch.cat([same, before], dim=1)
+    clean_rows = torch.cat([torch.zeros_like(same), same | before], dim=1)
+    return torch.cat([noisy_rows, clean_rows], dim=0)
+
+
+def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
+                             attention_mask: torch.Tensor, starts: torch.Tensor,
+                             answered: torch.Tensor, mask_id: int,
+                             generator: torch.Generator, canvas: int,
+                             block_length: int) -> torch.Tensor:
+    """SDAR's SFT loss (arXiv:2510.06303 §3; its `forward_add_noise_packed`: one t per
+    sequence, each response token masked with probability t, the prompt never; loss 1/t per
+    masked response token, over the response length), summed over the rows, with the
+    sequence's noisy and clean copies in one 2L pass under `block_diffusion_mask`, so every
+    block is denoised given the clean blocks before it, as decoding sees it."""
+    masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
+                                            generator)
+    length = tokens.shape[1]
+    noisy = torch.where(masked, mask_id, tokens)
+    keys = torch.cat([attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
+    logits = model.forward_masked(torch.cat([noisy, tokens], dim=1),
+                                  torch.arange(length).repeat(2),
+                                  block_diffusion_mask(length, block_length) & keys)
+    logits = logits[:, :length]
+    ce = F.cross_entropy(logits[scored], tokens[scored], reduction="none")
+    return (ce * weight[scored]).sum() / canvas
+
+
+def sdar_from_llada(config: dict, state: dict[str, torch.Tensor], block_length: int
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An SDAR checkpoint (config, Qwen3 weight names) holding LLaDA weights: the same layer
+    but for SDAR's per-head q/k norms, which start as ones (a gain of one; the norm itself
+    still rescales q and k, which training adapts to). `<|MASK|>` takes the embedding LLaDA
+    learnt for its `<|mdm_mask|>`."""
+    llada_vocab, vocab = build_vocab(), tiny_sdar.build_sdar_vocab()
+    sdar = tiny_sdar.sdar_config(
+        vocab, hidden_size=config["d_model"], num_hidden_layers=config["n_layers"],
+        num_attention_heads=config["n_heads"],
+        num_key_value_heads=config.get("n_kv_heads") or config["n_heads"],
+        intermediate_size=config["mlp_hidden_size"],
+        max_position_embeddings=config["max_sequence_length"], block_size=block_length,
+        rope_theta=config["rope_theta"], rms_norm_eps=config["rms_norm_eps"])
+    assert sdar["vocab_size"] == config["embedding_size"], "the vocabularies must share rows"
+    head_dim = sdar["head_dim"]
+    llada_mask, sdar_mask = llada_vocab["<|mdm_mask|>"], vocab[tiny_sdar.MASK_TOKEN]
+
+    def rows(w: torch.Tensor) -> torch.Tensor:
+        w = w.clone()
+        w[sdar_mask] = w[llada_mask]
+        return w
+
+    out = {"model.embed_tokens.weight": rows(state["model.transformer.wte.weight"]),
+           "model.norm.weight": state["model.transformer.ln_f.weight"],
+           "lm_head.weight": rows(state["model.transformer.ff_out.weight"])}
+    names = {"attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm",
+             "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+             "v_proj": "self_attn.v_proj", "attn_out": "self_attn.o_proj",
+             "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj"}
+    for i in range(config["n_layers"]):
+        for old, new in names.items():
+            out[f"model.layers.{i}.{new}.weight"] = state[f"model.transformer.blocks.{i}.{old}.weight"]
+        out[f"model.layers.{i}.self_attn.q_norm.weight"] = torch.ones(head_dim)
+        out[f"model.layers.{i}.self_attn.k_norm.weight"] = torch.ones(head_dim)
+    return sdar, out
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -227,14 +307,21 @@ def make_optimizer(model: ReferenceLLaDA, lr: float, weight_decay: float) -> tor
         lr=lr, betas=(0.9, 0.95))
 
 
-def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int], suite: str, canvas: int) -> None:
+def save(model: ReferenceDecoder, out: Path, vocab: dict[str, int], suite: str, canvas: int,
+         block_length: int | None = None) -> None:
+    """`block_length`: an SDAR checkpoint (block diffusion) trained with that block."""
     # Written beside the target and swapped in, so a reader never sees half a checkpoint.
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     # Served with the canvas it was trained on.
-    write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab,
-                     dllm_defaults={"gen_length": canvas,
-                                    "block_length": min(canvas, BLOCK_LENGTH)})
+    if block_length is None:
+        write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab,
+                         dllm_defaults={"gen_length": canvas,
+                                        "block_length": min(canvas, BLOCK_LENGTH)})
+    else:
+        tiny_sdar.write_checkpoint(tmp, model.checkpoint_state_dict(), model.config, vocab,
+                                   dllm_defaults={"gen_length": canvas,
+                                                  "block_length": block_length})
     (tmp / "tasks.json").write_text(json.dumps({"suite": suite}) + "\n")
     if (out / "README.md").exists():
         shutil.copy(out / "README.md", tmp / "README.md")
@@ -244,10 +331,11 @@ def save(model: ReferenceLLaDA, out: Path, vocab: dict[str, int], suite: str, ca
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Problem],
+def train_step(model: ReferenceDecoder, encoder: Encoder, problems: list[tasks.Problem],
                mask_id: int, generator: torch.Generator, ordered_fraction: float = 0.0,
-               threshold_fraction: float = 0.0) -> float:
-    """Accumulates the gradient of one batch; returns its loss.
+               threshold_fraction: float = 0.0, block_length: int | None = None) -> float:
+    """Accumulates the gradient of one batch; returns its loss. `block_length`: SDAR's
+    block-diffusion loss instead of LLaDA's.
 
     Word problems are about twice as long as the rest, so each family is run as its own
     micro-batch to avoid padding the short ones; the summed gradient is the batch's.
@@ -257,11 +345,30 @@ def train_step(model: ReferenceLLaDA, encoder: Encoder, problems: list[tasks.Pro
         group = [p for p in problems if p.family == family]
         if not group:
             continue
-        loss = sft_loss_sum(model, *encoder.batch(group), mask_id, generator,
-                            encoder.canvas, ordered_fraction, threshold_fraction) / len(problems)
+        if block_length is None:
+            loss = sft_loss_sum(model, *encoder.batch(group), mask_id, generator,
+                                encoder.canvas, ordered_fraction, threshold_fraction)
+        else:
+            loss = block_diffusion_loss_sum(model, *encoder.batch(group), mask_id, generator,
+                                            encoder.canvas, block_length)
+        loss = loss / len(problems)
         loss.backward()
         total += loss.item()
     return total
+
+
+def describe(config: dict, n_params: int) -> str:
+    """The model line of a README, from a LLaDA or an SDAR config."""
+    if config.get("model_type") == "sdar":
+        d, layers, heads = (config["hidden_size"], config["num_hidden_layers"],
+                            config["num_attention_heads"])
+        mlp = config["intermediate_size"]
+    else:
+        d, layers, heads, mlp = (config["d_model"], config["n_layers"], config["n_heads"],
+                                 config["mlp_hidden_size"])
+    return (f"d_model {d}, {layers} layers, {heads} heads (head_dim {d // heads}), "
+            f"mlp_hidden_size {mlp}, rope_theta {config['rope_theta']:g}, "
+            f"{n_params:,} parameters")
 
 
 def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: int,
@@ -274,21 +381,26 @@ def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: in
         record = record[record.index("## Training record"):].split("\n## ")[0]
         earlier = (f"- started from `{args.init_from}`, trained as follows:\n\n"
                    + record.replace("## Training record", "### Earlier stage") + "\n")
+    if args.arch == "sdar":
+        what = (f"A small SDAR (original checkpoint format, float32, block size "
+                f"{args.block_length}) trained with SDAR's block-diffusion objective")
+        tokenizer = ("the character vocabulary of `dllm_reference/tiny_llada.py` with SDAR's "
+                     "`<|MASK|>`, LLaDA's chat template")
+    else:
+        what = "A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective"
+        tokenizer = "the character vocabulary of `dllm_reference/tiny_llada.py`, LLaDA's chat template"
     (out / "README.md").write_text(f"""# {out.name}
 
-A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective on the
+{what} on the
 synthetic tasks of `dllm_reference/tasks.py` ({args.suite} suite, families: \
 {", ".join(tasks.SUITES[args.suite])}).
-Tokenizer: the character vocabulary of `dllm_reference/tiny_llada.py`, LLaDA's chat template.
+Tokenizer: {tokenizer}.
 
 ## Training record
 
 - command: `{command}`
 - seed: {args.seed}
-- model: d_model {config["d_model"]}, {config["n_layers"]} layers, {config["n_heads"]} heads \
-(head_dim {config["d_model"] // config["n_heads"]}), mlp_hidden_size {config["mlp_hidden_size"]}, \
-rope_theta {config["rope_theta"]:g}, \
-{n_params:,} parameters
+- model: {describe(config, n_params)}
 - optimisation: {args.steps} steps of {args.batch_size} examples (family mix \
 {args.mix.replace(",", ", ")}), AdamW \
 lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, \
@@ -303,6 +415,28 @@ grad clip {args.grad_clip}
 {report}
 ```
 """)
+
+
+def build_model(args: argparse.Namespace) -> ReferenceDecoder:
+    """The trainable model a run starts from: `--init-from`'s checkpoint (a LLaDA one
+    converted for `--arch sdar`) or a fresh seeded init."""
+    if args.init_from:
+        # A further stage: the architecture and weights of an earlier run's checkpoint.
+        config, state = ReferenceDecoder.load(args.init_from, torch.float32)
+    else:
+        config = llada_config(build_vocab(), d_model=args.d_model, n_layers=args.n_layers,
+                              n_heads=args.n_heads, mlp_hidden_size=args.mlp_hidden_size,
+                              max_sequence_length=256)
+        config["rope_theta"] = args.rope_theta
+        state = init_state_dict(config, args.seed)
+    if args.arch == "llada":
+        return ReferenceLLaDA(config, state, trainable=True)
+    if config.get("model_type") != "sdar":
+        config, state = sdar_from_llada(config, state, args.block_length)
+    elif config["block_size"] != args.block_length:
+        raise SystemExit(f"--block-length {args.block_length}: {args.init_from} was trained "
+                         f"with block_size {config['block_size']}")
+    return ReferenceSDAR(config, state, trainable=True)
 
 
 def main() -> None:
@@ -338,8 +472,17 @@ def main() -> None:
                              "block after 0-3 of its forwards, the model's own confidence "
                              "choosing what is given; default 0")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from this checkpoint (a further training stage)")
+                        help="start from this checkpoint (a further training stage); with "
+                             "--arch sdar a LLaDA checkpoint is converted to SDAR's names")
+    parser.add_argument("--arch", choices=("llada", "sdar"), default="llada",
+                        help="sdar: block-causal SDAR trained with the block-diffusion loss")
+    parser.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help="--arch sdar: the block size (config.json's block_size)")
     args = parser.parse_args()
+    if args.arch == "sdar" and (args.ordered_fraction or args.threshold_fraction):
+        # Both mask a LLaDA canvas as its decoding sees it; a block-diffusion row already
+        # sees what decoding does (clean blocks before, a noisy block).
+        parser.error("--ordered-fraction and --threshold-fraction are LLaDA's (--arch llada)")
     args.canvas = args.canvas or DEFAULT_CANVAS[args.suite]
     args.mix = args.mix or DEFAULT_MIX[args.suite]
     mix = tuple(args.mix.split(","))
@@ -349,17 +492,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    vocab = build_vocab()
-    config = llada_config(vocab, d_model=args.d_model, n_layers=args.n_layers,
-                          n_heads=args.n_heads, mlp_hidden_size=args.mlp_hidden_size,
-                          max_sequence_length=256)
-    config["rope_theta"] = args.rope_theta
-    if args.init_from:
-        # A further stage: the architecture and weights of an earlier run's checkpoint.
-        model = ReferenceLLaDA.from_pretrained(args.init_from, trainable=True)
-        config = model.config
-    else:
-        model = ReferenceLLaDA(config, init_state_dict(config, args.seed), trainable=True)
+    model = build_model(args)
+    config = model.config
+    block_length = args.block_length if args.arch == "sdar" else None
+    vocab = build_vocab() if block_length is None else tiny_sdar.build_sdar_vocab()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters", flush=True)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
@@ -376,7 +512,8 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         batch = [next(problems) for _ in range(args.batch_size)]
         losses.append(train_step(model, encoder, batch, mask_id, generator,
-                                  args.ordered_fraction, args.threshold_fraction))
+                                  args.ordered_fraction, args.threshold_fraction,
+                                  block_length))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         if (step + 1) % args.log_every == 0:
@@ -386,9 +523,9 @@ def main() -> None:
                   f"lr {optimizer.param_groups[0]['lr']:.2e} elapsed {elapsed:.0f}s "
                   f"({elapsed / (step + 1):.2f}s/step)", flush=True)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save(model, args.out, vocab, args.suite, args.canvas)
+            save(model, args.out, vocab, args.suite, args.canvas, block_length)
     wall_s = time.time() - start
-    save(model, args.out, vocab, args.suite, args.canvas)
+    save(model, args.out, vocab, args.suite, args.canvas, block_length)
     final_loss = sum(losses[-100:]) / len(losses[-100:])
     print(f"done in {wall_s:.0f}s, final loss {final_loss:.4f}", flush=True)
 

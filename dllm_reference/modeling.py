@@ -39,7 +39,8 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float, full_precision
 @dataclass(frozen=True)
 class Layout:
     """Where an architecture's checkpoint keeps each weight (`{i}`: the layer) and how it
-    rotates; q/k/v biases are used where the checkpoint has them."""
+    rotates; q/k/v biases are used where the checkpoint has them. `q_norm`/`k_norm`: a
+    per-head RMSNorm on q and k before RoPE (Qwen3's layer, which SDAR uses)."""
 
     embed: str
     attn_norm: str
@@ -54,6 +55,8 @@ class Layout:
     final_norm: str
     head: str
     rope_full_precision: bool
+    q_norm: str | None = None
+    k_norm: str | None = None
 
 
 class ReferenceDecoder(torch.nn.Module):
@@ -116,12 +119,16 @@ class ReferenceDecoder(torch.nn.Module):
         lay = self.layout
         h = _rms_norm(x, self.w(lay.attn_norm, i), self.eps)
 
-        def heads(name: str, n: int) -> torch.Tensor:
+        def heads(name: str, n: int, norm: str | None = None) -> torch.Tensor:
             proj = self._linear(h, name, i)
-            return proj.view(*proj.shape[:-1], n, self.head_dim).transpose(-3, -2)
+            proj = proj.view(*proj.shape[:-1], n, self.head_dim)
+            if norm is not None:
+                proj = _rms_norm(proj, self.w(norm, i), self.eps)
+            return proj.transpose(-3, -2)
 
-        q, k = (_rope(heads(name, n), positions, self.theta, lay.rope_full_precision)
-                for name, n in ((lay.q, self.n_heads), (lay.k, self.n_kv_heads)))
+        q, k = (_rope(heads(name, n, norm), positions, self.theta, lay.rope_full_precision)
+                for name, n, norm in ((lay.q, self.n_heads, lay.q_norm),
+                                      (lay.k, self.n_kv_heads, lay.k_norm)))
         return q, k, heads(lay.v, self.n_kv_heads)
 
     def attention_output(self, i: int, context: torch.Tensor) -> torch.Tensor:
@@ -138,13 +145,28 @@ class ReferenceDecoder(torch.nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return _rms_norm(x, self.w(self.layout.final_norm), self.eps) @ self.w(self.layout.head).T
 
-    def forward(self, tokens: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *, block_length: int | None = None) -> torch.Tensor:
+        """`block_length`: block-causal attention (block diffusion, arXiv:2503.09573 §3):
+        a row sees every position of its own block and of the blocks before it, blocks
+        cut from position 0."""
         # Leading dims are kept as given (none for [L]) so the single-sequence path runs
         # the same kernels, bit for bit, as before batching was added.
-        lead, length = tokens.shape[:-1], tokens.shape[-1]
-        positions = torch.arange(length)
+        positions = torch.arange(tokens.shape[-1])
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if block_length is not None:
+            block = positions // block_length
+            causal = block[None, :] <= block[:, None]
+            key_mask = causal if key_mask is None else key_mask & causal
+        return self.forward_masked(tokens, positions, key_mask)
+
+    def forward_masked(self, tokens: torch.Tensor, positions: torch.Tensor,
+                       key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The full forward of rows at `positions` [L] (RoPE), row r attending to key c
+        where `key_mask` (broadcast to [..., 1, L, L]) is true; None: everywhere. Block
+        diffusion training runs a noisy and a clean copy of a sequence in one pass this way
+        (benchmarks/train.py)."""
+        lead, length = tokens.shape[:-1], tokens.shape[-1]
         x = self.embed(tokens)
         for i in range(self.n_layers):
             q, k, v = self.project(i, x, positions)

@@ -46,11 +46,12 @@ def build_vocab() -> dict[str, int]:
     return vocab
 
 
-def build_tokenizer(vocab: dict[str, int]) -> Tokenizer:
+def build_tokenizer(vocab: dict[str, int], special_tokens: list[str] = SPECIAL_TOKENS
+                    ) -> Tokenizer:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special_tokens)
     return tok
 
 
@@ -104,20 +105,27 @@ def random_state_dict(config: dict, seed: int, logit_scale: float = 4.0) -> dict
     return state
 
 
-def write_tokenizer_files(out: Path, vocab: dict[str, int]) -> None:
-    build_tokenizer(vocab).save(str(out / "tokenizer.json"))
+def write_tokenizer_files(out: Path, vocab: dict[str, int],
+                          special_tokens: list[str] = SPECIAL_TOKENS,
+                          mask_token: str | None = None) -> None:
+    """`mask_token` is named in tokenizer_config.json (SDAR's tokenizer names its mask;
+    LLaDA's does not)."""
+    build_tokenizer(vocab, special_tokens).save(str(out / "tokenizer.json"))
     added = {
         str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                         "single_word": False, "special": True}
-        for t in SPECIAL_TOKENS
+        for t in special_tokens
     }
-    (out / "tokenizer_config.json").write_text(json.dumps({
+    config = {
         "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": added,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE, "model_max_length": 1000000000000000019884624838656,
         "tokenizer_class": "PreTrainedTokenizerFast",
-    }, indent=2))
+    }
+    if mask_token is not None:
+        config["mask_token"] = mask_token
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>"}, indent=2))

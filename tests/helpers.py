@@ -3,6 +3,10 @@
 import gc
 import itertools
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -310,3 +314,47 @@ def start_server(model: Path, args: list[str], log_path: Path, env: dict | None 
         time.sleep(1)
     proc.terminate()
     pytest.fail("server did not start:\n" + open(log_path).read()[-3000:])
+
+
+# A separate process: vLLM's distributed state is global, and the in-process engines
+# of other tests set it up their own way.
+_COUNT_PARAMETERS = textwrap.dedent("""
+    import json, sys, torch
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    folder, port, layers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    out = {}
+    for n in layers:
+        config = EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True,
+                            max_model_len=2048,
+                            hf_overrides={"num_hidden_layers": n}).create_engine_config()
+        with set_current_vllm_config(config):
+            if not out:
+                init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
+                ensure_model_parallel_initialized(1, 1)
+            loader = get_model_loader(config.load_config)
+            # On the meta device: the shapes are real, the 7B of memory is not.
+            with set_default_torch_dtype(config.model_config.dtype), torch.device("meta"):
+                model = loader.create_model(vllm_config=config, model_config=config.model_config)
+                loader.load_weights(model, config.model_config)
+        out[n] = {"class": type(model).__name__, "offset": model.dllm_logits_offset,
+                  "params": {k: v.numel() for k, v in model.named_parameters()}}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def dummy_model_parameters(folder: Path, layers: list[int]) -> dict[int, dict]:
+    """Per layer count n: the model class vLLM builds from `folder`'s config.json with n
+    layers (`hf_overrides`, load_format=dummy, on the meta device), its logits offset and
+    its parameters' sizes by name."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _COUNT_PARAMETERS, str(folder), str(free_port()),
+         json.dumps(layers)],
+        capture_output=True, text=True, timeout=300, env={**os.environ})
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    return {int(k): v for k, v in json.loads(line[0][len("RESULT "):]).items()}

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from dllm_reference.dream import ReferenceDream, diffusion_generate
 from dllm_reference.tiny_dream import dream_files, write_random_model
-from tests.helpers import free_port
+from tests.helpers import dummy_model_parameters, free_port
 
 MASK, EOS, EOT = 151666, 151643, 151645
 # This conversation as Dream's chat template (its tokenizer_config.json) renders it: the
@@ -52,48 +51,12 @@ def test_registry_offsets_are_the_models():
         assert resolve(arch.model_cls).dllm_logits_offset == arch.logits_offset, arch
 
 
-# A separate process: vLLM's distributed state is global, and the in-process engines
-# of other tests set it up their own way.
-_COUNT_PARAMETERS = textwrap.dedent("""
-    import json, sys, torch
-    from vllm.config import set_current_vllm_config
-    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader import get_model_loader
-    from vllm.utils.torch_utils import set_default_torch_dtype
-
-    folder, port, layers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    out = {}
-    for n in layers:
-        config = EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True,
-                            max_model_len=2048,
-                            hf_overrides={"num_hidden_layers": n}).create_engine_config()
-        with set_current_vllm_config(config):
-            if not out:
-                init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
-                ensure_model_parallel_initialized(1, 1)
-            loader = get_model_loader(config.load_config)
-            # On the meta device: the shapes are real, the 7B of memory is not.
-            with set_default_torch_dtype(config.model_config.dtype), torch.device("meta"):
-                model = loader.create_model(vllm_config=config, model_config=config.model_config)
-                loader.load_weights(model, config.model_config)
-        out[n] = {"class": type(model).__name__, "offset": model.dllm_logits_offset,
-                  "params": {k: v.numel() for k, v in model.named_parameters()}}
-    print("RESULT " + json.dumps(out))
-""")
-
-
 def test_real_size_parameters_match_the_checkpoint_index(tmp_path):
     """Dream-v0-Instruct-7B's config.json builds with load_format=dummy and 1 or 2 layers;
     those layers extrapolate to the checkpoint's parameter count (index total_size, bf16)
     and their parameters are exactly the checkpoint's tensors, fused as vLLM fuses them."""
     shutil.copy(dream_files() / "config.json", tmp_path / "config.json")
-    proc = subprocess.run(
-        [sys.executable, "-c", _COUNT_PARAMETERS, str(tmp_path), str(free_port()), "[1, 2]"],
-        capture_output=True, text=True, timeout=300, env={**os.environ})
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    result = {int(k): v for k, v in json.loads(line[0][len("RESULT "):]).items()}
+    result = dummy_model_parameters(tmp_path, [1, 2])
     assert result[1]["class"] == "DreamModel" and result[1]["offset"] == 1
     one, two = (sum(result[n]["params"].values()) for n in (1, 2))
     per_layer, rest = two - one, 2 * one - two

@@ -19,30 +19,43 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(out: Path, seed: int) -> None:
+def train(out: Path, seed: int, *options: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "benchmarks.train", "--suite", "long", "--out", str(out),
          "--seed", str(seed), "--steps", "3", "--batch-size", "6", "--warmup", "1",
          "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--mlp-hidden-size", "64",
-         "--eval-prompts", "0", "--threads", "1", "--ordered-fraction", "0.5",
-         "--threshold-fraction", "0.3"],
+         "--eval-prompts", "0", "--threads", "1", *options],
         cwd=ROOT, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Checkpoints a and b trained with seed 0, c with seed 1 (every kind of row)."""
+    """LLaDA checkpoints a and b trained with seed 0, c with seed 1 (every kind of row);
+    SDAR checkpoints d and e (seed 0) and f (seed 1) trained from a with blocks of 4."""
     root = tmp_path_factory.mktemp("train")
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train(root / name, seed)
+        train(root / name, seed, "--ordered-fraction", "0.5", "--threshold-fraction", "0.3")
+    for name, seed in (("d", 0), ("e", 0), ("f", 1)):
+        train(root / name, seed, "--arch", "sdar", "--block-length", "4",
+              "--init-from", str(root / "a"))
     return root
 
 
-def test_same_seed_same_weights_other_seed_other_weights(runs):
-    a, b, c = (load_file(str(runs / n / "model.safetensors")) for n in "abc")
+@pytest.mark.parametrize("same, other", [("ab", "c"), ("de", "f")], ids=["llada", "sdar"])
+def test_same_seed_same_weights_other_seed_other_weights(runs, same, other):
+    a, b, c = (load_file(str(runs / n / "model.safetensors")) for n in same + other)
     assert a.keys() == b.keys() == c.keys()
     assert all(a[k].equal(b[k]) for k in a)
     assert not all(a[k].equal(c[k]) for k in a)
+
+
+def test_sdar_checkpoint_is_sdar_with_its_block(runs):
+    config = json.loads((runs / "d" / "config.json").read_text())
+    assert (config["model_type"], config["block_size"]) == ("sdar", 4)
+    generation = json.loads((runs / "d" / "generation_config.json").read_text())
+    assert generation["dllm"] == {"gen_length": 128, "block_length": 4}
+    assert "model.layers.1.self_attn.q_norm.weight" in load_file(
+        str(runs / "d" / "model.safetensors"))
 
 
 def test_checkpoint_records_suite_and_served_shape(runs):

@@ -68,8 +68,11 @@ class DllmConfig(VerifyAndUpdateConfig):
         # The dLLM runner builds on the V1 model runner (the one CPUs use); GPUs
         # would otherwise pick V2. Set before workers start, which inherit it.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        # Bidirectional attention: a prompt's K/V depend on the canvas after it.
-        vllm_config.cache_config.enable_prefix_caching = False
+        if not BY_ARCHITECTURE[model_config.architecture].block_causal:
+            # Bidirectional attention: a prompt's K/V depend on the canvas after it.
+            # Block-causal models keep vLLM's prefix cache for their whole prompt
+            # blocks (`DllmScheduler._cached_prefix`).
+            vllm_config.cache_config.enable_prefix_caching = False
         # Query sets change shape every iteration; graphs would not be reused.
         model_config.enforce_eager = True
         vllm_config.compilation_config.mode = CompilationMode.NONE

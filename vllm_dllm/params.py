@@ -114,13 +114,16 @@ class DllmParams:
     gen_length: int = _param(
         128, _positive_int,
         "canvas length (unset: the default shrunk to `max_tokens` rounded up to whole blocks);"
-        " prompt + canvas must fit `max_model_len`")
+        " prompt + canvas must fit `max_model_len`; block-diffusion models round prompt +"
+        " canvas up to whole blocks")
     block_length: int = _param(
-        32, _positive_int, "semi-autoregressive block; must divide `gen_length`", row=True)
+        32, _positive_int,
+        "semi-autoregressive block; must divide `gen_length` (block-diffusion models: the"
+        " model's own block, blocks cut from position 0)", row=True)
     steps: int | None = _param(
         None, _optional(_positive_int),
-        "iterations of the `fixed` policy (unset: `gen_length`, one token per step); must split"
-        " evenly over the blocks")
+        "iterations of the `fixed` policy (unset: one token per step); must split evenly over"
+        " the blocks (block-diffusion models: per block, the `threshold` policy's floor too)")
     remasking: str = _param(
         "low_confidence", _choice(REMASKING),
         "LLaDA: `low_confidence` commits the most probable predictions first, `random` in"
@@ -348,6 +351,24 @@ def server_defaults(dllm_config: dict[str, Any] | None,
     return {**DEFAULTS, **from_model, **overrides}
 
 
+def _check_block_causal(values: dict[str, Any], model_block: int) -> None:
+    """What a block-diffusion model refuses: its finished blocks' K/V are exact once
+    written, so Fast-dLLM's approximate caches and token skipping, built to reuse stale
+    K/V of a bidirectional sequence, have nothing to approximate; its blocks are the
+    ones it was trained with."""
+    if values["block_length"] != model_block:
+        raise ParamError("block_length", f"this block-diffusion model decodes blocks of "
+                         f"{model_block} (its training), got {values['block_length']}")
+    for name, neutral, why in (
+            ("cache", "none", "finished blocks keep exact K/V already"),
+            ("skip", "none", "token skipping reuses stale rows of a bidirectional sequence"),
+            ("refresh_period", 0, "it refreshes Fast-dLLM's approximate caches"),
+            ("r2", False, "R²'s rules are not built for block-diffusion decoding yet")):
+        if values[name] != neutral:
+            raise ParamError(name, f"{name}={values[name]!r} does not apply to a "
+                             f"block-diffusion model: {why}")
+
+
 def resolve(
     extra_args: dict[str, Any] | None,
     defaults: dict[str, Any],
@@ -356,16 +377,23 @@ def resolve(
     prompt_len: int,
     max_model_len: int,
     sampler: str = "llada",
+    causal_block: int | None = None,
 ) -> DllmParams:
-    """Complete and check a request's parameters for a model decoding with `sampler`."""
+    """Complete and check a request's parameters for a model decoding with `sampler`;
+    `causal_block`: the block of a block-diffusion model (None: bidirectional)."""
     given = dict(extra_args or {})
     _check_known("request", given)
     _refuse_other_sampler(given, sampler)
     merged = {**defaults, **given}
+    if causal_block is not None and "block_length" not in given:
+        merged["block_length"] = causal_block
     values = {name: f.metadata["check"](name, merged[name]) for name, f in _PARAMS.items()}
 
     block_length = values["block_length"]
     gen_length = values["gen_length"]
+    if causal_block is not None:
+        return _resolve_block_causal(values, given, causal_block, max_tokens=max_tokens,
+                                     prompt_len=prompt_len, max_model_len=max_model_len)
     if "gen_length" not in given and max_tokens is not None:
         wanted = math.ceil(max_tokens / block_length) * block_length
         gen_length = min(gen_length, max(wanted, block_length))
@@ -390,3 +418,20 @@ def resolve(
     if sampler == "dream" and alg is None:
         alg = dream.DEFAULT_ALG
     return DllmParams(**{**values, "gen_length": gen_length, "steps": steps, "alg": alg})
+
+
+def _resolve_block_causal(values: dict[str, Any], given: dict[str, Any], model_block: int, *,
+                          max_tokens: int | None, prompt_len: int, max_model_len: int
+                          ) -> DllmParams:
+    _check_block_causal(values, model_block)
+    _check_skip(given, values)
+    gen_length = values["gen_length"]
+    if "gen_length" not in given and max_tokens is not None:
+        gen_length = min(gen_length, max(max_tokens, 1))
+    steps = values["steps"] if values["steps"] is not None else model_block
+    end = -(-(prompt_len + gen_length) // model_block) * model_block
+    if end > max_model_len:
+        raise ParamError("gen_length", f"prompt ({prompt_len} tokens) + gen_length "
+                         f"({gen_length}), rounded up to whole blocks of {model_block} "
+                         f"({end}), exceeds max_model_len ({max_model_len})")
+    return DllmParams(**{**values, "gen_length": gen_length, "steps": steps, "alg": None})

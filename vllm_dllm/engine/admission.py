@@ -75,6 +75,7 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
             prompt_len=len(request.prompt_token_ids),
             max_model_len=model_config.max_model_len,
             sampler=arch.sampler,
+            causal_block=model_config.hf_config.dllm_block_length if arch.block_causal else None,
         )
     except ParamError as e:
         raise VLLMValidationError(str(e), parameter=e.parameter) from e

@@ -26,8 +26,9 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
 from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
-from vllm_dllm.engine.query_batch import QueryBatch, range_query_batch
+from vllm_dllm.engine.query_batch import QueryBatch, segment_query_batch
 from vllm_dllm.engine.scheduler import DllmGrammarOutput
+from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling import logprobs
 from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens
@@ -44,7 +45,7 @@ else:
 @dataclass
 class DllmRunnerOutput(ModelRunnerOutput):
     # Rows each request's first layer computed in this iteration, and will compute in
-    # its next one (the scheduler's budget); both are `RequestState.recompute_range`.
+    # its next one (the scheduler's budget); both are `RequestState.segments`.
     dllm_rows: dict[str, int] = field(default_factory=dict)
     dllm_next_rows: dict[str, int] = field(default_factory=dict)
     # For the scheduler's stats: tokens each request committed this iteration, and the
@@ -66,7 +67,8 @@ class DllmModelRunner(PlatformModelRunner):
         max_len = self.model_config.max_model_len
         self.batch = DenoiseBatch(max_rows, max_len, SpecialTokens(
             mask=hf_config.mask_token_id, eos=hf_config.eos_token_id,
-            eot=getattr(hf_config, "eot_token_id", None)), self.device)
+            eot=getattr(hf_config, "eot_token_id", None)), self.device,
+            block_causal=BY_ARCHITECTURE[self.model_config.architecture].block_causal)
         self.block_size = self.cache_config.block_size
         self.block_table = torch.zeros((max_rows, -(-max_len // self.block_size)),
                                        dtype=torch.int32, device=self.device)
@@ -104,7 +106,8 @@ class DllmModelRunner(PlatformModelRunner):
                                  sp.top_p, sp.top_k, _token_filters(sp), num_logprobs)
             self.requests[new.req_id] = RequestState(
                 len(new.prompt_token_ids), params, self.mask_token_id, row,
-                self.model.dllm_logits_offset, keeps_logprobs=num_logprobs is not None)
+                self.model.dllm_logits_offset, self.batch.block_causal,
+                new.num_computed_tokens, keeps_logprobs=num_logprobs is not None)
             self._set_pages(row, new.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, block_ids in zip(cached.req_ids, cached.new_block_ids):
@@ -113,6 +116,7 @@ class DllmModelRunner(PlatformModelRunner):
                 state = self.requests[req_id]
                 self._set_pages(state.row, block_ids[0])
                 state.needs_refresh = True
+                state.cached = 0
 
     def _slot_caches(self) -> SlotCaches:
         if self.slot_caches is None:
@@ -193,9 +197,8 @@ class DllmModelRunner(PlatformModelRunner):
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = [self.requests[r] for r in req_ids]
         rows = self.batch.rows_tensor([s.row for s in states])
-        ranges = torch.tensor([s.recompute_range() for s in states], dtype=torch.long)
-        query = range_query_batch(
-            self.batch.tokens, rows, ranges[:, 0], ranges[:, 1],
+        query = segment_query_batch(
+            self.batch.tokens, rows, [s.segments() for s in states],
             torch.tensor([s.sequence_length for s in states]), self.block_table[rows],
             self.block_size)
         plan, logits = self.run_pass(states, query, rows)
@@ -233,7 +236,7 @@ class DllmModelRunner(PlatformModelRunner):
             sampled_token_ids=sampled,
             logprobs=_logprobs_lists(records, sampled),
             dllm_rows=dict(zip(req_ids, counts)),
-            dllm_next_rows={r: _width(s.recompute_range()) for r, s in zip(req_ids, states)},
+            dllm_next_rows={r: s.rows() for r, s in zip(req_ids, states)},
             dllm_committed={r: s.last_commits for r, s in zip(req_ids, states)},
             dllm_block={r: s.block for r, s in zip(req_ids, states)},
             dllm_drafts=drafts,
@@ -278,9 +281,6 @@ def _token_filters(sp: SamplingParams) -> TokenFilters:
                         bad_words=sp.bad_words_token_ids or [], min_tokens=sp.min_tokens,
                         end_ids=sorted(sp.all_stop_token_ids))
 
-
-def _width(window: tuple[int, int]) -> int:
-    return window[1] - window[0]
 
 
 def _drafts(state: RequestState, predicted: list[int], block: int) -> list[int]:

@@ -24,11 +24,13 @@ rows recomputed), iterations per request and requests per block
 (`engine/stats.py`); they reach the front end with vLLM's `SchedulerStats`.
 """
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.output import (CachedRequestData, GrammarOutput, NewRequestData,
                                        SchedulerOutput)
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
@@ -39,20 +41,19 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dllm.engine.stats import DllmStats
+from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling.blocks import BlockGrid, block_grid
 
 
 @dataclass
 class Progress:
     """What the scheduler knows of one request's decoding."""
 
-    # Prompt + canvas: what a new or resumed request recomputes first.
-    sequence_length: int
+    grid: BlockGrid
     # The rows its next iteration recomputes, as the runner reported them
-    # (`RequestState.recompute_range`); None until it has run or after preemption.
+    # (`RequestState.rows`); None until it has run or after preemption.
     next_rows: int | None = None
-    # Its semi-autoregressive block (a structured request's masks end with it).
-    block_length: int = 1
     iterations: int = 0
     block: int = 0
     # A structured request's predictions from its frontier on (the runner's last report).
@@ -60,7 +61,7 @@ class Progress:
 
     @property
     def rows(self) -> int:
-        return self.sequence_length if self.next_rows is None else self.next_rows
+        return self.grid.refresh_rows(self.block) if self.next_rows is None else self.next_rows
 
 
 @dataclass
@@ -77,13 +78,14 @@ class DllmScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._progress: dict[str, Progress] = {}
+        self._block_causal = BY_ARCHITECTURE[self.vllm_config.model_config.architecture].block_causal
         # Stats since the last `make_stats`.
         self._dllm_stats = DllmStats()
 
     def add_request(self, request: Request) -> None:
         params = DllmParams.from_wire(request.sampling_params.extra_args)
-        self._progress[request.request_id] = Progress(request.num_prompt_tokens + params.gen_length,
-                                                      block_length=params.block_length)
+        grid = block_grid(request.num_prompt_tokens, params, self._block_causal)
+        self._progress[request.request_id] = Progress(grid)
         super().add_request(request)
 
     def _free_request(self, request: Request, *args, **kwargs):
@@ -116,11 +118,15 @@ class DllmScheduler(Scheduler):
                     and not self._handle_blocked_waiting_request(request)):
                 compiling.append(self.waiting.pop_request())
                 continue
-            # A new or resumed request recomputes its whole sequence first.
-            rows = self._progress[request.request_id].sequence_length
+            # A new or resumed request recomputes what its pages lack first.
+            progress = self._progress[request.request_id]
+            hit, cached = self._cached_prefix(request, progress.grid)
+            rows = progress.rows - cached
             if rows > budget:
                 break
-            if self.kv_cache_manager.allocate_slots(request, rows) is None:
+            if self.kv_cache_manager.allocate_slots(
+                    request, progress.grid.sequence_length - cached, cached, hit,
+                    delay_cache_blocks=True) is None:
                 victim = self._lower_priority_victim(request)
                 if victim is None:
                     break
@@ -132,14 +138,23 @@ class DllmScheduler(Scheduler):
                 self._progress[victim.request_id].next_rows = None
                 self._preempt_request(victim, now)
                 continue
+            if hit is not None:
+                # The pages of whole prompt blocks hold exact K/V once this iteration
+                # wrote them; other requests of the same pass read them after that
+                # write, layer by layer.
+                exact = progress.grid.origin // self.block_size * self.block_size
+                self.kv_cache_manager.cache_blocks(request, exact)
+                # vLLM's own prefix-cache counters (`vllm:prefix_cache_hits`).
+                self.kv_cache_manager.record_prefix_cache_stats(request, cached)
             self.waiting.pop_request()
             self.running.append(request)
             admitted.append(request)
             # vLLM's prompt-token stats count a prompt once, at its first admission.
             if request.prefill_stats and request.num_preemptions <= 0:
                 request.prefill_stats.set(num_prompt_tokens=request.num_prompt_tokens,
-                                          num_local_cached_tokens=0,
+                                          num_local_cached_tokens=cached,
                                           num_external_cached_tokens=0)
+            request.num_computed_tokens = cached
             num_scheduled[request.request_id] = rows
             budget -= rows
             if self.log_stats:
@@ -154,7 +169,7 @@ class DllmScheduler(Scheduler):
                 new_reqs.append(NewRequestData.from_request(
                     request, self.kv_cache_manager.get_block_ids(request.request_id)))
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_scheduled[request.request_id]
+            request.num_computed_tokens += num_scheduled[request.request_id]
 
         self.waiting.prepend_requests(compiling)
         # Requests that had to sit out this iteration go first next time.
@@ -193,9 +208,11 @@ class DllmScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput):
+        blocks = getattr(model_runner_output, "dllm_block", {})
         for request_id, rows in getattr(model_runner_output, "dllm_next_rows", {}).items():
             if request_id in self._progress:
                 self._progress[request_id].next_rows = rows
+                self._progress[request_id].block = blocks[request_id]
         for request_id, drafts in getattr(model_runner_output, "dllm_drafts", {}).items():
             if request_id in self._progress:
                 self._progress[request_id].drafts = drafts
@@ -221,7 +238,9 @@ class DllmScheduler(Scheduler):
             request = self.requests[request_id]
             grammar = request.structured_output_request.grammar
             progress = self._progress[request_id]
-            room = progress.block_length - request.num_output_tokens % progress.block_length
+            grid = progress.grid
+            frontier = request.num_prompt_tokens + request.num_output_tokens
+            room = grid.block_length - (frontier - grid.origin) % grid.block_length
             bitmask = backend.allocate_token_bitmask(room)
             assumed, single_rows, accepted = [], [], 0
             for i in range(room):
@@ -256,14 +275,12 @@ class DllmScheduler(Scheduler):
     def _count_iterations(self, scheduler_output: SchedulerOutput,
                           model_runner_output: ModelRunnerOutput) -> None:
         committed = getattr(model_runner_output, "dllm_committed", {})
-        blocks = getattr(model_runner_output, "dllm_block", {})
         rows = getattr(model_runner_output, "dllm_rows", {})
         for request_id in model_runner_output.req_ids:
             progress = self._progress.get(request_id)
             if progress is None:
                 continue
             progress.iterations += 1
-            progress.block = blocks.get(request_id, progress.block)
             self._dllm_stats.observe_iteration(
                 committed.get(request_id, 0),
                 rows.get(request_id, scheduler_output.num_scheduled_tokens[request_id]))
@@ -276,6 +293,25 @@ class DllmScheduler(Scheduler):
             # See engine/stats.py for why the counters travel in this field.
             stats.running_lora_adapters.update(dllm.to_wire())
         return stats
+
+    def _cached_prefix(self, request: Request, grid: BlockGrid
+                       ) -> tuple[KVCacheBlocks | None, int]:
+        """The pages vLLM's prefix cache holds of a new block-causal request's prompt, and
+        how many positions they cover (None, 0 where the cache does not apply).
+
+        Only whole prompt blocks are ever cached (see `schedule`). A position's K/V depend
+        on every token up to the end of its block, while a page's hash covers the tokens
+        up to the page's end: a hit counts up to the last boundary that is both a page
+        and a block boundary, where the two agree.
+        """
+        if not (grid.block_causal and self.cache_config.enable_prefix_caching) \
+                or request.status == RequestStatus.PREEMPTED:
+            return None, 0
+        blocks, hit, _ = self.kv_cache_manager.get_computed_blocks(request)
+        unit = math.lcm(grid.block_length, self.block_size)
+        cached = hit // unit * unit
+        pages = cached // self.block_size
+        return KVCacheBlocks(tuple(group[:pages] for group in blocks.blocks)), cached
 
     def _lower_priority_victim(self, request: Request) -> Request | None:
         """The running request to preempt so that `request` fits, if policy allows."""

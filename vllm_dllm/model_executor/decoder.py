@@ -71,11 +71,12 @@ class ProjectedAttention(nn.Module):
 
     The constructor builds the projections and `attn` on a rank's share of the heads
     (fewer KV heads than ranks: each rank keeps a replica of one); a model's subclass
-    adds its rotary embedding and `rotate`."""
+    adds its rotary embedding and `rotate`. `qk_norm_eps` adds Qwen3's per-head RMSNorm
+    of q and k before RoPE (`q_norm`, `k_norm`, one gain of head_dim each)."""
 
     def __init__(self, *, hidden_size: int, total_num_heads: int, total_num_kv_heads: int,
                  head_dim: int, qkv_bias: bool, o_bias: bool, vllm_config: VllmConfig,
-                 prefix: str):
+                 prefix: str, qk_norm_eps: float | None = None):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.head_dim = head_dim
@@ -92,6 +93,15 @@ class ProjectedAttention(nn.Module):
             self.num_heads, head_dim, head_dim**-0.5, num_kv_heads=self.num_kv_heads,
             cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn",
             attn_backend=BidirectionalAttentionBackend)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps)
+
+    def _per_head(self, norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
+        if norm is None:
+            return x
+        return norm(x.view(*x.shape[:-1], -1, self.head_dim)).view(x.shape)
 
     def project(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 kv_rows: torch.Tensor | None = None
@@ -103,6 +113,7 @@ class ProjectedAttention(nn.Module):
             hidden_states, kv_positions = hidden_states[kv_rows], positions[kv_rows]
         kv, _ = self.kv_proj(hidden_states)
         k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        q, k = self._per_head(self.q_norm, q), self._per_head(self.k_norm, k)
         return self.rotate(positions, q), self.rotate(kv_positions, k), v
 
     def context(self, positions: torch.Tensor, hidden_states: torch.Tensor,
@@ -197,7 +208,8 @@ class DllmTransformer(nn.Module):
 
 
 class DllmForMaskedLM(nn.Module):
-    """A `DllmTransformer` with an untied head, as vLLM's model runner calls it.
+    """A `DllmTransformer` with its head (`tie_word_embeddings`: the embedding's matrix),
+    as vLLM's model runner calls it.
 
     A subclass declares `dllm_logits_offset` (logits row p predicts position
     p + offset), `stacked` (checkpoint name fragment -> this module's fused parameter
@@ -208,10 +220,13 @@ class DllmForMaskedLM(nn.Module):
     dllm_logits_offset: int
     stacked: dict[str, tuple[str, str | int | None]]
 
-    def __init__(self, model: DllmTransformer, vocab_size: int, hidden_size: int):
+    def __init__(self, model: DllmTransformer, vocab_size: int, hidden_size: int,
+                 tie_word_embeddings: bool = False):
         super().__init__()
         self.model = model
-        self.lm_head = ParallelLMHead(vocab_size, hidden_size, prefix="lm_head")
+        self.tie_word_embeddings = tie_word_embeddings
+        self.lm_head = (model.embed_tokens if tie_word_embeddings
+                        else ParallelLMHead(vocab_size, hidden_size, prefix="lm_head"))
         self.logits_processor = LogitsProcessor(vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -239,6 +254,9 @@ class DllmForMaskedLM(nn.Module):
         loaded: set[str] = set()
         for checkpoint_name, tensor in weights:
             name = self.module_name(checkpoint_name)
+            if self.tie_word_embeddings and name.startswith("lm_head."):
+                # Some tied checkpoints also store the head: the embedding's copy.
+                continue
             for original, (fused, shard) in self.stacked.items():
                 if original in name:
                     name = name.replace(original, fused)

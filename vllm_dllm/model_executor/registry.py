@@ -27,6 +27,9 @@ class DllmArchitecture:
     # sets none and the config's max_position_embeddings is larger: every running
     # request keeps a max_model_len-wide token row.
     default_max_model_len: int | None = None
+    # Block diffusion (SDAR, LLaDA2): block-causal attention over blocks of the
+    # config class's `dllm_block_length`, cut from position 0.
+    block_causal: bool = False
 
 
 ARCHITECTURES: tuple[DllmArchitecture, ...] = (
@@ -40,6 +43,10 @@ ARCHITECTURES: tuple[DllmArchitecture, ...] = (
         config_cls="vllm_dllm.configs.dream:DreamConfig",
         tokenizer_cls="vllm_dllm.configs.dream:DreamTokenizer",
         logits_offset=1, sampler="dream", default_max_model_len=2048),
+    DllmArchitecture(
+        "SDARForCausalLM", "sdar",
+        model_cls="vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
+        config_cls="vllm_dllm.configs.sdar:SDARConfig", block_causal=True),
 )
 
 BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}

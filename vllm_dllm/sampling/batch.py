@@ -9,7 +9,15 @@ as they are, turns their logits into commits with batched tensor operations
 rows and returns one packed tensor that the caller copies to the host once.
 
 Layout of `tokens`: row r holds the request's prompt followed by its canvas; the
-last column is scratch, where padding columns of a narrower block read and write.
+last column is scratch, where padding columns of a narrower block (and the prompt
+columns of a block-diffusion model's first block) read and write.
+
+A batch serves one model: `block_causal` says whether it is a block-diffusion one
+(SDAR, LLaDA2), whose decoding differs in three ways, after their `generate`
+functions: blocks lie on the grid from position 0 (`blocks.BlockGrid`), a sampled
+token's confidence is its probability under the distribution it was drawn from
+(temperature applied), and the `threshold` policy commits at least the fixed
+schedule's count (`steps` per block), not just one token.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -18,6 +26,7 @@ import torch
 
 from vllm_dllm.params import DEFAULTS, REMASKING, ROW_DTYPES, DllmParams, row_values
 from vllm_dllm.sampling import dream, logprobs, noise
+from vllm_dllm.sampling.blocks import BlockGrid, block_grid
 from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
 from vllm_dllm.sampling.grammar import GrammarPlan
 from vllm_dllm.sampling.policies import POLICIES, PolicyBatch, select
@@ -84,8 +93,9 @@ class BatchPlan:
 
 class DenoiseBatch:
     def __init__(self, max_rows: int, max_len: int, special: SpecialTokens,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", block_causal: bool = False):
         self.special = special
+        self.block_causal = block_causal
         self.device = torch.device(device)
         self.max_len = max_len
         self.width = 1
@@ -115,6 +125,8 @@ class DenoiseBatch:
         for name, dtype in ROW_DTYPES.items():
             setattr(self, name, zeros(dtype))
         self.prompt_len = zeros(torch.long)
+        # Absolute start of each request's first decoded block (`BlockGrid.origin`).
+        self.origin = zeros(torch.long)
         self.steps_per_block = zeros(torch.long)
         self.temperature = zeros(torch.float64)
         self.top_p = zeros(torch.float64)
@@ -135,8 +147,9 @@ class DenoiseBatch:
         `num_logprobs`: the top logprobs its tokens' records carry (None: no records)."""
         if not self._free:
             self._grow()
-        if len(prompt) + params.gen_length > self.max_len:
-            raise ValueError("prompt + gen_length exceeds the batch's max_len")
+        grid = self.grid(len(prompt), params)
+        if grid.sequence_length > self.max_len:
+            raise ValueError("prompt + canvas exceeds the batch's max_len")
         row = self._free.pop()
         self.params[row] = params
         self.temperatures[row] = temperature
@@ -154,7 +167,8 @@ class DenoiseBatch:
         self.last_conf[row] = 0
         self.fresh[row] = False
         for name, value in (*row_values(params).items(),
-                            ("prompt_len", len(prompt)), ("steps_per_block", params.steps_per_block),
+                            ("prompt_len", len(prompt)), ("origin", grid.origin),
+                            ("steps_per_block", grid.steps_per_block),
                             ("temperature", temperature), ("seed", seed), ("top_p", top_p),
                             ("top_k", top_k), ("block", 0), ("step_in_block", 0),
                             ("iteration", 0)):
@@ -167,6 +181,10 @@ class DenoiseBatch:
         for name in _STREAK_FIELDS:
             getattr(self.streaks, name)[row] = -1 if name == "ids" else 0
         return row
+
+    def grid(self, prompt_len: int, params: DllmParams) -> BlockGrid:
+        """Where a request's blocks lie in this batch's model."""
+        return block_grid(prompt_len, params, self.block_causal)
 
     def _grow(self) -> None:
         """Double the rows: preempted requests keep theirs, so more than max_num_seqs
@@ -282,13 +300,16 @@ class DenoiseBatch:
                             if any(n is not None for n in asked) else None),
         )
 
+    def block_start(self, rows: torch.Tensor) -> torch.Tensor:
+        """Absolute start of each row's current block."""
+        return self.origin[rows] + self.block[rows] * self.block_length[rows]
+
     def block_positions(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Columns of `tokens` holding each row's current block ([B, width]; padding
-        goes to the scratch column) and which of them are real."""
+        """Columns of `tokens` holding each row's current block ([B, width]; padding and
+        prompt columns go to the scratch column) and which of them are canvas."""
         col = torch.arange(width, device=self.device)
-        length = self.block_length[rows][:, None]
-        start = self.prompt_len[rows][:, None] + self.block[rows][:, None] * length
-        valid = col < length
+        start = self.block_start(rows)[:, None]
+        valid = (col < self.block_length[rows][:, None]) & (start + col >= self.prompt_len[rows][:, None])
         return torch.where(valid, start + col, self.max_len), valid
 
     def step(self, plan: BatchPlan, logits: torch.Tensor) -> torch.Tensor:
@@ -304,7 +325,8 @@ class DenoiseBatch:
         req, col = plan.logit_request, plan.logit_column
         cells, valid = self.block_positions(rows, k)
         current = self.tokens[rows[:, None], cells]
-        position = self.block[rows][req] * self.block_length[rows][req] + col
+        # Canvas positions (what the noise and the token filters are keyed by).
+        position = (self.block_start(rows) - self.prompt_len[rows])[req] + col
         if plan.logit_valid is not None:
             # Placeholder rows land in a scratch column that is dropped below.
             col = torch.where(plan.logit_valid, col, k)
@@ -337,8 +359,14 @@ class DenoiseBatch:
         elif plan.sampled is not None:
             s = plan.sampled
             u = noise.uniforms(seed[s], iteration[s], position[s], noise.STREAM_SAMPLE)
-            x0 = top_ids.index_copy(0, s, noise.sample(logits[s], self.temperature[rows][req][s], u))
+            temperature = self.temperature[rows][req][s]
+            x0 = top_ids.index_copy(0, s, noise.sample(logits[s], temperature, u))
             confidence = probability(x0)
+            if self.block_causal:
+                tempered = logits[s].double() / temperature[:, None]
+                drawn = tempered.gather(-1, x0[s][:, None]).squeeze(-1)
+                confidence = confidence.index_copy(
+                    0, s, (drawn - torch.logsumexp(tempered, -1)).exp())
         if "confidence_eos_eot_inf" in plan.options and special.eot is not None:
             use = self.confidence_eos_eot_inf[rows][req]
             confidence = torch.where(use, eos_eot_confidence(logits, x0, special.eos, special.eot),
@@ -381,8 +409,11 @@ class DenoiseBatch:
         # A block that token skipping left unfinished after its steps goes on, one
         # token (at least) an iteration.
         counts = torch.where(step >= self.steps_per_block[rows], counts.clamp(min=1), counts)
+        # LLaDA2's and SDAR's threshold rule (`low_confidence_dynamic`) keeps the schedule's
+        # count as a floor; Fast-dLLM's commits the top one at least.
+        floor = counts.clamp(min=1) if self.block_causal else None
         commit = select(conf_matrix, PolicyBatch(
-            policy=self.policy[rows], counts=counts, threshold=self.threshold[rows],
+            policy=self.policy[rows], counts=counts, floor=floor, threshold=self.threshold[rows],
             factor=self.factor[rows], frechet_delta=self.frechet_delta[rows],
             used=plan.policies))
         if plan.dream:
@@ -406,9 +437,11 @@ class DenoiseBatch:
             self._track_positions(rows, cells, scatter(tracked.float(), -1.0), after != current)
         clean = ~((after == special.mask) & valid).any(-1)
         step = step + 1
-        fixed = self.policy[rows] == POLICIES.index("fixed")
+        # LLaDA's fixed schedule runs all of a block's steps; block-diffusion models move on
+        # once a block has no mask left.
+        fixed = (self.policy[rows] == POLICIES.index("fixed")) & (not self.block_causal)
         if plan.grammar is not None:
-            # A structured request's block ends when its grammar's commits fill it: the
+            # So does a structured request's block when its grammar's commits fill it: the
             # fixed schedule no longer decides how many it commits.
             fixed = fixed & ~plan.grammar.structured
         min_steps = torch.where(fixed, self.steps_per_block[rows], torch.ones_like(step))
@@ -417,6 +450,11 @@ class DenoiseBatch:
         self.step_in_block[rows] = torch.where(advance, torch.zeros_like(step), step)
         self.iteration[rows] = self.iteration[rows] + 1
         return torch.cat([after, advance.long()[:, None], *extras], dim=1)
+
+    def _canvas_columns(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """Canvas positions of each row's current block columns, [B, width]."""
+        start = self.block_start(rows) - self.prompt_len[rows]
+        return start[:, None] + torch.arange(width, device=self.device)
 
     def _dream_tokens(self, plan: BatchPlan, logits: torch.Tensor, seed: torch.Tensor,
                       iteration: torch.Tensor, position: torch.Tensor
@@ -446,8 +484,7 @@ class DenoiseBatch:
         last = self.steps_per_block[rows] - 1
         # Past its steps (token skipping left masks) a block reveals all it can.
         ratio = plan.ratios.gather(1, torch.minimum(step, last)[:, None]).squeeze(1)
-        position = (self.block[rows][:, None] * self.block_length[rows][:, None]
-                    + torch.arange(k, device=self.device))
+        position = self._canvas_columns(rows, k)
         u = noise.uniforms(self.seed[rows][:, None], self.iteration[rows][:, None], position,
                            noise.STREAM_REMASK)
         scheduled = dream.select(conf_matrix, self.alg[rows], self.alg_temp[rows], ratio, u)
@@ -460,8 +497,7 @@ class DenoiseBatch:
         `span` canvas positions before the block are committed, prompt positions are not
         part of the canvas."""
         prompt_len = self.prompt_len[rows][:, None]
-        before = (prompt_len + self.block[rows][:, None] * self.block_length[rows][:, None]
-                  - span + torch.arange(span, device=self.device))
+        before = self.block_start(rows)[:, None] - span + torch.arange(span, device=self.device)
         held = self.tokens[rows[:, None], before.clamp(min=0)]
         held = torch.where(before >= prompt_len, held, NOT_COMMITTED)
         committed = valid & (block != self.special.mask)
@@ -501,8 +537,7 @@ class DenoiseBatch:
         streaks.block = self.streaks.block[rows]
         uniforms = None
         if "random" in plan.r2.token_modes:
-            position = (self.block[rows][:, None] * self.block_length[rows][:, None]
-                        + torch.arange(k, device=self.device))
+            position = self._canvas_columns(rows, k)
             uniforms = noise.uniforms(self.seed[rows][:, None], self.iteration[rows][:, None],
                                       position, noise.STREAM_TOKEN_CLUSTER)
         out = apply_r2(plan.r2, streaks, commit, tokens, conf_matrix, top_ids, top_conf,

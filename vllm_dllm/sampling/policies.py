@@ -51,15 +51,23 @@ def select_fixed(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     return _top(confidence, rank_in_row(confidence), counts)
 
 
-def select_threshold(confidence: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Commit every candidate with confidence >= `threshold[b]`, and always the row's top-1.
+def select_threshold(confidence: torch.Tensor, threshold: torch.Tensor,
+                     floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Commit every candidate with confidence >= `threshold[b]`, and always the row's
+    `floor[b]` best (None: the top-1).
 
     The forced top-1 (the first maximum, i.e. the lower position on a tie) is
-    what guarantees progress when nothing clears the threshold.
+    what guarantees progress when nothing clears the threshold. A larger floor is
+    LLaDA2's and SDAR's rule (`low_confidence_dynamic` in SDAR's `generate.py`): the
+    candidates above the threshold, or the schedule's count of the best when fewer
+    clear it.
     """
     candidates = confidence > float("-inf")
-    top1 = torch.zeros_like(candidates).scatter_(-1, confidence.argmax(-1, keepdim=True), True)
-    return candidates & ((confidence >= threshold[:, None]) | top1)
+    if floor is None:
+        best = torch.zeros_like(candidates).scatter_(-1, confidence.argmax(-1, keepdim=True), True)
+    else:
+        best = rank_in_row(confidence) < floor[:, None]
+    return candidates & ((confidence >= threshold[:, None]) | best)
 
 
 def select_factor(confidence: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -121,6 +129,7 @@ class PolicyBatch:
     factor: torch.Tensor  # float64
     frechet_delta: torch.Tensor  # float64
     used: frozenset[str]
+    floor: torch.Tensor | None = None  # long, the fewest the threshold rule commits (None: 1)
 
 
 def select(confidence: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
@@ -131,7 +140,7 @@ def select(confidence: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
     """
     rules = {
         "fixed": lambda: select_fixed(confidence, batch.counts),
-        "threshold": lambda: select_threshold(confidence, batch.threshold),
+        "threshold": lambda: select_threshold(confidence, batch.threshold, batch.floor),
         "factor": lambda: select_factor(confidence, batch.factor),
         "frechet": lambda: select_frechet(confidence, batch.frechet_delta),
     }

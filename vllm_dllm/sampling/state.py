@@ -8,6 +8,7 @@ updated from the one packed transfer each iteration returns.
 """
 
 from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling.blocks import block_grid
 from vllm_dllm.sampling.recompute import cache_window, refreshes
 from vllm_dllm.skipping import es
 from vllm_dllm.skipping.plan import RequestSkip
@@ -15,19 +16,23 @@ from vllm_dllm.skipping.plan import RequestSkip
 
 class RequestState:
     def __init__(self, prompt_len: int, params: DllmParams, mask_id: int, row: int,
-                 logits_offset: int = 0, keeps_logprobs: bool = False):
+                 logits_offset: int = 0, block_causal: bool = False, cached: int = 0,
+                 keeps_logprobs: bool = False):
         self.prompt_len = prompt_len
         # The model's: logits row p predicts position p + logits_offset.
         self.logits_offset = logits_offset
         self.params = params
+        self.grid = block_grid(prompt_len, params, block_causal)
         self.mask_id = mask_id
         self.row = row
-        self.canvas = [mask_id] * params.gen_length
+        self.canvas = [mask_id] * self.grid.canvas_length
         self.block = 0
         self.step_in_block = 0
         self.emitted = 0
-        # The pages hold none of this request's K/V (new or resumed request).
+        # The pages hold none of this request's K/V (new or resumed request), but for
+        # its first `cached` positions (whole prompt blocks from vLLM's prefix cache).
         self.needs_refresh = True
+        self.cached = cached
         # Forwards so far, and how many tokens the last one committed.
         self.iterations = 0
         self.last_commits = 0
@@ -41,15 +46,17 @@ class RequestState:
 
     @property
     def block_start(self) -> int:
-        return self.block * self.params.block_length
+        """The current block's start, relative to the canvas (negative when a
+        block-diffusion model's first block starts inside the prompt)."""
+        return self.grid.block_start(self.block) - self.prompt_len
 
     @property
     def finished(self) -> bool:
-        return self.block >= self.params.num_blocks
+        return self.block >= self.grid.num_blocks
 
     @property
     def sequence_length(self) -> int:
-        return self.prompt_len + self.params.gen_length
+        return self.grid.sequence_length
 
     def _full(self) -> bool:
         """Whether this iteration recomputes its whole window in every layer."""
@@ -80,6 +87,37 @@ class RequestState:
                 lo = max(0, self.prompt_len - self.logits_offset)
         return lo, hi
 
+    def segments(self) -> list[tuple[int, int, int]]:
+        """This iteration's query segments: absolute [lo, hi) and the key length they
+        attend to (positions [0, key length) of the request's pages); the scheduler's
+        charge, the metrics' recomputed rows and the runner's layout all read it.
+
+        A bidirectional model has one segment, `recompute_range`, over the whole
+        sequence. A block-causal one (block diffusion, arXiv:2503.09573 §3) computes
+        its current block, whose rows see the blocks up to its end; on the first
+        iteration of a block also the block just finished, with its final tokens, whose
+        rows see up to their own end: those K/V are exact and never recomputed (SDAR's
+        `generate` spends a separate forward on them; here they share the next
+        iteration's). A new or resumed request computes every block before its current
+        one that its pages lack, one segment each.
+        """
+        if not self.grid.block_causal:
+            lo, hi = self.recompute_range()
+            return [(lo, hi, self.sequence_length)]
+        b = self.grid.block_length
+        start = self.grid.block_start(self.block)
+        if self.needs_refresh:
+            first = self.cached
+        elif self.step_in_block == 0 and self.block > 0:
+            first = start - b
+        else:
+            first = start
+        return [(lo, lo + b, lo + b) for lo in range(first, start + 1, b)]
+
+    def rows(self) -> int:
+        """The rows this iteration's first layer computes."""
+        return sum(hi - lo for lo, hi, _ in self.segments())
+
     def skip_plan(self, n_layers: int, window: int) -> RequestSkip:
         p = self.params
         sparse = p.skip != "none" and not self._full()
@@ -93,27 +131,33 @@ class RequestState:
                                 p.block_length) if sparse else {}
         return RequestSkip(p, sparse, counts, layers)
 
+    def _block_cells(self) -> tuple[int, int]:
+        """The current block's (first canvas index, prompt columns before it)."""
+        start = self.block_start
+        return max(start, 0), max(-start, 0)
+
     def masked_columns(self) -> list[int]:
         """Columns of the current block that are still masks."""
-        start = self.block_start
-        block = self.canvas[start : start + self.params.block_length]
-        return [c for c, token in enumerate(block) if token == self.mask_id]
+        first, before = self._block_cells()
+        block = self.canvas[first : first + self.params.block_length - before]
+        return [before + c for c, token in enumerate(block) if token == self.mask_id]
 
     def apply(self, packed: list[int], records: list[int] | None = None) -> list[int]:
         """Take one iteration's packed result (the block's tokens, then whether the
         request moved to its next block) and, with logprobs, its block columns'
         records side by side; returns the tokens that became final."""
-        length = self.params.block_length
-        start = self.block_start
-        before = self.canvas[start : start + length]
-        changed = [c for c, (a, b) in enumerate(zip(before, packed[:length])) if a != b]
+        first, before = self._block_cells()
+        tokens = packed[before : self.params.block_length]
+        old = self.canvas[first : first + len(tokens)]
+        changed = [c for c, (a, b) in enumerate(zip(old, tokens)) if a != b]
         if self.logprobs is not None and records is not None:
             size = len(records) // (len(packed) - 1)
             for c in changed:
-                self.logprobs[start + c] = records[c * size : (c + 1) * size]
+                column = before + c
+                self.logprobs[first + c] = records[column * size : (column + 1) * size]
         self.last_commits = len(changed)
-        self.previous_commit = self.prompt_len + start + changed[0] if changed else None
-        self.canvas[start : start + length] = packed[:length]
+        self.previous_commit = self.prompt_len + first + changed[0] if changed else None
+        self.canvas[first : first + len(tokens)] = tokens
         self.needs_refresh = False
         self.iterations += 1
         if packed[-1]:

@@ -1,0 +1,182 @@
+"""Block diffusion on the real engine: a tiny random SDAR decodes as the reference block
+decoder (`dllm_reference/block_diffusion.py`) token for token, batched and alone, greedy
+and seeded, when joining a running batch and after preemption; whole prompt blocks come
+from vLLM's prefix cache; what block-causal models refuse is refused by name."""
+
+import json
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from dllm_reference import block_diffusion
+from dllm_reference.sdar import ReferenceSDAR
+from dllm_reference.tiny_sdar import write_random_model
+from tests.helpers import (cut_after_end, inproc_engine, plugin_tokens, random_prompt,
+                           run_to_completion, shutdown)
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 4
+# (prompt length, extra_args, temperature, seed): prompts on and off the block grid, every
+# policy, steps that split the block unevenly, sampling.
+CASES = [
+    (7, {"gen_length": 13, "policy": "threshold", "threshold": 0.5}, 0.0, 1),
+    (8, {"gen_length": 16, "policy": "fixed", "steps": 2}, 0.0, 2),
+    (5, {"gen_length": 20, "policy": "threshold", "threshold": 0.6, "steps": 3}, 0.8, 3),
+    (13, {"gen_length": 9, "policy": "fixed"}, 0.9, 4),
+    (3, {"gen_length": 30, "policy": "factor", "factor": 1.0}, 0.0, 5),
+    (10, {"gen_length": 24, "policy": "frechet"}, 0.7, 6),
+]
+
+
+@pytest.fixture(scope="module")
+def sdar(tmp_path_factory):
+    folder = write_random_model(tmp_path_factory.mktemp("sdar-tiny"), seed=0, block_size=BLOCK)
+    config = json.loads((folder / "config.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    return folder, ReferenceSDAR.from_pretrained(folder), config["mask_token_id"], \
+        tuple(generation["eos_token_id"])
+
+
+@pytest.fixture(scope="module")
+def engine(sdar):
+    # Pages of 16 so that a 64-token system prompt fills whole pages vLLM can share.
+    llm, recorder = inproc_engine(sdar[0], max_model_len=256, max_num_seqs=40, block_size=16,
+                                  disable_log_stats=False)
+    yield llm, recorder
+    shutdown(llm)
+
+
+def reference(sdar, prompt: list[int], extra: dict, temperature: float, seed: int,
+              bidirectional: bool = False, ignore_eos: bool = False) -> list[int]:
+    _, model, mask, ends = sdar
+    settings = {k: v for k, v in extra.items() if k != "gen_length"}
+    if bidirectional:
+        model = _Bidirectional(model)
+    stops = () if ignore_eos else ends
+    tokens = block_diffusion.generate(model, prompt, mask_id=mask, gen_length=extra["gen_length"],
+                                      block_length=BLOCK, temperature=temperature, seed=seed,
+                                      stop_ids=stops, **settings)["tokens"]
+    return cut_after_end(tokens, stops)[: extra["gen_length"]]
+
+
+class _Bidirectional:
+    """The reference model with its block mask taken off."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, tokens: torch.Tensor, block_length: int) -> torch.Tensor:
+        return self.model(tokens)
+
+
+def params(extra: dict, temperature: float, seed: int, ignore_eos: bool = False
+           ) -> SamplingParams:
+    return SamplingParams(temperature=temperature, seed=seed, max_tokens=extra["gen_length"],
+                          ignore_eos=ignore_eos, extra_args=dict(extra))
+
+
+def cases() -> list[dict]:
+    return [{"prompt": random_prompt(i, n), "extra": extra, "temperature": t, "seed": s}
+            for i, (n, extra, t, s) in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_plugin_equals_reference(sdar, engine, batched):
+    llm, recorder = engine
+    want = [reference(sdar, c["prompt"], c["extra"], c["temperature"], c["seed"])
+            for c in cases()]
+    got = plugin_tokens(llm, cases(), lambda c: params(c["extra"], c["temperature"], c["seed"]),
+                        batched=batched)
+    assert got == want
+    # The attention really is block-causal: the same decoding without the block mask differs.
+    assert any(reference(sdar, c["prompt"], c["extra"], c["temperature"], c["seed"],
+                         bidirectional=True) != w for c, w in zip(cases(), want))
+    assert recorder.mischarged() == []
+
+
+def test_request_joining_mid_batch_decodes_the_same(sdar, engine):
+    llm, _ = engine
+    arrivals = {}
+    for i, c in enumerate(cases()):
+        arrivals.setdefault(3 * i, []).append(
+            (f"r{i}", c["prompt"], params(c["extra"], c["temperature"], c["seed"])))
+    done = run_to_completion(llm, arrivals)
+    for i, c in enumerate(cases()):
+        rid = next(r for r in done if r.startswith(f"r{i}"))
+        assert done[rid] == reference(sdar, c["prompt"], c["extra"], c["temperature"],
+                                      c["seed"]), i
+
+
+def test_shared_system_prompt_is_computed_once(sdar, engine):
+    """32 requests behind one 64-token system prompt: its four pages are computed by the
+    first request only (the rows each request's first iteration computes say so, and so
+    do vLLM's own prefix-cache counters), and every answer is the reference's."""
+    llm, recorder = engine
+    system = random_prompt(100, 64)
+    batch = [{"prompt": system + random_prompt(200 + i, 1 + i % 7),
+              "extra": {"gen_length": 12, "policy": "threshold", "threshold": 0.5},
+              "temperature": 0.0, "seed": 0} for i in range(32)]
+    hits_before = _counter(llm, "vllm:prefix_cache_hits")
+    first = len(recorder.charges)
+    got = plugin_tokens(llm, batch, lambda c: params(c["extra"], 0.0, 0), batched=True)
+    assert got == [reference(sdar, c["prompt"], c["extra"], 0.0, 0) for c in batch]
+    computed = {}
+    for step in recorder.charges[first:]:
+        for rid, (_, rows) in step.items():
+            computed.setdefault(rid, rows)
+    # A request's first iteration computes its prompt blocks and its first block.
+    full = [len(c["prompt"]) // BLOCK * BLOCK + BLOCK for c in batch]
+    # `generate` numbers its requests in order.
+    rows = [computed[rid] for rid in sorted(computed, key=int)]
+    assert [f - r for f, r in zip(full, rows)] == [0] + [64] * 31
+    assert _counter(llm, "vllm:prefix_cache_hits") - hits_before == 31 * 64
+
+
+def _counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+@pytest.mark.parametrize("extra,parameter", [
+    ({"cache": "dual"}, "cache"),
+    ({"skip": "es"}, "skip"),
+    ({"r2": True}, "r2"),
+    ({"block_length": 8}, "block_length"),
+    ({"refresh_period": 4}, "refresh_period"),
+])
+def test_refused_by_name(engine, extra, parameter):
+    llm, _ = engine
+    with pytest.raises(VLLMValidationError, match=parameter):
+        llm.generate([{"prompt_token_ids": random_prompt(1, 5)}],
+                     SamplingParams(max_tokens=8, extra_args=extra), use_tqdm=False)
+    ok = llm.generate([{"prompt_token_ids": random_prompt(1, 5)}],
+                      SamplingParams(max_tokens=8), use_tqdm=False)
+    assert ok[0].outputs[0].token_ids
+
+
+def test_preempted_request_resumes_with_same_tokens(sdar):
+    """KV room for one sequence: a high-priority arrival preempts the running one, which
+    recomputes its finished blocks when it resumes."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    # 2 layers x (K, V) x 2 heads x 16 dims x fp32 = 512 B per token: one page of 128
+    # tokens for requests, plus the null page vLLM keeps back.
+    try:
+        llm, recorder = inproc_engine(sdar[0], max_model_len=128, block_size=128,
+                                      kv_cache_memory_bytes=2 * 128 * 512,
+                                      scheduling_policy="priority")
+    finally:
+        mp.undo()
+    low = (random_prompt(7, 30), {"gen_length": 60, "policy": "fixed"}, 0.7, 9)
+    high = (random_prompt(8, 21), {"gen_length": 30, "policy": "threshold"}, 0.0, 0)
+    done = run_to_completion(llm, {
+        0: [("low", low[0], params(*low[1:], ignore_eos=True), 1)],
+        10: [("high", high[0], params(*high[1:], ignore_eos=True), 0)],
+    })
+    assert any("low" in s["preempted"] for s in recorder.steps)
+    assert recorder.mischarged() == []
+    for rid, (prompt, extra, t, seed) in (("low", low), ("high", high)):
+        assert done[rid] == reference(sdar, prompt, extra, t, seed, ignore_eos=True), rid
+    shutdown(llm)
