@@ -16,8 +16,9 @@ Structured outputs follow vLLM's conventions: the engine core compiles a request
 grammar (`StructuredOutputManager`) and the request waits until it is ready; each
 iteration `get_grammar_bitmask` gives the runner the token masks of the request's
 frontier and of the positions after it that its drafts lead to (the single token a
-mask allows, else the last iteration's prediction; `sampling/grammar.py`), and `update_from_output` advances the grammar
-with the returned tokens (vLLM's own `accept_tokens`).
+mask allows, else the last iteration's prediction; `sampling/grammar.py`), and
+`update_from_output` advances the grammar with the returned tokens (vLLM's own
+`accept_tokens`).
 
 With stats on, the scheduler also counts what each iteration did (tokens committed,
 rows recomputed), iterations per request and requests per block
