@@ -535,7 +535,8 @@ BAD_VALUES = {
     "gen_lenght": [32],
 }
 # Standard sampling options diffusion decoding refuses or vLLM itself checks.
-BAD_OPTIONS = {"top_p": [0.5], "top_k": [5], "min_p": [0.1], "logprobs": [2],
+BAD_OPTIONS = {"top_p": [0.5], "top_k": [5], "min_p": [0.1], "prompt_logprobs": [1],
+               "logprobs": [50],  # above vLLM's max_logprobs (20)
                "temperature": [-1.0], "n": [0], "min_tokens": [64], "presence_penalty": [0.5],
                "logit_bias": [{"104": 1.0}], "allowed_token_ids": [[99]]}
 
