@@ -54,7 +54,7 @@ class Engine:
     """
 
     def __init__(self, model: str | Path, *, max_model_len: int, max_num_seqs: int,
-                 threads: int = 0, seed: int = 0):
+                 threads: int = 0, seed: int = 0, **engine_args: Any):
         # The engine core must run in this process for the scheduler to be reachable.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import torch
@@ -65,7 +65,7 @@ class Engine:
             torch.set_num_threads(threads)
 
         self.llm = LLM(model=str(model), max_model_len=max_model_len,
-                       max_num_seqs=max_num_seqs, seed=seed)
+                       max_num_seqs=max_num_seqs, seed=seed, **engine_args)
         self.engine = self.llm.llm_engine
         self.scheduler = self.engine.engine_core.engine_core.scheduler
         self.iterations: Counter[str] = Counter()

@@ -48,6 +48,9 @@ Conventions shared with the plugin so that runs can be compared token for token:
   `bad_words`, `min_tokens`): `dllm_reference.token_filters`, on every masked
   position's row before its token and confidence; a block left with masks after its
   steps (bad-word breaks) goes on as under skipping.
+* Logprobs (`logprobs` k): a committed token's record is taken from the iteration that
+  commits it: log softmax of its position's filtered logits (divided by the temperature
+  when it samples) at the token, and the top k of that distribution.
 """
 
 import torch
@@ -121,6 +124,7 @@ def generate(
     delay_eos_generation: bool = False,
     eos_id: int | None = None,
     token_filters: TokenFilters | None = None,
+    logprobs: int | None = None,
     **skip_settings,
 ) -> dict:
     """Decode one request under `policy` (with its `threshold`, `factor` or
@@ -130,7 +134,9 @@ def generate(
     unfinished after its steps goes on committing max(1, schedule) tokens an iteration.
 
     Returns the canvas (`tokens`), the number of forward passes (`forwards`) and
-    how many tokens each forward committed (`commits`, one entry per forward).
+    how many tokens each forward committed (`commits`, one entry per forward); with
+    `logprobs` k, per canvas position (`logprobs`) its token's logprob and the top k
+    (id, logprob) pairs, best first (None where nothing was committed).
     """
     assert cache in ("none", "prefix", "dual")
     # ES-dLLM's Dream path scores skipped rows before its EOS delay; only LLaDA's is here.
@@ -147,6 +153,7 @@ def generate(
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     length = len(x)
     commits: list[int] = []
+    records: list[tuple | None] = [None] * gen_length
     last_chosen: list[int] = []
     skipper = skipping.request_skipping(
         model, prompt_len, length, skip=skip, cache=cache, mask_id=mask_id,
@@ -236,10 +243,18 @@ def generate(
                 for q in back:
                     x[prompt_len + q] = mask_id
                 chosen = [p for p in chosen if int(canvas_pos[p]) not in back]
+            if logprobs is not None:
+                scaled = rows.double() / (temperature if temperature > 0 else 1.0)
+                for p in chosen:
+                    lp = torch.log_softmax(scaled[p], -1)
+                    top = lp.topk(logprobs)
+                    records[int(canvas_pos[p])] = (float(lp[x0[p]]), list(zip(
+                        top.indices.tolist(), top.values.tolist())))
             if skipper is not None:
                 skipper.record(start, {p: 0.0 if p in delayed else float(probs[p].max())
                                        for p in candidates}, chosen)
             commits.append(len(chosen))
             last_chosen = [start + p for p in chosen]
             i += 1
-    return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits}
+    return {"tokens": x[prompt_len:].tolist(), "forwards": len(commits), "commits": commits,
+            "logprobs": records}

@@ -13,6 +13,7 @@ from tests.helpers import CoreDriver, SyncCounter, model_ids, random_prompt
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling import noise
 from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
+from vllm_dllm.sampling.grammar import GrammarPlan
 from vllm_dllm.sampling.schedule import transfer_counts
 from vllm_dllm.sampling.token_filters import TokenFilters
 
@@ -76,11 +77,20 @@ def test_an_iteration_reads_nothing_back(monkeypatch, device):
     filters = [TokenFilters(logit_bias={4: 2.0}, bad_words=[[5, 6, 7], [8]]),
                TokenFilters(allowed_token_ids=[1, 2, 47], min_tokens=4, end_ids=[47, 48]),
                None, TokenFilters(bad_words=[[1, 1]])]
-    rows = [batch.add([1, 2, 3], DllmParams(16, 8, 8, **k), t, 5 + i, token_filters=f)
-            for i, (k, t, f) in enumerate(zip(kinds, [0.0, 0.8, 1.0, 0.0], filters))]
+    rows = [batch.add([1, 2, 3], DllmParams(16, 8, 8, **k), t, 5 + i, token_filters=f,
+                      num_logprobs=n)
+            for i, (k, t, f, n) in enumerate(zip(kinds, [0.0, 0.8, 1.0, 0.0], filters,
+                                                 [2, None, 0, None]))]
     request = torch.arange(4).repeat_interleave(8)
     column = torch.arange(8).repeat(4)
-    plan = batch.plan(rows, request, column)
+    # Requests 0 and 2 structured, with 3 and 1 mask rows from column 0.
+    grammar = GrammarPlan(torch.randint(-2**31, 2**31 - 1, (4, 2), dtype=torch.int32,
+                                        device=device),
+                          *(torch.tensor(v, device=device) for v in
+                            ([0, 0, 3, 0], [3, 0, 1, 0], [0, 0, 0, 0])),
+                          torch.randint(0, vocab, (4, 8), device=device),
+                          torch.rand(4, 8, device=device) < 0.5)
+    plan = batch.plan(rows, request, column, grammar=grammar)
     logits = torch.randn(32, vocab, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -95,7 +105,8 @@ def test_an_iteration_reads_nothing_back(monkeypatch, device):
         if device == "cuda":
             torch.cuda.set_sync_debug_mode(0)
         monkeypatch.undo()
-    assert packed.shape == (4, 9) and packed.device.type == torch.device(device).type
+    # Block, advance, drafts, records of 2 top logprobs.
+    assert packed.shape == (4, 9 + 8 + 8 * 6) and packed.device.type == torch.device(device).type
 
 
 def test_noise_is_a_function_of_its_counters():

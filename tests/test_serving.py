@@ -5,6 +5,8 @@ on /metrics and in the log, the lm-eval task, and a load-and-fault run (loopback
 One server: the bundled model's generation_config.json sets its canvas (gen_length 32,
 one block), `--additional-config` overrides the block length, and KV room for about
 eight sequences with priority scheduling makes a burst of clients force preemptions.
+Its JSON grammars allow no free whitespace (vLLM's `disable_any_whitespace`): the
+model never saw JSON and would fill the canvas with it.
 """
 
 import json
@@ -43,7 +45,9 @@ def server(tmp_path_factory):
     proc, base = start_server(MODEL, [
         "--max-model-len", "256", "--max-num-seqs", "48", "--scheduling-policy", "priority",
         "--kv-cache-memory-bytes", str(KV_BYTES),
-        "--additional-config", '{"dllm": {"block_length": 8}}'], log, env=env)
+        "--additional-config", '{"dllm": {"block_length": 8}}',
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}'], log, env=env)
     yield base, proc, log
     proc.terminate()
     proc.wait(30)
@@ -191,14 +195,113 @@ def test_bad_parameters_get_400(server, model_name, xargs, parameter):
 
 @pytest.mark.parametrize("option, value", [
     ("top_p", 0.5), ("min_p", 0.1), ("presence_penalty", 0.5), ("frequency_penalty", 0.5),
-    ("repetition_penalty", 1.2), ("logprobs", 2), ("prompt_logprobs", 1),
-    ("structured_outputs", {"regex": "[0-9]+"}),
+    ("repetition_penalty", 1.2), ("prompt_logprobs", 1),
 ])
 def test_unsupported_sampling_option_gets_400(server, model_name, option, value):
     r = requests.post(f"{server[0]}/v1/completions", json={
         "model": model_name, "prompt": "hello", "max_tokens": 8, option: value})
     assert r.status_code == 400
     assert option in r.json()["error"]["message"]
+    if option == "prompt_logprobs":
+        assert "left-to-right" in r.json()["error"]["message"]
+
+
+def test_logprobs_stream_and_non_stream_agree(client, model_name, reference):
+    """Completions and chat with logprobs: each token's logprob is the log softmax of
+    the iteration that committed it (the reference's record), top logprobs are sorted
+    and hold the token, and the streamed chunks carry the same values."""
+    from tokenizers import Tokenizer
+
+    from dllm_reference.generate import generate
+    from dllm_reference.tasks import render_chat
+
+    ids = model_ids(MODEL)
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    prompt = render_chat("Sort: 7 2 9 4")
+    kwargs = dict(model=model_name, prompt=prompt, max_tokens=32, temperature=0, logprobs=3,
+                  extra_body={"vllm_xargs": XARGS, "return_token_ids": True})
+    full = client.completions.create(**kwargs).choices[0]
+    ref = generate(reference, tokenizer.encode(prompt).ids, mask_id=ids["mask"], logprobs=3,
+                   **XARGS)
+    assert full.token_ids == ref["tokens"][: len(full.token_ids)]
+    assert len(full.logprobs.token_logprobs) == len(full.token_ids) > 1
+    for given, top, (logprob, ref_top) in zip(full.logprobs.token_logprobs,
+                                             full.logprobs.top_logprobs, ref["logprobs"]):
+        assert abs(given - logprob) < 1e-4
+        values = list(top.values())
+        assert values == sorted(values, reverse=True) and len(values) == 3
+        assert all(abs(v - w) < 1e-4 for v, (_, w) in zip(values, ref_top))
+        assert max(values) == given  # greedy: the token is the top one
+    streamed = [c.choices[0] for c in client.completions.create(stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs]
+    assert [lp for c in streamed for lp in c.logprobs.token_logprobs] == \
+        full.logprobs.token_logprobs
+    assert [t for c in streamed for t in c.logprobs.top_logprobs] == full.logprobs.top_logprobs
+
+    chat = dict(model=model_name, messages=[{"role": "user", "content": "Uppercase: dllm"}],
+                max_tokens=32, temperature=0, logprobs=True, top_logprobs=2,
+                extra_body={"vllm_xargs": XARGS})
+    content = client.chat.completions.create(**chat).choices[0].logprobs.content
+    assert content
+    for entry in content:
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert entry.token in [t.token for t in entry.top_logprobs]
+    chunks = [c.choices[0].logprobs.content for c in
+              client.chat.completions.create(stream=True, **chat)
+              if c.choices and c.choices[0].logprobs]
+    assert [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+            for chunk in chunks for e in chunk] == \
+        [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in content]
+
+
+# The answer as one JSON string: the bundled model's answers have at most 9 characters.
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}},
+                 "required": ["answer"], "additionalProperties": False}
+
+
+def test_structured_outputs_on_held_out_prompts(client, model_name, reference):
+    """100 held-out prompts (every family, word answers too) with the regex `[0-9]+` and
+    with a JSON schema, on threshold decoding, all at once beside the same prompts
+    unconstrained: every constrained answer matches, and the unconstrained ones are what
+    the reference decodes."""
+    import re
+
+    import jsonschema
+    from tokenizers import Tokenizer
+
+    from dllm_reference import tasks
+    from tests.helpers import reference_tokens
+
+    xargs = {"gen_length": 32, "block_length": 8, "policy": "threshold", "threshold": 0.9}
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    problems = tasks.heldout(100)
+    assert {p.family for p in problems} == set(tasks.SHORT)
+    forms = {"regex": {"extra_body": {"vllm_xargs": xargs,
+                                      "structured_outputs": {"regex": "[0-9]+"}}},
+             "json": {"response_format": {"type": "json_schema", "json_schema": {
+                 "name": "answer", "schema": ANSWER_SCHEMA}}, "extra_body": {"vllm_xargs": xargs}},
+             "plain": {"extra_body": {"vllm_xargs": xargs}}}
+
+    def ask(job: tuple[str, str]) -> str:
+        form, prompt = job
+        return client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": prompt}], max_tokens=32,
+            temperature=0, **forms[form]).choices[0].message.content
+
+    jobs = [(form, p.prompt) for p in problems for form in forms]
+    with ThreadPoolExecutor(24) as pool:
+        answers = dict(zip(jobs, pool.map(ask, jobs)))
+    bad_regex = [a for (f, _), a in answers.items() if f == "regex"
+                 and not re.fullmatch("[0-9]+", a)]
+    assert bad_regex == []
+    for (form, _), answer in answers.items():
+        if form == "json":
+            jsonschema.validate(json.loads(answer), ANSWER_SCHEMA)
+    expected = [tokenizer.decode(reference_tokens(
+        reference, MODEL, tokenizer.encode(tasks.render_chat(p.prompt)).ids, **xargs),
+        skip_special_tokens=True) for p in problems]
+    assert [answers[("plain", p.prompt)] for p in problems] == expected
 
 
 def test_token_filters_through_the_openai_api(server, client, model_name):
@@ -432,7 +535,8 @@ BAD_VALUES = {
     "gen_lenght": [32],
 }
 # Standard sampling options diffusion decoding refuses or vLLM itself checks.
-BAD_OPTIONS = {"top_p": [0.5], "top_k": [5], "min_p": [0.1], "logprobs": [2],
+BAD_OPTIONS = {"top_p": [0.5], "top_k": [5], "min_p": [0.1], "prompt_logprobs": [1],
+               "logprobs": [50],  # above vLLM's max_logprobs (20)
                "temperature": [-1.0], "n": [0], "min_tokens": [64], "presence_penalty": [0.5],
                "logit_bias": [{"104": 1.0}], "allowed_token_ids": [[99]]}
 

@@ -19,16 +19,19 @@ from vllm_dllm.model_executor.registry import BY_ARCHITECTURE, DLLM_ARCHITECTURE
 from vllm_dllm.params import DllmParams, ParamError, resolve
 
 # Sampling options that diffusion decoding does not implement, with their
-# neutral values; anything else is refused rather than silently ignored.
-_UNSUPPORTED: dict[str, Any] = {
-    "top_p": 1.0,
-    "min_p": 0.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "logprobs": None,
-    "prompt_logprobs": None,
-    "structured_outputs": None,
+# neutral values and why; anything else is refused rather than silently ignored.
+_PENALTY = "defined on the tokens generated so far, left to right; a canvas commits out of order"
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "top_p": (1.0, "LLaDA's sampler is a tempered softmax with no truncation"),
+    "min_p": (0.0, "neither LLaDA's nor Dream's sampler has it"),
+    "presence_penalty": (0.0, _PENALTY),
+    "frequency_penalty": (0.0, _PENALTY),
+    "repetition_penalty": (1.0, _PENALTY),
+    "prompt_logprobs": (None, "a bidirectional model gives the prompt no left-to-right "
+                              "likelihood"),
+    "prompt_logprob_token_ids": (None, "a bidirectional model gives the prompt no "
+                                       "left-to-right likelihood"),
+    "logprob_token_ids": (None, "use logprobs (top logprobs of the committing iteration)"),
 }
 
 
@@ -41,14 +44,16 @@ _DREAM_FILTERS = ("top_p", "top_k")
 
 
 def _check_supported(params: SamplingParams, sampler: str) -> None:
-    for name, neutral in _UNSUPPORTED.items():
+    for name, (neutral, reason) in _UNSUPPORTED.items():
         value = getattr(params, name)
         if sampler == "dream" and name in _DREAM_FILTERS:
             continue
-        if value != neutral and value not in ([], {}):
-            raise VLLMValidationError(
-                f"{name} is not supported by diffusion decoding (got {value!r})",
-                parameter=name, value=value)
+        if (value is neutral or (isinstance(value, (int, float)) and value == neutral)
+                or (isinstance(value, (list, dict)) and not value)):
+            continue
+        raise VLLMValidationError(
+            f"{name} is not supported by diffusion decoding: {reason} (got {value!r})",
+            parameter=name, value=value)
     if sampler != "dream" and params.top_k not in (0, -1):
         raise VLLMValidationError("top_k is not supported by this model's diffusion decoding"
                                   " (Dream's samplers only)",

@@ -13,8 +13,9 @@ which each record takes the tokens that became final.
 """
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from vllm.forward_context import set_forward_context
@@ -22,13 +23,16 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.model_executor.models.utils import extract_layer_index
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
 from vllm_dllm.engine.pass_rows import PassRows, SlotCaches
 from vllm_dllm.engine.query_batch import QueryBatch, segment_query_batch
+from vllm_dllm.engine.scheduler import DllmGrammarOutput
 from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import DllmParams
+from vllm_dllm.sampling import logprobs
 from vllm_dllm.sampling.batch import BatchPlan, DenoiseBatch, SpecialTokens, full_blocks
+from vllm_dllm.sampling.grammar import GrammarPlan
 from vllm_dllm.sampling.state import RequestState
 from vllm_dllm.sampling.token_filters import TokenFilters
 
@@ -51,6 +55,9 @@ class DllmRunnerOutput(ModelRunnerOutput):
     # block it decodes next.
     dllm_committed: dict[str, int] = field(default_factory=dict)
     dllm_block: dict[str, int] = field(default_factory=dict)
+    # Per structured request, the predictions at its masked positions from its frontier
+    # on, as far as it has them: what the scheduler builds the next grammar masks on.
+    dllm_drafts: dict[str, list[int]] = field(default_factory=dict)
 
 
 class DllmModelRunner(PlatformModelRunner):
@@ -75,6 +82,9 @@ class DllmModelRunner(PlatformModelRunner):
         self.layer_rows = [0] * self.n_layers
         self.layer_attention_rows = [0] * self.n_layers
         self.layer_ffn_rows = [0] * self.n_layers
+        # An iteration between its forward (`execute_model`) and its decoding step
+        # (`sample_tokens`, which gets the grammar masks the scheduler built meanwhile).
+        self._pending: tuple | None = None
 
     def _dummy_sampler_run(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """vLLM's sampler warm-up, which its GPU worker runs inside the profile run that
@@ -110,12 +120,15 @@ class DllmModelRunner(PlatformModelRunner):
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
             params = DllmParams.from_wire(sp.extra_args)
+            num_logprobs = sp.num_logprobs
+            if num_logprobs == -1:
+                num_logprobs = self.model_config.get_vocab_size()
             row = self.batch.add(new.prompt_token_ids, params, sp.temperature, sp.seed,
-                                 sp.top_p, sp.top_k, _token_filters(sp))
+                                 sp.top_p, sp.top_k, _token_filters(sp), num_logprobs)
             self.requests[new.req_id] = RequestState(
                 len(new.prompt_token_ids), params, self.mask_token_id, row,
                 self.model.dllm_logits_offset, self.batch.block_causal,
-                new.num_computed_tokens)
+                new.num_computed_tokens, keeps_logprobs=num_logprobs is not None)
             self._set_pages(row, new.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, block_ids in zip(cached.req_ids, cached.new_block_ids):
@@ -196,7 +209,9 @@ class DllmModelRunner(PlatformModelRunner):
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None
-                      ) -> ModelRunnerOutput:
+                      ) -> ModelRunnerOutput | None:
+        """The iteration's forward; its decoding step waits for `sample_tokens`, as in
+        vLLM's runner, so that structured requests get the grammar's masks."""
         self._update_requests(scheduler_output)
         req_ids = list(scheduler_output.num_scheduled_tokens)
         if not req_ids:
@@ -208,18 +223,75 @@ class DllmModelRunner(PlatformModelRunner):
             torch.tensor([s.sequence_length for s in states]), self.block_table[rows],
             self.block_size)
         plan, logits = self.run_pass(states, query, rows)
+        self._pending = (req_ids, states, query.counts, plan, logits)
+        return None
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_output: DllmGrammarOutput | None) -> ModelRunnerOutput:
+        """The decoding step of the iteration `execute_model` ran the forward of."""
+        if self._pending is None:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        (req_ids, states, counts, plan, logits), self._pending = self._pending, None
+        if grammar_output is not None:
+            plan = replace(plan, grammar=self._grammar_plan(req_ids, states, grammar_output,
+                                                            plan.width))
         # The iteration's one device-to-host transfer.
         packed = self.batch.step(plan, logits).tolist()
-        sampled = [s.apply(p) for s, p in zip(states, packed)]
+        width = plan.width
+        drafts: dict[str, list[int]] = {}
+        records: list[list[int]] = []
+        sampled = []
+        for req_id, state, row in zip(req_ids, states, packed):
+            extra = row[width + 1:]
+            if plan.grammar is not None:
+                predicted, extra = extra[:width], extra[width:]
+            block = state.block
+            sampled.append(state.apply(row[: width + 1], extra if plan.logprobs is not None
+                                       else None))
+            records.append(state.take_logprobs(len(sampled[-1])))
+            if plan.grammar is not None and req_id in grammar_output.structured_output_request_ids:
+                drafts[req_id] = _drafts(state, predicted, block)
         return DllmRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
-            dllm_rows=dict(zip(req_ids, query.counts)),
+            logprobs=_logprobs_lists(records, sampled),
+            dllm_rows=dict(zip(req_ids, counts)),
             dllm_next_rows={r: s.rows() for r, s in zip(req_ids, states)},
             dllm_committed={r: s.last_commits for r, s in zip(req_ids, states)},
             dllm_block={r: s.block for r, s in zip(req_ids, states)},
+            dllm_drafts=drafts,
         )
+
+    def _grammar_plan(self, req_ids: list[str], states: list[RequestState],
+                      grammar_output: DllmGrammarOutput, width: int) -> GrammarPlan:
+        """The scheduler's masks laid out per batch request: a structured request's rows
+        start at its frontier (its first masked position; its committed text ends there),
+        and so do its drafts and single-token flags."""
+        order = {r: i for i, r in enumerate(grammar_output.structured_output_request_ids)}
+        num_rows = [len(f) for f in grammar_output.forced]
+        starts = np.cumsum([0] + num_rows[:-1]).tolist()
+        first_row, num, frontier = [], [], []
+        drafts = torch.full((len(states), width), -1, dtype=torch.long)
+        forced = torch.zeros((len(states), width), dtype=torch.bool)
+        for b, (req_id, state) in enumerate(zip(req_ids, states)):
+            f = state.emitted - state.block_start
+            # A block its grammar's commits finished before its fixed steps did has no
+            # mask left: its remaining iterations commit nothing.
+            i = order.get(req_id) if f < state.params.block_length else None
+            first_row.append(0 if i is None else starts[i])
+            num.append(0 if i is None else num_rows[i])
+            frontier.append(f)
+            if i is not None:
+                d, single = grammar_output.drafts[i], grammar_output.forced[i]
+                drafts[b, f : f + len(d)] = torch.tensor(d, dtype=torch.long)
+                forced[b, f : f + len(single)] = torch.tensor(single)
+
+        def device(t) -> torch.Tensor:
+            return torch.as_tensor(t).to(self.device, non_blocking=True)
+
+        return GrammarPlan(device(grammar_output.grammar_bitmask), device(first_row),
+                           device(num), device(frontier), device(drafts), device(forced))
 
 
 def _token_filters(sp: SamplingParams) -> TokenFilters:
@@ -230,3 +302,30 @@ def _token_filters(sp: SamplingParams) -> TokenFilters:
                         bad_words=sp.bad_words_token_ids or [], min_tokens=sp.min_tokens,
                         end_ids=sorted(sp.all_stop_token_ids))
 
+
+
+def _drafts(state: RequestState, predicted: list[int], block: int) -> list[int]:
+    """A structured request's predictions from its frontier to the end of its block
+    (none once the block is done: the next one has no predictions yet)."""
+    if state.block != block:
+        return []
+    out = []
+    for token in predicted[state.emitted - state.block_start : state.params.block_length]:
+        if token < 0:
+            break
+        out.append(token)
+    return out
+
+
+def _logprobs_lists(records: list[list[list[int]]], sampled: list[list[int]]
+                    ) -> LogprobsLists | None:
+    """vLLM's sample logprobs of an iteration's returned tokens: the rows of request i
+    start at `cu_num_generated_tokens[i]` (none for requests that did not ask)."""
+    flat = [r for rows in records for r in rows]
+    if not flat:
+        return None
+    tokens = [t for rows, out in zip(records, sampled) if rows for t in out]
+    k = max((len(r) - 2) // 2 for r in flat)
+    ids, values, ranks = logprobs.unpack(flat, tokens, k)
+    starts = np.cumsum([0] + [len(r) for r in records]).tolist()
+    return LogprobsLists(ids, values, ranks, starts)

@@ -12,6 +12,14 @@ request really recomputes: its whole sequence when it joins or resumes, then
 what the runner reported for its next iteration (a block or block + suffix
 under the prefix and dual caches). vLLM's token statistics then count real work.
 
+Structured outputs follow vLLM's conventions: the engine core compiles a request's
+grammar (`StructuredOutputManager`) and the request waits until it is ready; each
+iteration `get_grammar_bitmask` gives the runner the token masks of the request's
+frontier and of the positions after it that its drafts lead to (the single token a
+mask allows, else the last iteration's prediction; `sampling/grammar.py`), and
+`update_from_output` advances the grammar with the returned tokens (vLLM's own
+`accept_tokens`).
+
 With stats on, the scheduler also counts what each iteration did (tokens committed,
 rows recomputed), iterations per request and requests per block
 (`engine/stats.py`); they reach the front end with vLLM's `SchedulerStats`.
@@ -19,10 +27,13 @@ rows recomputed), iterations per request and requests per block
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.output import (CachedRequestData, GrammarOutput, NewRequestData,
+                                       SchedulerOutput)
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType
@@ -46,10 +57,22 @@ class Progress:
     next_rows: int | None = None
     iterations: int = 0
     block: int = 0
+    # A structured request's predictions from its frontier on (the runner's last report).
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
         return self.grid.refresh_rows(self.block) if self.next_rows is None else self.next_rows
+
+
+@dataclass
+class DllmGrammarOutput(GrammarOutput):
+    """vLLM's grammar masks with what a canvas also needs: per structured request, the
+    tokens its masks after the first were built on (`drafts`, one fewer than its rows)
+    and which of its rows allow a single token (`forced`)."""
+
+    drafts: list[list[int]] = field(default_factory=list)
+    forced: list[list[bool]] = field(default_factory=list)
 
 
 class DllmScheduler(Scheduler):
@@ -88,8 +111,14 @@ class DllmScheduler(Scheduler):
                 skipped.append(request)
 
         admitted: list[Request] = []
+        # Requests whose grammar is still compiling wait without holding up the others.
+        compiling: list[Request] = []
         while self.waiting and len(self.running) < self.max_num_running_reqs:
             request = self.waiting.peek_request()
+            if (self._is_blocked_waiting_status(request.status)
+                    and not self._handle_blocked_waiting_request(request)):
+                compiling.append(self.waiting.pop_request())
+                continue
             # A new or resumed request recomputes what its pages lack first.
             progress = self._progress[request.request_id]
             hit, cached = self._cached_prefix(request, progress.grid)
@@ -143,6 +172,7 @@ class DllmScheduler(Scheduler):
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens += num_scheduled[request.request_id]
 
+        self.waiting.prepend_requests(compiling)
         # Requests that had to sit out this iteration go first next time.
         self.running = skipped + [r for r in self.running if r not in skipped]
         for request_id, rows in num_scheduled.items():
@@ -170,6 +200,8 @@ class DllmScheduler(Scheduler):
             finished_req_ids=self.finished_req_ids,
             free_encoder_mm_hashes=[],
             preempted_req_ids=self.reset_preempted_req_ids,
+            has_structured_output_requests=any(
+                self.requests[r].use_structured_output for r in num_scheduled),
         )
         self.finished_req_ids = set()
         self.reset_preempted_req_ids = set()
@@ -182,9 +214,64 @@ class DllmScheduler(Scheduler):
             if request_id in self._progress:
                 self._progress[request_id].next_rows = rows
                 self._progress[request_id].block = blocks[request_id]
+        for request_id, drafts in getattr(model_runner_output, "dllm_drafts", {}).items():
+            if request_id in self._progress:
+                self._progress[request_id].drafts = drafts
         if self.log_stats:
             self._count_iterations(scheduler_output, model_runner_output)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput
+                            ) -> DllmGrammarOutput | None:
+        """Per scheduled structured request, the grammar's masks at its frontier and at
+        each position after it, to the end of its block, while a draft leads there: the
+        one token the last mask allows, else the request's prediction there, if the
+        grammar accepts it. A terminated grammar allows only the model's EOS, the pad
+        that fills the rest of the canvas."""
+        if not scheduler_output.has_structured_output_requests:
+            return None
+        ids = [r for r in scheduler_output.num_scheduled_tokens
+               if self.requests[r].use_structured_output]
+        backend = self.structured_output_manager.backend
+        eos = self.vllm_config.model_config.hf_config.eos_token_id
+        masks, drafts, forced = [], [], []
+        for request_id in ids:
+            request = self.requests[request_id]
+            grammar = request.structured_output_request.grammar
+            progress = self._progress[request_id]
+            grid = progress.grid
+            frontier = request.num_prompt_tokens + request.num_output_tokens
+            room = grid.block_length - (frontier - grid.origin) % grid.block_length
+            bitmask = backend.allocate_token_bitmask(room)
+            assumed, single_rows, accepted = [], [], 0
+            for i in range(room):
+                if grammar.is_terminated():
+                    bitmask[i] = 0
+                    bitmask[i, eos // 32] = _bit(eos % 32)
+                else:
+                    grammar.fill_bitmask(bitmask, i)
+                single = _single_token(bitmask[i])
+                single_rows.append(single is not None)
+                draft = single if single is not None else (
+                    progress.drafts[i] if i < len(progress.drafts) else None)
+                if draft is None or i + 1 == room:
+                    break
+                if grammar.is_terminated():
+                    if draft != eos:
+                        break
+                elif grammar.validate_tokens([draft]):
+                    grammar.accept_tokens(request_id, [draft])
+                    accepted += 1
+                else:
+                    break
+                assumed.append(draft)
+            if accepted:
+                grammar.rollback(accepted)
+            masks.append(bitmask[: len(single_rows)])
+            drafts.append(assumed)
+            forced.append(single_rows)
+        return DllmGrammarOutput(ids, torch.cat(masks).numpy(), [len(d) for d in drafts],
+                                 drafts=drafts, forced=forced)
 
     def _count_iterations(self, scheduler_output: SchedulerOutput,
                           model_runner_output: ModelRunnerOutput) -> None:
@@ -234,3 +321,19 @@ class DllmScheduler(Scheduler):
         candidates = [r for r in self.running
                       if (r.priority, r.arrival_time) > (request.priority, request.arrival_time)]
         return max(candidates, key=lambda r: (r.priority, r.arrival_time), default=None)
+
+
+def _bit(j: int) -> int:
+    """Bit j of an int32 bitmask word, as the signed value that holds it."""
+    return (1 << j) - (1 << 32 if j == 31 else 0)
+
+
+def _single_token(row: torch.Tensor) -> int | None:
+    """The token an int32 bitmask row allows, if it allows exactly one."""
+    words = torch.nonzero(row).flatten().tolist()
+    if len(words) != 1:
+        return None
+    value = int(row[words[0]]) & 0xFFFFFFFF
+    if value & (value - 1):
+        return None
+    return 32 * words[0] + value.bit_length() - 1

@@ -25,9 +25,10 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from vllm_dllm.params import DEFAULTS, REMASKING, ROW_DTYPES, DllmParams, row_values
-from vllm_dllm.sampling import dream, noise
+from vllm_dllm.sampling import dream, logprobs, noise
 from vllm_dllm.sampling.blocks import BlockGrid, block_grid
 from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
+from vllm_dllm.sampling.grammar import GrammarPlan
 from vllm_dllm.sampling.policies import POLICIES, PolicyBatch, select
 from vllm_dllm.sampling.r2 import R2Batch, StreakState, apply_r2
 from vllm_dllm.sampling.schedule import transfer_counts
@@ -64,6 +65,9 @@ class BatchPlan:
     that these requests decode with Dream's samplers (`algs`: which), `ratios`
     [B, steps] then their schedules (padded with 1). `token_filters`: the iteration's
     `logit_bias` / `allowed_token_ids` / `bad_words` / `min_tokens` (None: none).
+    `logprobs`: how many top logprobs the records of `logprob_rows` (the logits rows
+    of requests that asked for logprobs) carry, None when none did. `grammar`: the
+    structured requests' token masks (None: none).
     """
 
     rows: torch.Tensor
@@ -82,6 +86,9 @@ class BatchPlan:
     hot: torch.Tensor | None = None
     filter: torch.Tensor | None = None
     token_filters: TokenFilterPlan | None = None
+    logprobs: int | None = None
+    logprob_rows: torch.Tensor | None = None
+    grammar: GrammarPlan | None = None
 
 
 class DenoiseBatch:
@@ -97,6 +104,8 @@ class DenoiseBatch:
         self.temperatures: list[float] = [0.0] * max_rows
         self.filters: list[bool] = [False] * max_rows
         self.token_filters: list[TokenFilters | None] = [None] * max_rows
+        # Top logprobs each request asked for (None: no logprobs).
+        self.num_logprobs: list[int | None] = [None] * max_rows
         self._free = list(range(max_rows - 1, -1, -1))
 
         def zeros(dtype: torch.dtype) -> torch.Tensor:
@@ -131,10 +140,11 @@ class DenoiseBatch:
         self.streaks = StreakState(max_rows, self.width, self.device)
 
     def add(self, prompt: list[int], params: DllmParams, temperature: float, seed: int,
-            top_p: float = 1.0, top_k: int = 0, token_filters: TokenFilters | None = None
-            ) -> int:
+            top_p: float = 1.0, top_k: int = 0, token_filters: TokenFilters | None = None,
+            num_logprobs: int | None = None) -> int:
         """Give a joining request a row and write its parameters; returns the row.
-        `top_p` / `top_k` filter Dream's samplers (1 / 0 or less: off)."""
+        `top_p` / `top_k` filter Dream's samplers (1 / 0 or less: off);
+        `num_logprobs`: the top logprobs its tokens' records carry (None: no records)."""
         if not self._free:
             self._grow()
         grid = self.grid(len(prompt), params)
@@ -147,6 +157,7 @@ class DenoiseBatch:
         self.filters[row] = params.alg is not None and (top_p < 1 or top_k > 0)
         self.token_filters[row] = (token_filters if token_filters is not None
                                    and token_filters.in_use else None)
+        self.num_logprobs[row] = num_logprobs
         self._composition = None
         if params.block_length > self.width:
             self.width = params.block_length
@@ -194,23 +205,26 @@ class DenoiseBatch:
         self.temperatures += [0.0] * old
         self.filters += [False] * old
         self.token_filters += [None] * old
+        self.num_logprobs += [None] * old
         self._free = list(range(2 * old - 1, old - 1, -1))
 
     def remove(self, row: int) -> None:
         self.params[row] = None
         self.token_filters[row] = None
+        self.num_logprobs[row] = None
         self._composition = None
         self._free.append(row)
 
     def plan(self, rows: list[int], logit_request: torch.Tensor, logit_column: torch.Tensor,
-             logit_valid: torch.Tensor | None = None) -> BatchPlan:
+             logit_valid: torch.Tensor | None = None, grammar: GrammarPlan | None = None
+             ) -> BatchPlan:
         """The plan of an iteration over `rows`; `logit_request` is a host tensor,
         `logit_column` and `logit_valid` host or device tensors. What depends only on
         which requests run is kept until that changes."""
         self.rows_tensor(rows)
         fixed = self._composition[1]
-        hot, filters = (None if fixed[k] is None else fixed[k][logit_request]
-                        for k in ("hot", "filter"))
+        hot, filters, wants = (None if fixed[k] is None else fixed[k][logit_request]
+                               for k in ("hot", "filter", "wants_logprobs"))
         token_filters = fixed["token_filters"]
         return BatchPlan(
             logit_request=logit_request.to(self.device, non_blocking=True),
@@ -219,7 +233,10 @@ class DenoiseBatch:
             hot=hot, filter=filters,
             logit_valid=logit_valid,
             token_filters=None if token_filters is None else token_filters.layout(logit_request),
-            **{k: v for k, v in fixed.items() if k not in ("hot", "filter", "token_filters")},
+            logprob_rows=None if wants is None else _indices(wants, self.device),
+            grammar=grammar,
+            **{k: v for k, v in fixed.items()
+               if k not in ("hot", "filter", "token_filters", "wants_logprobs")},
         )
 
     def rows_tensor(self, rows: list[int]) -> torch.Tensor:
@@ -256,6 +273,7 @@ class DenoiseBatch:
         settings = [p.r2_settings for p in params]
         rows_dev = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         token_filters = [self.token_filters[r] for r in rows]
+        asked = [self.num_logprobs[r] for r in rows]
         r2 = None
         if any(settings):
             host = R2Batch.build(settings)
@@ -277,6 +295,9 @@ class DenoiseBatch:
             r2=r2,
             token_filters=(TokenFilterBatch([f or TokenFilters() for f in token_filters],
                                             self.device) if any(token_filters) else None),
+            logprobs=max((n for n in asked if n is not None), default=None),
+            wants_logprobs=(torch.tensor([n is not None for n in asked])
+                            if any(n is not None for n in asked) else None),
         )
 
     def block_start(self, rows: torch.Tensor) -> torch.Tensor:
@@ -294,8 +315,11 @@ class DenoiseBatch:
     def step(self, plan: BatchPlan, logits: torch.Tensor) -> torch.Tensor:
         """Decode one iteration from `logits` [M, V] laid out as `plan` says.
 
-        Returns [B, width + 1] long: each request's block after this iteration's
-        commits, then 1 where the request moved on to its next block.
+        Returns [B, width + 1 (+ width) (+ width * record)] long: each request's block
+        after this iteration's commits, then 1 where the request moved on to its next
+        block; with a grammar, the iteration's prediction at each block column (-1:
+        none), the drafts it reports; with logprobs, each block column's record
+        (`logprobs.records`, zeros where it had no logits row).
         """
         special, rows, b, k = self.special, plan.rows, len(plan.rows), plan.width
         req, col = plan.logit_request, plan.logit_column
@@ -318,6 +342,8 @@ class DenoiseBatch:
             span = filters.batch.span
             context = self._word_context(rows, current, valid, span) if words else None
             filters.apply(logits, req, plan.logit_column, position, context)
+        if plan.grammar is not None:
+            plan.grammar.apply(logits, req, plan.logit_column)
         top_ids = logits.argmax(-1)
         log_norm = noise.log_normalizer(logits)
 
@@ -366,6 +392,17 @@ class DenoiseBatch:
 
         conf_matrix = scatter(confidence, float("-inf"))
         tokens = scatter(x0, 0)
+        extras = []
+        if plan.grammar is not None:
+            predicted = scatter(x0, -1)
+            extras.append(predicted)
+        if plan.logprobs is not None:
+            s = plan.logprob_rows
+            records = logprobs.records(logits[s], x0[s], self.temperature[rows][req][s],
+                                       plan.logprobs)
+            at = torch.full((b, k + 1, records.shape[1]), 0, dtype=torch.long,
+                            device=records.device).index_put_((req[s], col[s]), records)
+            extras.append(at[:, :k].flatten(1))
         length = self.block_length[rows]
         step = self.step_in_block[rows]
         counts = transfer_counts(length, self.steps_per_block[rows], step)
@@ -384,10 +421,15 @@ class DenoiseBatch:
         if plan.r2 is not None:
             commit, tokens = self._apply_r2(plan, commit, tokens, conf_matrix,
                                             scatter(top_ids, 0), scatter(top_conf, 0.0))
+        held = torch.zeros_like(commit)
         if words:
             new = commit & valid
             proposed = self._word_context(rows, torch.where(new, tokens, current), valid, span)
-            commit = commit & ~filters.break_bad_words(proposed, new)
+            held = filters.break_bad_words(proposed, new)
+            commit = commit & ~held
+        if plan.grammar is not None:
+            commit = plan.grammar.chain(commit, torch.where(predicted >= 0, tokens, -1),
+                                        valid, held)
 
         after = torch.where(commit & valid, tokens, current)
         self.tokens[rows[:, None], cells] = after
@@ -398,12 +440,16 @@ class DenoiseBatch:
         # LLaDA's fixed schedule runs all of a block's steps; block-diffusion models move on
         # once a block has no mask left.
         fixed = (self.policy[rows] == POLICIES.index("fixed")) & (not self.block_causal)
+        if plan.grammar is not None:
+            # So does a structured request's block when its grammar's commits fill it: the
+            # fixed schedule no longer decides how many it commits.
+            fixed = fixed & ~plan.grammar.structured
         min_steps = torch.where(fixed, self.steps_per_block[rows], torch.ones_like(step))
         advance = clean & (step >= min_steps)
         self.block[rows] = self.block[rows] + advance.long()
         self.step_in_block[rows] = torch.where(advance, torch.zeros_like(step), step)
         self.iteration[rows] = self.iteration[rows] + 1
-        return torch.cat([after, advance.long()[:, None]], dim=1)
+        return torch.cat([after, advance.long()[:, None], *extras], dim=1)
 
     def _canvas_columns(self, rows: torch.Tensor, width: int) -> torch.Tensor:
         """Canvas positions of each row's current block columns, [B, width]."""

@@ -16,7 +16,8 @@ from vllm_dllm.skipping.plan import RequestSkip
 
 class RequestState:
     def __init__(self, prompt_len: int, params: DllmParams, mask_id: int, row: int,
-                 logits_offset: int = 0, block_causal: bool = False, cached: int = 0):
+                 logits_offset: int = 0, block_causal: bool = False, cached: int = 0,
+                 keeps_logprobs: bool = False):
         self.prompt_len = prompt_len
         # The model's: logits row p predicts position p + logits_offset.
         self.logits_offset = logits_offset
@@ -37,6 +38,9 @@ class RequestState:
         self.last_commits = 0
         # The leftmost position (absolute) the last forward committed, if any.
         self.previous_commit: int | None = None
+        # Per committed canvas position not yet returned, its logprob record
+        # (`sampling.logprobs`), for a request that asked for logprobs.
+        self.logprobs: dict[int, list[int]] | None = {} if keeps_logprobs else None
         # ES keep fraction per layer, from the parameters on first use.
         self._es_fractions: list[float] | None = None
 
@@ -138,13 +142,19 @@ class RequestState:
         block = self.canvas[first : first + self.params.block_length - before]
         return [before + c for c, token in enumerate(block) if token == self.mask_id]
 
-    def apply(self, packed: list[int]) -> list[int]:
+    def apply(self, packed: list[int], records: list[int] | None = None) -> list[int]:
         """Take one iteration's packed result (the block's tokens, then whether the
-        request moved to its next block); returns the tokens that became final."""
+        request moved to its next block) and, with logprobs, its block columns'
+        records side by side; returns the tokens that became final."""
         first, before = self._block_cells()
         tokens = packed[before : self.params.block_length]
         old = self.canvas[first : first + len(tokens)]
         changed = [c for c, (a, b) in enumerate(zip(old, tokens)) if a != b]
+        if self.logprobs is not None and records is not None:
+            size = len(records) // (len(packed) - 1)
+            for c in changed:
+                column = before + c
+                self.logprobs[first + c] = records[column * size : (column + 1) * size]
         self.last_commits = len(changed)
         self.previous_commit = self.prompt_len + first + changed[0] if changed else None
         self.canvas[first : first + len(tokens)] = tokens
@@ -159,3 +169,9 @@ class RequestState:
         while self.emitted < len(self.canvas) and self.canvas[self.emitted] != self.mask_id:
             self.emitted += 1
         return self.canvas[begin : self.emitted]
+
+    def take_logprobs(self, n: int) -> list[list[int]]:
+        """The records of the last `n` returned tokens (none without logprobs)."""
+        if self.logprobs is None:
+            return []
+        return [self.logprobs.pop(p) for p in range(self.emitted - n, self.emitted)]
