@@ -13,6 +13,7 @@ from vllm.exceptions import VLLMValidationError
 from dllm_reference import block_diffusion
 from dllm_reference.sdar import ReferenceSDAR
 from dllm_reference.tiny_sdar import write_random_model
+from vllm_dllm.config import dllm_defaults
 from tests.helpers import (cut_after_end, inproc_engine, plugin_tokens, random_prompt,
                            run_to_completion, shutdown, start_server)
 
@@ -137,6 +138,25 @@ def test_shared_system_prompt_is_computed_once(sdar, engine):
 
 def _counter(llm, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def test_architecture_defaults_apply(sdar, engine):
+    """With no decoding parameter and no `dllm` entry in the folder, SDAR decodes with its
+    own generate's default, the threshold rule at 0.85: its tokens and its iterations."""
+    llm, recorder = engine
+    _, model, mask, _ = sdar
+    # 10 + 14 positions: whole blocks, so the request ends with its last iteration.
+    prompt = random_prompt(41, 10)
+    first = len(recorder.steps)
+    got = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+                       use_tqdm=False)
+    want = block_diffusion.generate(model, prompt, mask_id=mask, gen_length=14,
+                                    block_length=BLOCK, policy="threshold", threshold=0.85)
+    assert list(got[0].outputs[0].token_ids) == want["tokens"]
+    assert sum(bool(step["scheduled"]) for step in recorder.steps[first:]) == want["forwards"]
+    defaults = dllm_defaults(llm.llm_engine.vllm_config)
+    assert (defaults["policy"], defaults["threshold"]) == ("threshold", 0.85)
 
 
 @pytest.mark.parametrize("extra,parameter", [

@@ -19,8 +19,9 @@ def dllm_defaults(vllm_config: VllmConfig) -> dict[str, Any]:
     """The request defaults this server applies (see `params.server_defaults`)."""
     model_config = vllm_config.model_config
     generation = model_config.try_get_generation_config() or {}
-    from_model = dict(generation.get("dllm") or {})
-    sampler = BY_ARCHITECTURE[model_config.architecture].sampler
+    arch = BY_ARCHITECTURE[model_config.architecture]
+    from_model = {**arch.defaults, **(generation.get("dllm") or {})}
+    sampler = arch.sampler
     if sampler == "dream":
         # Dream's own generation_config.json names its sampler at the top level
         # (its `steps` belong to its single-block canvas and are not taken).

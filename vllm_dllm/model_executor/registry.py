@@ -5,7 +5,8 @@ neither vLLM nor the model code; `vllm_dllm.register` imports them when vLLM
 starts a process.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class DllmArchitecture:
     # Block diffusion (SDAR, LLaDA2): block-causal attention over blocks of the
     # config class's `dllm_block_length`, cut from position 0.
     block_causal: bool = False
+    # Decoding defaults of the architecture's own `generate`, below the folder's
+    # (generation_config.json `dllm`) and the server's: released folders carry none.
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 ARCHITECTURES: tuple[DllmArchitecture, ...] = (
@@ -46,11 +50,15 @@ ARCHITECTURES: tuple[DllmArchitecture, ...] = (
     DllmArchitecture(
         "SDARForCausalLM", "sdar",
         model_cls="vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
-        config_cls="vllm_dllm.configs.sdar:SDARConfig", block_causal=True),
+        config_cls="vllm_dllm.configs.sdar:SDARConfig", block_causal=True,
+        # SDAR's generate.py: `low_confidence_dynamic` at 0.85.
+        defaults={"policy": "threshold", "threshold": 0.85}),
     DllmArchitecture(
         "LLaDA2MoeModelLM", "llada2_moe",
         model_cls="vllm_dllm.model_executor.models.llada2:LLaDA2MoeModelLM",
-        config_cls="vllm_dllm.configs.llada2:LLaDA2MoeConfig", block_causal=True),
+        config_cls="vllm_dllm.configs.llada2:LLaDA2MoeConfig", block_causal=True,
+        # LLaDA2's generate: its threshold rule at 0.95.
+        defaults={"policy": "threshold", "threshold": 0.95}),
 )
 
 BY_ARCHITECTURE: dict[str, DllmArchitecture] = {a.architecture: a for a in ARCHITECTURES}
