@@ -439,7 +439,7 @@ def build_model(args: argparse.Namespace) -> ReferenceDecoder:
     return ReferenceSDAR(config, state, trainable=True)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -478,6 +478,11 @@ def main() -> None:
                         help="sdar: block-causal SDAR trained with the block-diffusion loss")
     parser.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="--arch sdar: the block size (config.json's block_size)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.arch == "sdar" and (args.ordered_fraction or args.threshold_fraction):
         # Both mask a LLaDA canvas as its decoding sees it; a block-diffusion row already
