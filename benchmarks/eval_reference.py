@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from dllm_reference import tasks
+from dllm_reference import block_diffusion, tasks
 from dllm_reference.generate import generate
 from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
 from dllm_reference.sdar import ReferenceSDAR
@@ -83,6 +83,7 @@ class Report:
     gen_length: int
     block_length: int
     threshold: float
+    block_causal: bool = False
     families: dict[str, FamilyScore] = field(default_factory=dict)
 
     def vanilla_accuracy(self) -> float:
@@ -106,29 +107,13 @@ def answer_text(tokenizer: Tokenizer, tokens: list[int], stop_ids: set[int]) -> 
 def block_generate(model: ReferenceDecoder, prompt: list[int], *, mask_id: int,
                    gen_length: int, block_length: int, threshold: float, stop_ids: set[int]
                    ) -> tuple[dict, dict]:
-    """Block-diffusion decoding of a block-causal model, greedy: one token per step, and
-    the threshold rule; each as {"tokens", "forwards"} (forwards counted at the model)."""
-    from dllm_reference import block_diffusion
-
-    forwards = 0
-
-    def count(*_) -> None:
-        nonlocal forwards
-        forwards += 1
-
-    hook = model.register_forward_hook(count)
-    try:
-        runs = []
-        for rule in (None, threshold):
-            forwards = 0
-            tokens = block_diffusion.generate(model, prompt, gen_length=gen_length,
-                                              block_length=block_length, steps=gen_length,
-                                              threshold=rule, mask_id=mask_id,
-                                              stop_ids=sorted(stop_ids))
-            runs.append({"tokens": tokens, "forwards": forwards})
-    finally:
-        hook.remove()
-    return runs[0], runs[1]
+    """Greedy block-diffusion decoding of a block-causal model: one token per step
+    (`fixed`), and the threshold rule; each {"tokens", "forwards", ...}."""
+    runs = ({"policy": "fixed"}, {"policy": "threshold", "threshold": threshold})
+    return tuple(block_diffusion.generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
+                                          block_length=block_length,
+                                          stop_ids=tuple(sorted(stop_ids)), **run)
+                 for run in runs)
 
 
 def evaluate(path: str | Path, n: int, block_length: int | None = None,
@@ -148,7 +133,7 @@ def evaluate(path: str | Path, n: int, block_length: int | None = None,
         stop_ids = set(json.loads((path / "generation_config.json").read_text())["eos_token_id"])
     else:
         stop_ids = {model.config["eot_token_id"], model.config["eos_token_id"]}
-    report = Report(gen_length, block_length, threshold)
+    report = Report(gen_length, block_length, threshold, block_causal)
     with torch.inference_mode():
         for problem in tasks.heldout(skip + n, families=families)[skip:]:
             prompt = tokenizer.encode(tasks.render_chat(problem.prompt)).ids
@@ -173,8 +158,10 @@ def evaluate(path: str | Path, n: int, block_length: int | None = None,
 
 
 def format_report(report: Report) -> str:
+    vanilla = ("block diffusion, one token per step (fixed)" if report.block_causal
+               else f"steps {report.gen_length} low_confidence")
     lines = [f"gen_length {report.gen_length}, block_length {report.block_length}, temperature 0; "
-             f"vanilla = steps {report.gen_length} low_confidence, threshold = {report.threshold}",
+             f"vanilla = {vanilla}, threshold = {report.threshold}",
              f"{'family':<14}{'n':>5}{'vanilla':>10}{'threshold':>11}{'tok/iter':>10}"]
     for name in tasks.FAMILIES:
         f = report.families.get(name)

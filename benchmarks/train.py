@@ -16,6 +16,7 @@ examples/llada-tasks.
 """
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -252,12 +253,37 @@ def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
     return (ce * weight[scored]).sum() / canvas
 
 
-def sdar_from_llada(config: dict, state: dict[str, torch.Tensor], block_length: int
-                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+class _HeadScales(ReferenceLLaDA):
+    """LLaDA recording, per layer, the mean per-head RMS of its q and k (RoPE rotates
+    pairs of channels, so the post-RoPE heads have the pre-RoPE norms)."""
+
+    def project(self, i: int, x: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().project(i, x, positions)
+        real = self.real[:, None, :].expand(-1, q.shape[1], -1)
+        self.scales.append(tuple(float(t.pow(2).mean(-1).sqrt()[real].mean()) for t in (q, k)))
+        return q, k, v
+
+
+@torch.no_grad()
+def head_scales(config: dict, state: dict[str, torch.Tensor], tokens: torch.Tensor,
+                attention_mask: torch.Tensor) -> list[tuple[float, float]]:
+    """Per layer, the mean RMS of a LLaDA's q and k heads over the real tokens of a batch."""
+    model = _HeadScales(config, state)
+    model.real, model.scales = attention_mask.bool(), []
+    model(tokens, attention_mask)
+    return model.scales
+
+
+def sdar_from_llada(config: dict, state: dict[str, torch.Tensor], block_length: int,
+                    scales: list[tuple[float, float]]) -> tuple[dict, dict[str, torch.Tensor]]:
     """An SDAR checkpoint (config, Qwen3 weight names) holding LLaDA weights: the same layer
-    but for SDAR's per-head q/k norms, which start as ones (a gain of one; the norm itself
-    still rescales q and k, which training adapts to). `<|MASK|>` takes the embedding LLaDA
-    learnt for its `<|mdm_mask|>`."""
+    but for SDAR's per-head q/k RMSNorms, whose gains start at LLaDA's mean q and k head RMS
+    of layer i (`scales[i]`, from `head_scales`), so that attention keeps the sharpness
+    LLaDA learnt. (Gains of one cap every attention logit at sqrt(head_dim); Adam moves a
+    gain by about lr a step, and in a trial they had grown only to 1.02-1.08 after 400
+    steps at 5e-4, while LLaDA's heads have RMS 1.0-2.0.) `<|MASK|>` takes the embedding
+    LLaDA learnt for its `<|mdm_mask|>`."""
     llada_vocab, vocab = build_vocab(), tiny_sdar.build_sdar_vocab()
     sdar = tiny_sdar.sdar_config(
         vocab, hidden_size=config["d_model"], num_hidden_layers=config["n_layers"],
@@ -285,8 +311,9 @@ def sdar_from_llada(config: dict, state: dict[str, torch.Tensor], block_length: 
     for i in range(config["n_layers"]):
         for old, new in names.items():
             out[f"model.layers.{i}.{new}.weight"] = state[f"model.transformer.blocks.{i}.{old}.weight"]
-        out[f"model.layers.{i}.self_attn.q_norm.weight"] = torch.ones(head_dim)
-        out[f"model.layers.{i}.self_attn.k_norm.weight"] = torch.ones(head_dim)
+        q_scale, k_scale = scales[i]
+        out[f"model.layers.{i}.self_attn.q_norm.weight"] = torch.full((head_dim,), q_scale)
+        out[f"model.layers.{i}.self_attn.k_norm.weight"] = torch.full((head_dim,), k_scale)
     return sdar, out
 
 
@@ -432,14 +459,19 @@ def build_model(args: argparse.Namespace) -> ReferenceDecoder:
     if args.arch == "llada":
         return ReferenceLLaDA(config, state, trainable=True)
     if config.get("model_type") != "sdar":
-        config, state = sdar_from_llada(config, state, args.block_length)
+        # The q/k norm gains are set from the first batch of the run's training stream.
+        first = list(itertools.islice(tasks.stream("train", args.seed, tuple(args.mix.split(","))),
+                                      args.batch_size))
+        tokens, attention_mask, _, _ = Encoder(build_vocab(), args.canvas).batch(first)
+        config, state = sdar_from_llada(config, state, args.block_length,
+                                        head_scales(config, state, tokens, attention_mask))
     elif config["block_size"] != args.block_length:
         raise SystemExit(f"--block-length {args.block_length}: {args.init_from} was trained "
                          f"with block_size {config['block_size']}")
     return ReferenceSDAR(config, state, trainable=True)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -478,6 +510,11 @@ def main() -> None:
                         help="sdar: block-causal SDAR trained with the block-diffusion loss")
     parser.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="--arch sdar: the block size (config.json's block_size)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.arch == "sdar" and (args.ordered_fraction or args.threshold_fraction):
         # Both mask a LLaDA canvas as its decoding sees it; a block-diffusion row already

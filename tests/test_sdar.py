@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from benchmarks.train import Encoder, block_diffusion_mask, sdar_from_llada
+from benchmarks.train import Encoder, block_diffusion_mask, head_scales, sdar_from_llada
 from dllm_reference import tasks, tiny_sdar
-from dllm_reference.modeling import ReferenceDecoder
+from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
 from dllm_reference.sdar import ReferenceSDAR
+from dllm_reference.tiny_llada import build_vocab
 from tests.helpers import dummy_model_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,18 +99,32 @@ def test_tiny_checkpoint_has_the_real_fields_and_weight_names(tmp_path):
                                           config["eos_token_id"]]
 
 
-def test_llada_weights_convert_to_sdar_names():
+def test_llada_weights_convert_to_sdar_names_and_keep_attention_sharp():
     config, state = ReferenceDecoder.load(ROOT / "examples" / "llada-long", torch.float32)
-    sdar, converted = sdar_from_llada(config, state, 8)
+    tokens, attention_mask, _, _ = Encoder(build_vocab(), 128).batch(
+        tasks.heldout(8, families=tasks.LONG))
+    scales = head_scales(config, state, tokens, attention_mask)
+    sdar, converted = sdar_from_llada(config, state, 8, scales)
     assert sdar["block_size"] == 8 and sdar["vocab_size"] == config["embedding_size"]
     fresh = tiny_sdar.random_state_dict(sdar, 0)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in fresh.items()}
     assert torch.equal(converted["model.layers.3.mlp.down_proj.weight"],
                        state["model.transformer.blocks.3.ff_out.weight"])
-    assert torch.equal(converted["model.layers.0.self_attn.q_norm.weight"], torch.ones(32))
     mask = sdar["mask_token_id"]
     assert torch.equal(converted["model.embed_tokens.weight"][mask],
                        state["model.transformer.wte.weight"][config["mask_token_id"]])
+    # The gains are LLaDA's head RMS, so the converted layer is closer to LLaDA than with
+    # gains of one (bidirectional forwards on the same batch).
+    ones = dict(converted)
+    for name in ones:
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            ones[name] = torch.ones_like(ones[name])
+    with torch.no_grad():
+        want = ReferenceLLaDA(config, state)(tokens, attention_mask)
+        real = attention_mask.bool()
+        gaps = [(ReferenceSDAR(sdar, weights)(tokens, attention_mask) - want)[real].abs().mean()
+                for weights in (converted, ones)]
+    assert gaps[0] < 0.75 * gaps[1]
 
 
 def test_block_diffusion_pass_is_each_block_given_the_clean_ones_before(tiny):
