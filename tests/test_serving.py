@@ -445,7 +445,8 @@ def test_dllm_metrics_count_what_the_engine_did(server, reference):
 
 def logged_iterations(log: Path) -> int:
     return sum(int(line.split("dLLM: ")[1].split()[0])
-               for line in log.read_text().splitlines() if "dLLM: " in line)
+               for line in log.read_text().splitlines()
+               if "dLLM: " in line and " request iterations" in line)
 
 
 def test_lm_eval_task_scores_what_the_reference_decodes(server, reference, tmp_path):

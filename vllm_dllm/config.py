@@ -83,7 +83,7 @@ class DllmConfig(VerifyAndUpdateConfig):
             vllm_config.cache_config.enable_prefix_caching = False
         # Query sets change shape every iteration; graphs would not be reused.
         if not model_config.enforce_eager:
-            logger.info("dLLM: eager mode (no CUDA graphs, no torch.compile): every "
+            logger.info("dLLM runs eagerly (no CUDA graphs, no torch.compile): every "
                         "iteration's query rows have a new shape")
         model_config.enforce_eager = True
         vllm_config.compilation_config.mode = CompilationMode.NONE
