@@ -58,7 +58,7 @@ class SDARConfig(PretrainedConfig):
         self.block_size = block_size or DEFAULT_BLOCK_SIZE
         self.mask_token_id = mask_token_id
         # Attention is block-causal, which no transformers flag describes; the plugin's
-        # model declares it. The config's sliding-window fields are off in every release.
+        # registry declares it (`DllmArchitecture.block_causal`). The config's sliding-window fields are off in every release.
         self.is_causal = False
         self.sliding_window = None
         kwargs.pop("use_sliding_window", None)
