@@ -141,22 +141,25 @@ def write_tokenizer_files(out: Path, vocab: dict[str, int],
 
 def write_checkpoint(out: str | Path, state_dict: dict[str, torch.Tensor], config: dict,
                      vocab: dict[str, int], dtype: torch.dtype = torch.float32,
-                     dllm_defaults: dict | None = None) -> Path:
-    """`dllm_defaults` go into generation_config.json, where the plugin reads a model's
-    request defaults."""
+                     dllm_defaults: dict | None = None, *, generation: dict | None = None,
+                     **tokenizer) -> Path:
+    """A checkpoint folder: config.json, generation_config.json (`generation`, else
+    LLaDA's ids; `dllm_defaults` go into it, where the plugin reads a model's request
+    defaults), the weights and the tokenizer files (`tokenizer`: `write_tokenizer_files`'
+    options). The other tiny architectures write theirs through it."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"bos_token_id": vocab["<|startoftext|>"],
-                  "eos_token_id": vocab["<|endoftext|>"]}
+    generation = dict(generation or {"bos_token_id": vocab["<|startoftext|>"],
+                                     "eos_token_id": vocab["<|endoftext|>"]})
     if dllm_defaults:
         generation["dllm"] = dllm_defaults
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_file({k: v.to(dtype).contiguous() for k, v in state_dict.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_tokenizer_files(out, vocab)
+    write_tokenizer_files(out, vocab, **tokenizer)
     return out
 
 

@@ -11,14 +11,13 @@ the task suite renders and the trained examples/sdar-long learnt).
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from vllm_dllm.configs.sdar import DEFAULT_BLOCK_SIZE
-from dllm_reference.tiny_llada import SPECIAL_TOKENS, build_vocab, write_tokenizer_files
+from dllm_reference import tiny_llada
+from dllm_reference.tiny_llada import SPECIAL_TOKENS, build_vocab
 
 MASK_TOKEN = "<|MASK|>"
 SDAR_SPECIAL_TOKENS = SPECIAL_TOKENS + [MASK_TOKEN]
@@ -96,22 +95,15 @@ def random_state_dict(config: dict, seed: int, logit_scale: float = 4.0) -> dict
 def write_checkpoint(out: str | Path, state_dict: dict[str, torch.Tensor], config: dict,
                      vocab: dict[str, int], dtype: torch.dtype = torch.float32,
                      dllm_defaults: dict | None = None) -> Path:
-    """`dllm_defaults` go into generation_config.json, where the plugin reads a model's
-    request defaults."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    """`tiny_llada.write_checkpoint` with SDAR's generation ids and mask token."""
     # SDAR-8B-Chat's generation_config.json ends on the turn marker or <|endoftext|>.
     generation = {"bos_token_id": vocab["<|startoftext|>"],
                   "eos_token_id": [vocab["<|eot_id|>"], vocab["<|endoftext|>"]],
                   "pad_token_id": vocab["<|endoftext|>"]}
-    if dllm_defaults:
-        generation["dllm"] = dllm_defaults
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_file({k: v.to(dtype).contiguous() for k, v in state_dict.items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_tokenizer_files(out, vocab, SDAR_SPECIAL_TOKENS, mask_token=MASK_TOKEN)
-    return out
+    return tiny_llada.write_checkpoint(out, state_dict, config, vocab, dtype, dllm_defaults,
+                                       generation=generation,
+                                       special_tokens=SDAR_SPECIAL_TOKENS,
+                                       mask_token=MASK_TOKEN)
 
 
 def write_random_model(out: str | Path, *, seed: int = 0, hidden_size: int = 64,
