@@ -230,6 +230,15 @@ def block_diffusion_mask(length: int, block_length: int) -> torch.Tensor:
     return torch.cat([noisy_rows, clean_rows], dim=0)
 
 
+def weight_end_block(weight: torch.Tensor, starts: torch.Tensor, answered: torch.Tensor,
+                     block_length: int, end_weight: float) -> torch.Tensor:
+    """`weight` [B, L] with the block holding each row's `<|eot_id|>` (at response
+    position `answered` - 1) multiplied by `end_weight`; blocks cut from position 0."""
+    block = torch.arange(weight.shape[1])[None] // block_length
+    end_block = (starts + answered - 1) // block_length
+    return torch.where(block == end_block[:, None], weight * end_weight, weight)
+
+
 def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
                              attention_mask: torch.Tensor, starts: torch.Tensor,
                              answered: torch.Tensor, mask_id: int,
@@ -248,10 +257,7 @@ def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
     masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
                                             generator)
     length = tokens.shape[1]
-    if end_weight != 1.0:
-        block = torch.arange(length)[None] // block_length
-        end_block = (starts + answered - 1) // block_length
-        weight = torch.where(block == end_block[:, None], weight * end_weight, weight)
+    weight = weight_end_block(weight, starts, answered, block_length, end_weight)
     noisy = torch.where(masked, mask_id, tokens)
     keys = torch.cat([attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
     logits = model.forward_masked(torch.cat([noisy, tokens], dim=1),
@@ -426,6 +432,8 @@ def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: in
     else:
         what = "A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective"
         tokenizer = "the character vocabulary of `dllm_reference/tiny_llada.py`, LLaDA's chat template"
+    end_weight = (f"; the block holding the answer's end weighted {args.end_weight:g}x"
+                  if args.end_weight != 1.0 else "")
     (out / "README.md").write_text(f"""# {out.name}
 
 {what} on the
@@ -441,7 +449,7 @@ Tokenizer: {tokenizer}.
 - optimisation: {args.steps} steps of {args.batch_size} examples (family mix \
 {args.mix.replace(",", ", ")}), AdamW \
 lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, \
-grad clip {args.grad_clip}
+grad clip {args.grad_clip}{end_weight}
 - response canvas: {args.canvas} tokens (answer, `<|eot_id|>`, `<|endoftext|>` padding)
 - wall time: {wall_s / 60:.1f} min on {torch.get_num_threads()} CPU thread(s)
 - final loss (mean of the last 100 steps): {final_loss:.4f}

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from benchmarks.train import Encoder, block_diffusion_mask, head_scales, sdar_from_llada
+from benchmarks.train import (Encoder, block_diffusion_mask, head_scales, sdar_from_llada,
+                             weight_end_block)
 from dllm_reference import tasks, tiny_sdar
 from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
 from dllm_reference.sdar import ReferenceSDAR
@@ -153,6 +154,16 @@ def test_block_diffusion_pass_is_each_block_given_the_clean_ones_before(tiny):
             torch.testing.assert_close(both[row, length: length + n],
                                        model(tokens[row, :n], block_length=block),
                                        rtol=1e-4, atol=1e-4)
+
+
+def test_end_weight_multiplies_the_block_holding_the_answers_end():
+    """Rows with responses from 5 and 9, answers of 6 and 8 tokens (`<|eot_id|>` at 10 and
+    16), blocks of 4: blocks 2 ([8, 12)) and 4 ([16, 20)) weigh 3x, nothing else."""
+    weight = torch.full((2, 24), 0.5)
+    got = weight_end_block(weight, torch.tensor([5, 9]), torch.tensor([6, 8]), 4, 3.0)
+    want = weight.clone()
+    want[0, 8:12] = want[1, 16:20] = 1.5
+    assert got.equal(want)
 
 
 def test_block_length_comes_from_the_config():
