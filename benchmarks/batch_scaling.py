@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from benchmarks.instrumented import DTYPE
 from dllm_reference import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def in_process(model: Path, batch_sizes: list[int], repeats: int) -> list[dict]:
                for p in problems]
     params = SamplingParams(temperature=0.0, max_tokens=SETTINGS["gen_length"], ignore_eos=True,
                             extra_args=dict(SETTINGS))
-    llm = LLM(model=str(model), max_num_seqs=max(batch_sizes),
+    llm = LLM(model=str(model), max_num_seqs=max(batch_sizes), dtype=DTYPE,
               max_num_batched_tokens=max(batch_sizes) * 256)
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     forward_time = [0.0]
@@ -101,7 +102,7 @@ def served(model: Path, concurrencies: list[int], num_prompts: int) -> list[dict
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host",
          "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max(concurrencies)),
-         "--additional-config", defaults],
+         "--additional-config", defaults, "--dtype", DTYPE],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:

@@ -43,6 +43,11 @@ class BatchResult:
     resolved_extra_args: dict[str, Any] | None = None
 
 
+# The bundled checkpoints are float32, as are the reference decoders and every number in
+# BENCHMARKS.md; vLLM's `--dtype auto` would cast them to bfloat16.
+DTYPE = "float32"
+
+
 class Engine:
     """An in-process vLLM engine whose scheduler is watched, so that every request's
     model iterations (engine steps that scheduled it) can be counted.
@@ -65,7 +70,8 @@ class Engine:
             torch.set_num_threads(threads)
 
         self.llm = LLM(model=str(model), max_model_len=max_model_len,
-                       max_num_seqs=max_num_seqs, seed=seed, **engine_args)
+                       max_num_seqs=max_num_seqs, seed=seed,
+                       **{"dtype": DTYPE, **engine_args})
         self.engine = self.llm.llm_engine
         self.scheduler = self.engine.engine_core.engine_core.scheduler
         self.iterations: Counter[str] = Counter()

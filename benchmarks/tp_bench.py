@@ -25,6 +25,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from benchmarks import report  # noqa: E402
+from benchmarks.instrumented import DTYPE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (tensor_parallel_size, VLLM_CPU_OMP_THREADS_BIND, what it is)
@@ -41,7 +42,7 @@ def start(model: Path, tp: int, bind: str, max_model_len: int):
     # Read when the workers are spawned, during construction.
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     return LLM(model=str(model), max_model_len=max_model_len, max_num_seqs=16,
-               tensor_parallel_size=tp)
+               tensor_parallel_size=tp, dtype=DTYPE)
 
 
 def main() -> None:

@@ -197,10 +197,16 @@ def run_to_completion(llm, arrivals: dict[int, list[tuple]], max_steps: int = 20
     raise AssertionError("engine did not finish")
 
 
+# The references decode the bundled and tiny float32 checkpoints in float32; vLLM's default
+# (`--dtype auto`) would cast them to bfloat16, on CPU as on GPU.
+REFERENCE_DTYPE = "float32"
+
+
 def inproc_engine(model, **kwargs):
     """An LLM whose engine core runs in this process, so tests can watch its scheduler."""
     from vllm import LLM, envs
 
+    kwargs.setdefault("dtype", REFERENCE_DTYPE)
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # An engine core caches vLLM's environment variables when it starts; each engine
@@ -235,8 +241,8 @@ def free_port() -> int:
 
 def start_server(model: Path, args: list[str], log_path: Path, env: dict | None = None,
                  timeout: float = 240):
-    """`vllm serve model args` on a free loopback port; returns (process, base URL) once
-    /health answers."""
+    """`vllm serve model args` on a free loopback port, in float32 unless `args` name a
+    `--dtype`; returns (process, base URL) once /health answers."""
     import os
     import subprocess
     import sys
@@ -244,6 +250,8 @@ def start_server(model: Path, args: list[str], log_path: Path, env: dict | None 
 
     import requests
 
+    if "--dtype" not in args:
+        args = [*args, "--dtype", REFERENCE_DTYPE]
     port = free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen(

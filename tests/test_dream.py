@@ -22,7 +22,7 @@ import torch
 
 from dllm_reference.dream import ReferenceDream, diffusion_generate
 from dllm_reference.tiny_dream import dream_files, write_random_model
-from tests.helpers import dummy_model_parameters, free_port
+from tests.helpers import REFERENCE_DTYPE, dummy_model_parameters, free_port
 
 MASK, EOS, EOT = 151666, 151643, 151645
 # This conversation as Dream's chat template (its tokenizer_config.json) renders it: the
@@ -94,7 +94,7 @@ def server(tiny_dream, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_dream),
          "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-         "--max-num-seqs", "8"],
+         "--max-num-seqs", "8", "--dtype", REFERENCE_DTYPE],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     try:

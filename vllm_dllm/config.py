@@ -7,7 +7,6 @@ from vllm.config import VllmConfig
 from vllm.config.compilation import CompilationMode, CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
-from vllm.platforms import current_platform
 
 from vllm_dllm.model_executor.registry import BY_ARCHITECTURE
 from vllm_dllm.params import ParamError, server_defaults
@@ -88,13 +87,3 @@ class DllmConfig(VerifyAndUpdateConfig):
         model_config.enforce_eager = True
         vllm_config.compilation_config.mode = CompilationMode.NONE
         vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
-        if current_platform.is_cpu() and model_config.dtype != "float32":
-            import torch
-
-            if model_config.dtype != torch.float32:
-                # vLLM's CPU platform casts float32 checkpoints to bfloat16 by default and
-                # keeps only the resolved dtype, so an explicit --dtype cannot be told from
-                # that default; bfloat16 itself runs (README, "GPUs" and "CPU notes").
-                logger.warning("dLLM on CPU runs in float32 (the dtype its token-exact "
-                               "checks use); was %s", model_config.dtype)
-                model_config.dtype = torch.float32

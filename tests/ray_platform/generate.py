@@ -42,7 +42,8 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, max_model_len=512, max_num_seqs=64,
+    # float32: the tokens are compared with the suite's float32 engine.
+    llm = LLM(model=args.model, max_model_len=512, max_num_seqs=64, dtype="float32",
               tensor_parallel_size=args.tp, distributed_executor_backend="ray")
     try:
         cases = json.loads(args.cases.read_text())
