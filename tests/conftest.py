@@ -19,13 +19,19 @@ def pytest_configure(config):
                                        "(`make test-fast` leaves these out)")
 
 
+# The files that take minutes (`--durations`), started first so that no worker is left
+# with one of them at the end.
+LONGEST = ("test_tensor_parallel.py", "test_long_model.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Slow files first (a stable sort): `make test`'s workers take a file at a time in
-    this order, so the files that start engines and servers are spread over the workers
-    and the quick ones fill the gaps at the end. A file moves as a whole, so its module
-    fixtures are still set up once."""
+    """The longest files, then the other slow ones, then the rest (a stable sort): `make
+    test`'s workers take a file at a time in this order, so the files that start engines
+    and servers are spread over the workers and the quick ones fill the gaps at the end.
+    A file moves as a whole, so its module fixtures are still set up once."""
     slow = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow)
+    items.sort(key=lambda item: (Path(item.fspath).name not in LONGEST,
+                                 item.module not in slow))
 
 
 @pytest.fixture(scope="module")

@@ -137,10 +137,13 @@ def test_ray_executor_tp2_equals_tp1(tiny_model, tp1_tokens, tmp_path):
            "RAY_memory_monitor_refresh_ms": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), str(ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
+    # Else it overrides generate.py's `kv_cache_memory_bytes`.
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     run = subprocess.run(
         [sys.executable, "-m", "tests.ray_platform.generate", str(tiny_model), str(cases),
          str(out), "--tp", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    (tmp_path / "ray.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, f"{tmp_path / 'ray.log'}:\n" + run.stderr[-6000:]
     result = json.loads(out.read_text())
     assert result["executor"] == "RayExecutorV2"
     ranks = result["ranks"]
