@@ -1,6 +1,9 @@
-"""The bundled long-answer model (examples/llada-long) through the plugin: its served shape
+"""The bundled long-answer models through the plugin. examples/llada-long: its served shape
 (gen_length 128, blocks of 32) from the folder, the reference's answers, and mostly right;
-in bfloat16 (`--dtype bfloat16`, the real models' dtype) the answers float32 gives."""
+in bfloat16 (`--dtype bfloat16`, the real models' dtype) the answers float32 gives.
+examples/sdar-long (block diffusion, blocks of 8): the reference block decoder's tokens."""
+
+import json
 
 from pathlib import Path
 
@@ -8,13 +11,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from dllm_reference import tasks
+from dllm_reference import block_diffusion, tasks
 from dllm_reference.modeling import ReferenceLLaDA
-from tests.helpers import inproc_engine, reference_tokens, shutdown
+from dllm_reference.sdar import ReferenceSDAR
+from tests.helpers import cut_after_end, inproc_engine, reference_tokens, shutdown
 
 pytestmark = pytest.mark.slow
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "llada-long"
+BLOCK_MODEL = MODEL.parent / "sdar-long"
 PROMPTS = 6  # three of each family
 BF16_PROMPTS = 40
 # At least this many of each family's 3 prompts right, per configuration. Its README's
@@ -90,3 +95,41 @@ def test_bfloat16_gives_the_float32_answers(llm):
     # Measured: 39 of 40 answers alike, the other one right in bfloat16 only.
     assert sum(a != b for a, b in zip(*answers)) <= BF16_PROMPTS // 20, answers
     assert right[1] >= right[0] - 1, right
+
+
+# examples/sdar-long's README: running_sum 96% (one token per step and threshold 0.9 alike);
+# count, at 48%, is not asked for: its answers stop early, and the first three do.
+BLOCK_MIN_RIGHT_OF_3 = {"running_sum": 2}
+BLOCK_CONFIGS = {"one-per-step": {"policy": "fixed"},
+                 "threshold": {"policy": "threshold", "threshold": 0.9}}
+
+
+@pytest.fixture(scope="module")
+def block_llm():
+    engine, _ = inproc_engine(BLOCK_MODEL, max_model_len=256, max_num_seqs=PROMPTS)
+    yield engine
+    shutdown(engine)
+
+
+@pytest.mark.parametrize("name", BLOCK_CONFIGS)
+def test_block_model_gives_the_reference_answers(block_llm, problems, name):
+    from vllm import SamplingParams
+
+    xargs = BLOCK_CONFIGS[name]
+    params = SamplingParams(temperature=0.0, max_tokens=128, extra_args=dict(xargs))
+    outputs = block_llm.generate([{"prompt_token_ids": ids} for _, ids in problems], params,
+                                 use_tqdm=False)
+    reference = ReferenceSDAR.from_pretrained(BLOCK_MODEL).eval()
+    ends = tuple(json.loads((BLOCK_MODEL / "generation_config.json").read_text())["eos_token_id"])
+    tokenizer = Tokenizer.from_file(str(BLOCK_MODEL / "tokenizer.json"))
+    right = dict.fromkeys(tasks.LONG, 0)
+    for (problem, ids), out in zip(problems, outputs):
+        with torch.inference_mode():
+            canvas = block_diffusion.generate(reference, ids, mask_id=reference.config["mask_token_id"],
+                                              gen_length=128, block_length=8, stop_ids=ends,
+                                              **xargs)["tokens"]
+        want = cut_after_end(canvas, ends)[:128]
+        assert list(out.outputs[0].token_ids) == want, problem
+        right[problem.family] += tasks.score(tokenizer.decode(want, skip_special_tokens=True),
+                                             problem.answer)
+    assert all(right[f] >= n for f, n in BLOCK_MIN_RIGHT_OF_3.items()), right
