@@ -9,6 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Keep each engine's KV cache small so several fit beside each other.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Under `make test`'s workers (pytest-xdist), each takes its share of the cores: OpenMP
+# threads of two processes on the same cores wait for each other at every barrier.
+# In-process engines use this process's torch threads; vLLM's CPU worker then keeps them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _workers))
 
 from dllm_reference.tiny_llada import write_random_model  # noqa: E402
 from tests.helpers import inproc_engine, shutdown  # noqa: E402
