@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from benchmarks import configs as cfgs
 from benchmarks import report
-from benchmarks.eval_reference import answer_text, checkpoint_tasks
+from benchmarks.eval_reference import answer_text, checkpoint_tasks, stop_ids
 from benchmarks.instrumented import BatchResult, Engine, log, model_max_len, sampling_params
 from benchmarks.reference_check import check_against_reference
 from dllm_reference import tasks
@@ -64,15 +64,13 @@ def load_workload(args: argparse.Namespace, model_name: str) -> Workload:
     suite, gen_length, block_length = checkpoint_tasks(model)
     gen_length, block_length = cfgs.MEASURED_SHAPES.get(model_name, (gen_length, block_length))
     gen_length, block_length = args.gen_length or gen_length, args.block_length or block_length
-    model_config = json.loads((model / "config.json").read_text())
-    stop_ids = {model_config["eos_token_id"], model_config.get("eot_token_id",
-                                                               model_config["eos_token_id"])}
+    ends = stop_ids(model)
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
     num_prompts = args.num_prompts or cfgs.DEFAULT_MODELS.get(model_name, DEFAULT_NUM_PROMPTS)
     problems = tasks.heldout(num_prompts, families=suite)
     prompts = [tokenizer.encode(tasks.render_chat(p.prompt)).ids for p in problems]
     families = [f for f in suite if any(p.family == f for p in problems)]
-    return Workload(model_name, model, gen_length, block_length, stop_ids, tokenizer,
+    return Workload(model_name, model, gen_length, block_length, ends, tokenizer,
                     problems, prompts, families)
 
 

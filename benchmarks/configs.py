@@ -58,11 +58,12 @@ def accuracy_configs(gen_length: int = ACCURACY_GEN_LENGTH,
                      block_length: int = ACCURACY_BLOCK_LENGTH) -> list[DecodeConfig]:
     """The default comparison. The first one is the baseline the speedups refer to.
 
-    Fixed-schedule configurations leave `policy` out (its default is "fixed"), so
-    they run on a plugin that does not know the newer keys yet.
+    Every configuration names its policy: a model may default to another (SDAR and
+    LLaDA2 decode with their threshold rule unless told).
     """
     shape = {"gen_length": gen_length, "block_length": block_length}
-    vanilla = {**shape, "steps": gen_length, "remasking": "low_confidence", "cache": "none"}
+    vanilla = {**shape, "steps": gen_length, "remasking": "low_confidence", "cache": "none",
+               "policy": "fixed"}
     return [
         DecodeConfig("vanilla", dict(vanilla),
                      "LLaDA: fixed schedule, 1 token per step, no cache"),

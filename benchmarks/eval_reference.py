@@ -98,6 +98,18 @@ class Report:
         return n * self.gen_length / sum(f.threshold_forwards for f in self.families.values())
 
 
+def stop_ids(path: str | Path) -> set[int]:
+    """The tokens an answer ends at: config.json's end ids (LLaDA's eot and eos) and
+    generation_config.json's, which is where SDAR's folder names them."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    generation = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    ids = {config[k] for k in ("eos_token_id", "eot_token_id") if config.get(k) is not None}
+    if isinstance(generation, int):
+        generation = [generation]
+    return ids | set(generation or [])
+
+
 def answer_text(tokenizer: Tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
     """The decoded canvas up to the first stop token (`<|eot_id|>` or `<|endoftext|>`)."""
     end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
@@ -129,10 +141,7 @@ def evaluate(path: str | Path, n: int, block_length: int | None = None,
                                ).from_pretrained(path).eval()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     mask_id = model.config["mask_token_id"]
-    if block_causal:
-        stop_ids = set(json.loads((path / "generation_config.json").read_text())["eos_token_id"])
-    else:
-        stop_ids = {model.config["eot_token_id"], model.config["eos_token_id"]}
+    ends = stop_ids(path)
     report = Report(gen_length, block_length, threshold, block_causal)
     with torch.inference_mode():
         for problem in tasks.heldout(skip + n, families=families)[skip:]:
@@ -140,7 +149,7 @@ def evaluate(path: str | Path, n: int, block_length: int | None = None,
             if block_causal:
                 vanilla, fast = block_generate(model, prompt, mask_id=mask_id,
                                                gen_length=gen_length, block_length=block_length,
-                                               threshold=threshold, stop_ids=stop_ids)
+                                               threshold=threshold, stop_ids=ends)
             else:
                 vanilla = generate(model, prompt, mask_id=mask_id, gen_length=gen_length,
                                    block_length=block_length, steps=gen_length,
@@ -150,9 +159,9 @@ def evaluate(path: str | Path, n: int, block_length: int | None = None,
             score = report.families.setdefault(problem.family, FamilyScore(gen_length))
             score.n += 1
             score.vanilla_correct += tasks.score(
-                answer_text(tokenizer, vanilla["tokens"], stop_ids), problem.answer)
+                answer_text(tokenizer, vanilla["tokens"], ends), problem.answer)
             score.threshold_correct += tasks.score(
-                answer_text(tokenizer, fast["tokens"], stop_ids), problem.answer)
+                answer_text(tokenizer, fast["tokens"], ends), problem.answer)
             score.threshold_forwards += fast["forwards"]
     return report
 

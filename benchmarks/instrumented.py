@@ -172,7 +172,8 @@ def sampling_params(extra_args: dict, *, ignore_eos: bool = False) -> Any:
 
 
 def model_max_len(model: Path, wanted: int | None) -> int:
-    """`wanted`, else 1024, capped at the checkpoint's max_sequence_length."""
+    """`wanted`, else 1024, capped at the checkpoint's context (LLaDA's
+    max_sequence_length, the others' max_position_embeddings)."""
     config = json.loads((model / "config.json").read_text())
-    limit = int(config.get("max_sequence_length", 4096))
+    limit = int(config.get("max_sequence_length", config.get("max_position_embeddings", 4096)))
     return min(limit, wanted) if wanted else min(limit, 1024)
