@@ -9,7 +9,6 @@ as skipped, with the plugin's message.
 """
 
 import argparse
-import json
 import statistics
 import time
 from collections import Counter, defaultdict

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dllm_reference.core_driver import CoreDriver  # noqa: F401 (the tests' import)
 from dllm_reference.generate import generate
 from dllm_reference.tiny_dream import special_ids
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dllm_reference.generate import generate
-from tests.helpers import CoreDriver, SyncCounter, model_ids, random_prompt
+from dllm_reference.core_driver import CoreDriver
+from tests.helpers import SyncCounter, model_ids, random_prompt
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling import noise
 from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens

@@ -10,7 +10,8 @@ import torch
 from dllm_reference.dream import ReferenceDream, diffusion_generate
 from dllm_reference.generate import generate
 from dllm_reference.tiny_dream import dream_files, write_random_model
-from tests.helpers import SMALL, SMALL_VOCAB, CoreDriver, model_ids, random_prompt, small_prompt
+from dllm_reference.core_driver import CoreDriver
+from tests.helpers import SMALL, SMALL_VOCAB, model_ids, random_prompt, small_prompt
 from vllm_dllm.params import DllmParams
 from vllm_dllm.sampling.batch import DenoiseBatch, SpecialTokens
 from vllm_dllm.sampling.token_filters import TokenFilters
