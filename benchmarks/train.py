@@ -239,11 +239,22 @@ def weight_end_block(weight: torch.Tensor, starts: torch.Tensor, answered: torch
     return torch.where(block == end_block[:, None], weight * end_weight, weight)
 
 
+def weight_stops(weight: torch.Tensor, tokens: torch.Tensor, stop_ids: torch.Tensor,
+                 stop_weight: float) -> torch.Tensor:
+    """`weight` [B, L] multiplied by `stop_weight` where the answer could end: the gold token
+    is `<|eot_id|>` or a separator between items (`stop_ids`). There the model decides to
+    stop or go on, once per item, and a rule that compares only some digits of the item
+    with the end number in the prompt is right almost everywhere else."""
+    return torch.where(torch.isin(tokens, stop_ids), weight * stop_weight, weight)
+
+
 def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
                              attention_mask: torch.Tensor, starts: torch.Tensor,
                              answered: torch.Tensor, mask_id: int,
                              generator: torch.Generator, canvas: int,
-                             block_length: int, end_weight: float = 1.0) -> torch.Tensor:
+                             block_length: int, end_weight: float = 1.0,
+                             stop_ids: torch.Tensor | None = None,
+                             stop_weight: float = 1.0) -> torch.Tensor:
     """SDAR's SFT loss (arXiv:2510.06303 §3; its `forward_add_noise_packed`: one t per
     sequence, each response token masked with probability t, the prompt never; loss 1/t per
     masked response token, over the response length), summed over the rows, with the
@@ -258,6 +269,8 @@ def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
                                             generator)
     length = tokens.shape[1]
     weight = weight_end_block(weight, starts, answered, block_length, end_weight)
+    if stop_ids is not None:
+        weight = weight_stops(weight, tokens, stop_ids, stop_weight)
     noisy = torch.where(masked, mask_id, tokens)
     keys = torch.cat([attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
     logits = model.forward_masked(torch.cat([noisy, tokens], dim=1),
@@ -376,7 +389,8 @@ def save(model: ReferenceDecoder, out: Path, vocab: dict[str, int], suite: str, 
 def train_step(model: ReferenceDecoder, encoder: Encoder, problems: list[tasks.Problem],
                mask_id: int, generator: torch.Generator, ordered_fraction: float = 0.0,
                threshold_fraction: float = 0.0, block_length: int | None = None,
-               end_weight: float = 1.0) -> float:
+               end_weight: float = 1.0, stop_ids: torch.Tensor | None = None,
+               stop_weight: float = 1.0) -> float:
     """Accumulates the gradient of one batch; returns its loss. `block_length`: SDAR's
     block-diffusion loss instead of LLaDA's.
 
@@ -393,7 +407,8 @@ def train_step(model: ReferenceDecoder, encoder: Encoder, problems: list[tasks.P
                                 encoder.canvas, ordered_fraction, threshold_fraction)
         else:
             loss = block_diffusion_loss_sum(model, *encoder.batch(group), mask_id, generator,
-                                            encoder.canvas, block_length, end_weight)
+                                            encoder.canvas, block_length, end_weight,
+                                            stop_ids, stop_weight)
         loss = loss / len(problems)
         loss.backward()
         total += loss.item()
@@ -434,6 +449,8 @@ def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: in
         tokenizer = "the character vocabulary of `dllm_reference/tiny_llada.py`, LLaDA's chat template"
     end_weight = (f"; the block holding the answer's end weighted {args.end_weight:g}x"
                   if args.end_weight != 1.0 else "")
+    if args.stop_weight != 1.0:
+        end_weight += f"; where the answer could end weighted {args.stop_weight:g}x"
     (out / "README.md").write_text(f"""# {out.name}
 
 {what} on the
@@ -528,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sdar: block-causal SDAR trained with the block-diffusion loss")
     parser.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="--arch sdar: the block size (config.json's block_size)")
+    parser.add_argument("--stop-weight", type=float, default=1.0,
+                        help="--arch sdar: loss weight where the answer could end (the gold "
+                             "token is <|eot_id|>, a space or a comma; default 1)")
     parser.add_argument("--end-weight", type=float, default=1.0,
                         help="--arch sdar: loss weight of the block holding the answer's end "
                              "(default 1, SDAR's recipe)")
@@ -541,8 +561,9 @@ def main() -> None:
         # Both mask a LLaDA canvas as its decoding sees it; a block-diffusion row already
         # sees what decoding does (clean blocks before, a noisy block).
         parser.error("--ordered-fraction and --threshold-fraction are LLaDA's (--arch llada)")
-    if args.arch == "llada" and args.end_weight != 1.0:
-        parser.error("--end-weight is the block-diffusion loss's (--arch sdar)")
+    if args.arch == "llada" and (args.end_weight != 1.0 or args.stop_weight != 1.0):
+        parser.error("--end-weight and --stop-weight are the block-diffusion loss's "
+                     "(--arch sdar)")
     args.canvas = args.canvas or DEFAULT_CANVAS[args.suite]
     args.mix = args.mix or DEFAULT_MIX[args.suite]
     mix = tuple(args.mix.split(","))
@@ -561,6 +582,7 @@ def main() -> None:
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     encoder = Encoder(vocab, args.canvas)
     mask_id = config["mask_token_id"]
+    stop_ids = torch.tensor([vocab[t] for t in ("<|eot_id|>", " ", ",")])
     generator = torch.Generator().manual_seed(args.seed)
     problems = tasks.stream("train", args.seed, mix)
 
@@ -573,7 +595,8 @@ def main() -> None:
         batch = [next(problems) for _ in range(args.batch_size)]
         losses.append(train_step(model, encoder, batch, mask_id, generator,
                                   args.ordered_fraction, args.threshold_fraction,
-                                  block_length, args.end_weight))
+                                  block_length, args.end_weight, stop_ids,
+                                  args.stop_weight))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         if (step + 1) % args.log_every == 0:

@@ -48,24 +48,32 @@ def problems():
             for p in tasks.heldout(PROMPTS, families=tasks.LONG)]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_plugin_gives_the_reference_answers(llm, problems, name):
+def right_answers(llm, model: Path, problems, xargs: dict, want) -> dict[str, int]:
+    """Decodes `problems` greedily with `xargs` (no gen_length/block_length: the folder's
+    generation_config.json sets them), checks each canvas against `want(ids)`, the
+    reference's, and counts the right answers per family."""
     from vllm import SamplingParams
 
-    xargs = CONFIGS[name]
-    # No gen_length/block_length given: the folder's generation_config.json sets them.
     params = SamplingParams(temperature=0.0, max_tokens=128, extra_args=dict(xargs))
     outputs = llm.generate([{"prompt_token_ids": ids} for _, ids in problems], params,
                            use_tqdm=False)
-    reference = ReferenceLLaDA.from_pretrained(MODEL)
-    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
     right = dict.fromkeys(tasks.LONG, 0)
     for (problem, ids), out in zip(problems, outputs):
-        want = reference_tokens(reference, MODEL, ids, gen_length=128, block_length=32,
-                                temperature=0.0, **{"steps": 128, **xargs})
-        assert list(out.outputs[0].token_ids) == want, problem
-        right[problem.family] += tasks.score(tokenizer.decode(want, skip_special_tokens=True),
-                                             problem.answer)
+        expected = want(ids)
+        assert list(out.outputs[0].token_ids) == expected, problem
+        right[problem.family] += tasks.score(
+            tokenizer.decode(expected, skip_special_tokens=True), problem.answer)
+    return right
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_plugin_gives_the_reference_answers(llm, problems, name):
+    xargs = CONFIGS[name]
+    reference = ReferenceLLaDA.from_pretrained(MODEL)
+    right = right_answers(llm, MODEL, problems, xargs, lambda ids: reference_tokens(
+        reference, MODEL, ids, gen_length=128, block_length=32, temperature=0.0,
+        **{"steps": 128, **xargs}))
     assert all(right[f] >= n for f, n in MIN_RIGHT_OF_3[name].items()), right
 
 
@@ -113,23 +121,16 @@ def block_llm():
 
 @pytest.mark.parametrize("name", BLOCK_CONFIGS)
 def test_block_model_gives_the_reference_answers(block_llm, problems, name):
-    from vllm import SamplingParams
-
     xargs = BLOCK_CONFIGS[name]
-    params = SamplingParams(temperature=0.0, max_tokens=128, extra_args=dict(xargs))
-    outputs = block_llm.generate([{"prompt_token_ids": ids} for _, ids in problems], params,
-                                 use_tqdm=False)
     reference = ReferenceSDAR.from_pretrained(BLOCK_MODEL).eval()
     ends = tuple(json.loads((BLOCK_MODEL / "generation_config.json").read_text())["eos_token_id"])
-    tokenizer = Tokenizer.from_file(str(BLOCK_MODEL / "tokenizer.json"))
-    right = dict.fromkeys(tasks.LONG, 0)
-    for (problem, ids), out in zip(problems, outputs):
+
+    def want(ids: list[int]) -> list[int]:
         with torch.inference_mode():
-            canvas = block_diffusion.generate(reference, ids, mask_id=reference.config["mask_token_id"],
-                                              gen_length=128, block_length=8, stop_ids=ends,
-                                              **xargs)["tokens"]
-        want = cut_after_end(canvas, ends)[:128]
-        assert list(out.outputs[0].token_ids) == want, problem
-        right[problem.family] += tasks.score(tokenizer.decode(want, skip_special_tokens=True),
-                                             problem.answer)
+            canvas = block_diffusion.generate(
+                reference, ids, mask_id=reference.config["mask_token_id"], gen_length=128,
+                block_length=8, stop_ids=ends, **xargs)["tokens"]
+        return cut_after_end(canvas, ends)[:128]
+
+    right = right_answers(block_llm, BLOCK_MODEL, problems, xargs, want)
     assert all(right[f] >= n for f, n in BLOCK_MIN_RIGHT_OF_3.items()), right

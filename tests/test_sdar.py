@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from benchmarks.train import (Encoder, block_diffusion_mask, head_scales, sdar_from_llada,
-                             weight_end_block)
+                             weight_end_block, weight_stops)
 from dllm_reference import tasks, tiny_sdar
 from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
 from dllm_reference.sdar import ReferenceSDAR
@@ -164,6 +164,13 @@ def test_end_weight_multiplies_the_block_holding_the_answers_end():
     want = weight.clone()
     want[0, 8:12] = want[1, 16:20] = 1.5
     assert got.equal(want)
+
+
+def test_stop_weight_multiplies_where_the_answer_could_end():
+    weight = torch.full((1, 6), 0.5)
+    tokens = torch.tensor([[7, 3, 9, 3, 5, 1]])
+    got = weight_stops(weight, tokens, torch.tensor([3, 5]), 4.0)
+    assert got.tolist() == [[0.5, 2.0, 0.5, 2.0, 2.0, 0.5]]
 
 
 def test_block_length_comes_from_the_config():
