@@ -447,10 +447,10 @@ def write_readme(out: Path, args: argparse.Namespace, config: dict, n_params: in
     else:
         what = "A small LLaDA (original checkpoint format, float32) trained with LLaDA's SFT objective"
         tokenizer = "the character vocabulary of `dllm_reference/tiny_llada.py`, LLaDA's chat template"
-    end_weight = (f"; the block holding the answer's end weighted {args.end_weight:g}x"
-                  if args.end_weight != 1.0 else "")
+    weighting = (f"; the block holding the answer's end weighted {args.end_weight:g}x"
+                 if args.end_weight != 1.0 else "")
     if args.stop_weight != 1.0:
-        end_weight += f"; where the answer could end weighted {args.stop_weight:g}x"
+        weighting += f"; where the answer could end weighted {args.stop_weight:g}x"
     (out / "README.md").write_text(f"""# {out.name}
 
 {what} on the
@@ -466,7 +466,7 @@ Tokenizer: {tokenizer}.
 - optimisation: {args.steps} steps of {args.batch_size} examples (family mix \
 {args.mix.replace(",", ", ")}), AdamW \
 lr {args.lr} (warmup {args.warmup}, cosine to 10%), weight decay {args.weight_decay}, \
-grad clip {args.grad_clip}{end_weight}
+grad clip {args.grad_clip}{weighting}
 - response canvas: {args.canvas} tokens (answer, `<|eot_id|>`, `<|endoftext|>` padding)
 - wall time: {wall_s / 60:.1f} min on {torch.get_num_threads()} CPU thread(s)
 - final loss (mean of the last 100 steps): {final_loss:.4f}

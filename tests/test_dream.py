@@ -9,11 +9,7 @@ and policies with the offline engine).
 
 import concurrent.futures
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,7 @@ import torch
 
 from dllm_reference.dream import ReferenceDream, diffusion_generate
 from dllm_reference.tiny_dream import dream_files, write_random_model
-from tests.helpers import REFERENCE_DTYPE, dummy_model_parameters, free_port
+from tests.helpers import dummy_model_parameters, start_server
 
 MASK, EOS, EOT = 151666, 151643, 151645
 # This conversation as Dream's chat template (its tokenizer_config.json) renders it: the
@@ -89,25 +85,9 @@ def reference(tiny_dream):
 
 @pytest.fixture(scope="module")
 def server(tiny_dream, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("dream-server") / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_dream),
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-         "--max-num-seqs", "8", "--dtype", REFERENCE_DTYPE],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(tiny_dream, ["--max-model-len", "256", "--max-num-seqs", "8"],
+                              tmp_path_factory.mktemp("dream-server") / "server.log")
     try:
-        for _ in range(240):
-            assert proc.poll() is None, open(log.name).read()[-3000:]
-            try:
-                if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server did not start:\n" + open(log.name).read()[-3000:])
         yield base
     finally:
         proc.terminate()

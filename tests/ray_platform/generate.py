@@ -42,10 +42,12 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    # float32: the tokens are compared with the suite's float32 engine. 64 MiB of K/V per
+    from tests.helpers import REFERENCE_DTYPE
+
+    # The suite's engine's dtype: the tokens are compared with it. 64 MiB of K/V per
     # rank hold every case at once (the tiny model needs 16 MiB for 64 x 512 tokens); the
     # suite's GiB would take two of what its neighbours on the node need.
-    llm = LLM(model=args.model, max_model_len=512, max_num_seqs=64, dtype="float32",
+    llm = LLM(model=args.model, max_model_len=512, max_num_seqs=64, dtype=REFERENCE_DTYPE,
               kv_cache_memory_bytes=64 * 2**20, tensor_parallel_size=args.tp,
               distributed_executor_backend="ray")
     try:
