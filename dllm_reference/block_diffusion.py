@@ -17,7 +17,11 @@ code with the plugin (only the noise definition). What it does:
   at T > 0 a token drawn from softmax(logits / T) at the counter-based uniform of
   `vllm_dllm.sampling.noise` (seed, iteration, canvas position), with confidence its
   probability under that same distribution (SDAR's `token_prob`, LLaDA2's `x0_p`).
-  The mask id is never a prediction.
+  With `top_k` / `top_p` that distribution is truncated first, as both originals'
+  `sample_with_temperature_topk_topp` do at T > 0: the k largest tempered logits stay
+  (ties with the k-th too), then, in the softmax of those, each token whose
+  predecessors' mass (in descending order) is at most p. The mask id is never a
+  prediction.
 * Commits, among the block's masked positions sorted by descending confidence (ties to
   the lower position), at step s of the block with the schedule
   n_s = `get_num_transfer_tokens(block_length, steps)` (block_length split evenly over
@@ -50,6 +54,21 @@ def schedule(block_length: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
+def truncate(tempered: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Rows of tempered logits with what top-k, then top-p, removes at -inf."""
+    out = tempered.clone()
+    for row in out:
+        if top_k > 0:
+            kth = torch.topk(row, min(top_k, len(row))).values[-1]
+            row[row < kth] = float("-inf")
+        if top_p < 1:
+            order = torch.sort(row, descending=True, stable=True).indices
+            mass = torch.softmax(row, -1)[order].cumsum(0)
+            # A token goes when the tokens ranked before it already hold more than p.
+            row[order[1:][mass[:-1] > top_p]] = float("-inf")
+    return out
+
+
 def generate(
     model,
     prompt: list[int],
@@ -65,6 +84,8 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     stop_ids: tuple[int, ...] = (),
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> dict:
     """Decode one request; `steps` per block (None: `block_length`, one token a step).
 
@@ -89,8 +110,9 @@ def generate(
                 canvas_pos = torch.arange(start, stop) - prompt_len
                 u = noise.uniforms(torch.tensor(seed), torch.tensor(iteration), canvas_pos,
                                    noise.STREAM_SAMPLE)
-                x0 = noise.sample(logits, torch.full((block_length,), temperature), u)
-                probs = torch.softmax(logits.double() / temperature, -1)
+                tempered = truncate(logits.double() / temperature, top_k, top_p)
+                x0 = noise.sample(tempered, torch.ones(block_length), u)
+                probs = torch.softmax(tempered, -1)
             else:
                 x0 = logits.argmax(-1)
                 probs = torch.softmax(logits.double(), -1)

@@ -1,6 +1,6 @@
 """Block diffusion on the real engine: a tiny random SDAR decodes as the reference block
-decoder (`dllm_reference/block_diffusion.py`) token for token, batched and alone, greedy
-and seeded, when joining a running batch and after preemption; whole prompt blocks come
+decoder (`dllm_reference/block_diffusion.py`) token for token, batched and alone, greedy,
+seeded and with top_k / top_p, when joining a running batch and after preemption; whole prompt blocks come
 from vLLM's prefix cache; what block-causal models refuse is refused by name."""
 
 import json
@@ -20,15 +20,18 @@ from tests.helpers import (cut_after_end, inproc_engine, plugin_tokens, random_p
 pytestmark = pytest.mark.slow
 
 BLOCK = 4
-# (prompt length, extra_args, temperature, seed): prompts on and off the block grid, every
-# policy, steps that split the block unevenly, sampling.
+# (prompt length, extra_args, temperature, seed, top_k / top_p): prompts on and off the block
+# grid, every policy, steps that split the block unevenly, sampling, truncated sampling.
 CASES = [
-    (7, {"gen_length": 13, "policy": "threshold", "threshold": 0.5}, 0.0, 1),
-    (8, {"gen_length": 16, "policy": "fixed", "steps": 2}, 0.0, 2),
-    (5, {"gen_length": 20, "policy": "threshold", "threshold": 0.6, "steps": 3}, 0.8, 3),
-    (13, {"gen_length": 9, "policy": "fixed"}, 0.9, 4),
-    (3, {"gen_length": 30, "policy": "factor", "factor": 1.0}, 0.0, 5),
-    (10, {"gen_length": 24, "policy": "frechet"}, 0.7, 6),
+    (7, {"gen_length": 13, "policy": "threshold", "threshold": 0.5}, 0.0, 1, {}),
+    (8, {"gen_length": 16, "policy": "fixed", "steps": 2}, 0.0, 2, {}),
+    (5, {"gen_length": 20, "policy": "threshold", "threshold": 0.6, "steps": 3}, 0.8, 3, {}),
+    (13, {"gen_length": 9, "policy": "fixed"}, 0.9, 4, {}),
+    (3, {"gen_length": 30, "policy": "factor", "factor": 1.0}, 0.0, 5, {}),
+    (10, {"gen_length": 24, "policy": "frechet"}, 0.7, 6, {}),
+    (6, {"gen_length": 20, "policy": "threshold", "threshold": 0.3}, 1.5, 7,
+     {"top_k": 4, "top_p": 0.7}),
+    (9, {"gen_length": 16, "policy": "fixed"}, 1.2, 8, {"top_p": 0.5}),
 ]
 
 
@@ -51,9 +54,10 @@ def engine(sdar):
 
 
 def reference(sdar, prompt: list[int], extra: dict, temperature: float, seed: int,
-              bidirectional: bool = False, ignore_eos: bool = False) -> list[int]:
+              truncation: dict | None = None, bidirectional: bool = False,
+              ignore_eos: bool = False) -> list[int]:
     _, model, mask, ends = sdar
-    settings = {k: v for k, v in extra.items() if k != "gen_length"}
+    settings = {k: v for k, v in extra.items() if k != "gen_length"} | (truncation or {})
     if bidirectional:
         model = _Bidirectional(model)
     stops = () if ignore_eos else ends
@@ -73,28 +77,29 @@ class _Bidirectional:
         return self.model(tokens)
 
 
-def params(extra: dict, temperature: float, seed: int, ignore_eos: bool = False
-           ) -> SamplingParams:
+def params(extra: dict, temperature: float, seed: int, truncation: dict | None = None,
+           ignore_eos: bool = False) -> SamplingParams:
     return SamplingParams(temperature=temperature, seed=seed, max_tokens=extra["gen_length"],
-                          ignore_eos=ignore_eos, extra_args=dict(extra))
+                          ignore_eos=ignore_eos, extra_args=dict(extra), **(truncation or {}))
 
 
 def cases() -> list[dict]:
-    return [{"prompt": random_prompt(i, n), "extra": extra, "temperature": t, "seed": s}
-            for i, (n, extra, t, s) in enumerate(CASES)]
+    return [{"prompt": random_prompt(i, n), "args": (extra, t, s, cut)}
+            for i, (n, extra, t, s, cut) in enumerate(CASES)]
 
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_plugin_equals_reference(sdar, engine, batched):
     llm, recorder = engine
-    want = [reference(sdar, c["prompt"], c["extra"], c["temperature"], c["seed"])
-            for c in cases()]
-    got = plugin_tokens(llm, cases(), lambda c: params(c["extra"], c["temperature"], c["seed"]),
-                        batched=batched)
+    want = [reference(sdar, c["prompt"], *c["args"]) for c in cases()]
+    got = plugin_tokens(llm, cases(), lambda c: params(*c["args"]), batched=batched)
     assert got == want
     # The attention really is block-causal: the same decoding without the block mask differs.
-    assert any(reference(sdar, c["prompt"], c["extra"], c["temperature"], c["seed"],
-                         bidirectional=True) != w for c, w in zip(cases(), want))
+    assert any(reference(sdar, c["prompt"], *c["args"], bidirectional=True) != w
+               for c, w in zip(cases(), want))
+    # Truncation changes what is drawn.
+    assert any(reference(sdar, c["prompt"], *c["args"][:3]) != w
+               for c, w in zip(cases(), want) if c["args"][3])
     assert recorder.mischarged() == []
 
 
@@ -103,12 +108,11 @@ def test_request_joining_mid_batch_decodes_the_same(sdar, engine):
     arrivals = {}
     for i, c in enumerate(cases()):
         arrivals.setdefault(3 * i, []).append(
-            (f"r{i}", c["prompt"], params(c["extra"], c["temperature"], c["seed"])))
+            (f"r{i}", c["prompt"], params(*c["args"])))
     done = run_to_completion(llm, arrivals)
     for i, c in enumerate(cases()):
         rid = next(r for r in done if r.startswith(f"r{i}"))
-        assert done[rid] == reference(sdar, c["prompt"], c["extra"], c["temperature"],
-                                      c["seed"]), i
+        assert done[rid] == reference(sdar, c["prompt"], *c["args"]), i
 
 
 def test_shared_system_prompt_is_computed_once(sdar, engine):
@@ -118,8 +122,8 @@ def test_shared_system_prompt_is_computed_once(sdar, engine):
     llm, recorder = engine
     system = random_prompt(100, 64)
     batch = [{"prompt": system + random_prompt(200 + i, 1 + i % 7),
-              "extra": {"gen_length": 12, "policy": "threshold", "threshold": 0.5},
-              "temperature": 0.0, "seed": 0} for i in range(32)]
+              "extra": {"gen_length": 12, "policy": "threshold", "threshold": 0.5}}
+             for i in range(32)]
     hits_before = _counter(llm, "vllm:prefix_cache_hits")
     first = len(recorder.charges)
     got = plugin_tokens(llm, batch, lambda c: params(c["extra"], 0.0, 0), batched=True)

@@ -1,9 +1,9 @@
 """LLaDA2.x (`LLaDA2MoeModelLM`): the config and registry entry, the reference MoE model, the
 tiny checkpoints against the real config (tests/data/llada2-mini), the real mini and flash
 configs built by vLLM with dummy weights, and on the engine: a tiny random LLaDA2 decodes as
-the reference block decoder token for token (batched and alone, greedy and seeded), under
-tensor parallelism 2 as under 1, through `vllm serve` (chat, stream and not); what it
-refuses (top_p, top_k, LLaDA2.1's token editing) is refused by name."""
+the reference block decoder token for token (batched and alone, greedy, seeded, with top_k
+and top_p), under tensor parallelism 2 as under 1, through `vllm serve` (chat, stream and
+not); what it refuses (LLaDA2.1's token editing, the Fast-dLLM caches) is refused by name."""
 
 import json
 import os
@@ -32,6 +32,8 @@ CASES = [
     (19, {"gen_length": 50, "policy": "threshold", "threshold": 0.6, "steps": 4}, 0.8, 3),
     (45, {"gen_length": 20, "policy": "fixed", "steps": 16}, 0.9, 4),
     (3, {"gen_length": 64, "policy": "factor", "factor": 1.0}, 0.0, 5),
+    (12, {"gen_length": 40, "policy": "threshold", "threshold": 0.3}, 1.3, 6,
+     {"top_k": 20, "top_p": 0.8}),
 ]
 CPUS = sorted(os.sched_getaffinity(0))
 FOLDER_DEFAULTS = {"policy": "threshold", "threshold": 0.6}
@@ -49,9 +51,9 @@ def tiny(tmp_path_factory):
 
 
 def reference(tiny, prompt: list[int], extra: dict, temperature: float, seed: int,
-              model=None) -> list[int]:
+              truncation: dict | None = None, model=None) -> list[int]:
     folder, ref, config = tiny
-    settings = {k: v for k, v in extra.items() if k != "gen_length"}
+    settings = {k: v for k, v in extra.items() if k != "gen_length"} | (truncation or {})
     stops = (config["eos_token_id"],)
     tokens = block_diffusion.generate(model or ref, prompt, mask_id=config["mask_token_id"],
                                       gen_length=extra["gen_length"], block_length=BLOCK,
@@ -61,13 +63,15 @@ def reference(tiny, prompt: list[int], extra: dict, temperature: float, seed: in
 
 
 def cases() -> list[dict]:
-    return [{"prompt": random_prompt(300 + i, n), "extra": extra, "temperature": t, "seed": s}
-            for i, (n, extra, t, s) in enumerate(CASES)]
+    return [{"prompt": random_prompt(300 + i, n), "extra": extra, "temperature": t, "seed": s,
+             "truncation": cut[0] if cut else {}}
+            for i, (n, extra, t, s, *cut) in enumerate(CASES)]
 
 
 def params(case: dict) -> SamplingParams:
     return SamplingParams(temperature=case["temperature"], seed=case["seed"],
-                          max_tokens=case["extra"]["gen_length"], extra_args=dict(case["extra"]))
+                          max_tokens=case["extra"]["gen_length"], extra_args=dict(case["extra"]),
+                          **case["truncation"])
 
 
 # -- config, registry, reference, tiny checkpoints (no engine) ------------------------------
@@ -187,7 +191,8 @@ def tp1_tokens(engine) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_plugin_equals_reference_batched(tiny, tp1_tokens):
-    want = [reference(tiny, c["prompt"], c["extra"], c["temperature"], c["seed"])
+    want = [reference(tiny, c["prompt"], c["extra"], c["temperature"], c["seed"],
+                      c["truncation"])
             for c in cases()]
     assert tp1_tokens == want
     # The answers are not one repeated token, and they tell the model's parts apart: the
@@ -204,6 +209,7 @@ def test_plugin_equals_reference_batched(tiny, tp1_tokens):
 
     for model in (bidirectional, without("expert_bias"), without("attention.key_layernorm")):
         assert any(reference(tiny, c["prompt"], c["extra"], c["temperature"], c["seed"],
+                             c["truncation"],
                              model=model) != w for c, w in zip(cases(), want))
 
 
@@ -214,8 +220,7 @@ def test_plugin_equals_reference_alone(tiny, engine, tp1_tokens):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option,extra,parameter", [
-    ({"top_p": 0.9}, {}, "top_p"),
-    ({"top_k": 5}, {}, "top_k"),
+    ({"min_p": 0.1}, {}, "min_p"),
     ({}, {"editing_threshold": 0.5}, "editing_threshold"),
     ({}, {"max_post_steps": 16}, "max_post_steps"),
     ({}, {"cache": "dual"}, "cache"),
@@ -259,7 +264,7 @@ def test_expert_parallel_is_refused_at_start(tiny):
 def test_serve_answers_chat_stream_and_not(tiny, tmp_path):
     """One server on the tiny folder: a chat request decodes the folder's chat template and
     its `dllm` defaults as the reference does, streamed or not (the same tokens, and the
-    iterations of the threshold rule, not of the plugin's one-a-step default); top_p and
+    iterations of the threshold rule, not of the plugin's one-a-step default); min_p and
     token editing get HTTP 400 naming them."""
     import requests
     from openai import OpenAI
@@ -296,7 +301,7 @@ def test_serve_answers_chat_stream_and_not(tiny, tmp_path):
         iterations = [float(line.split()[-1]) for line in metrics
                       if line.startswith("vllm:dllm_request_iterations_sum")]
         assert iterations == [2 * forwards]
-        for body, parameter in (({"top_p": 0.5}, "top_p"),
+        for body, parameter in (({"min_p": 0.5}, "min_p"),
                                 ({"vllm_xargs": {"editing_threshold": 0.9}},
                                  "editing_threshold")):
             r = requests.post(f"{base}/v1/chat/completions",

@@ -22,8 +22,7 @@ from vllm_dllm.params import DllmParams, ParamError, resolve
 # neutral values and why; anything else is refused rather than silently ignored.
 _PENALTY = "defined on the tokens generated so far, left to right; a canvas commits out of order"
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "top_p": (1.0, "LLaDA's sampler is a tempered softmax with no truncation"),
-    "min_p": (0.0, "neither LLaDA's nor Dream's sampler has it"),
+    "min_p": (0.0, "no dLLM sampler here has it (LLaDA's, Dream's, SDAR's, LLaDA2's)"),
     "presence_penalty": (0.0, _PENALTY),
     "frequency_penalty": (0.0, _PENALTY),
     "repetition_penalty": (1.0, _PENALTY),
@@ -39,25 +38,25 @@ def is_dllm(vllm_config: VllmConfig) -> bool:
     return vllm_config.model_config.architecture in DLLM_ARCHITECTURES
 
 
-# What Dream's samplers also filter the logits by.
-_DREAM_FILTERS = ("top_p", "top_k")
-
-
-def _check_supported(params: SamplingParams, sampler: str) -> None:
+def _check_supported(params: SamplingParams, truncates: bool) -> None:
+    """`truncates`: the model's sampler has top_p and top_k (Dream's, SDAR's, LLaDA2's);
+    LLaDA's is a tempered softmax (Gumbel-max in its code) with no truncation."""
+    if not truncates:
+        for name, on in (("top_p", params.top_p < 1), ("top_k", params.top_k not in (0, -1))):
+            if on:
+                value = getattr(params, name)
+                raise VLLMValidationError(
+                    f"{name} is not supported by this model's diffusion decoding: LLaDA's "
+                    f"sampler is a tempered softmax with no truncation (got {value!r})",
+                    parameter=name, value=value)
     for name, (neutral, reason) in _UNSUPPORTED.items():
         value = getattr(params, name)
-        if sampler == "dream" and name in _DREAM_FILTERS:
-            continue
         if (value is neutral or (isinstance(value, (int, float)) and value == neutral)
                 or (isinstance(value, (list, dict)) and not value)):
             continue
         raise VLLMValidationError(
             f"{name} is not supported by diffusion decoding: {reason} (got {value!r})",
             parameter=name, value=value)
-    if sampler != "dream" and params.top_k not in (0, -1):
-        raise VLLMValidationError("top_k is not supported by this model's diffusion decoding"
-                                  " (Dream's samplers only)",
-                                  parameter="top_k", value=params.top_k)
 
 
 def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[str, Any],
@@ -66,7 +65,7 @@ def admit(request: EngineCoreRequest, vllm_config: VllmConfig, defaults: dict[st
     params = request.sampling_params
     model_config = vllm_config.model_config
     arch = BY_ARCHITECTURE[model_config.architecture]
-    _check_supported(params, arch.sampler)
+    _check_supported(params, arch.sampler == "dream" or arch.block_causal)
     try:
         resolved = resolve(
             params.extra_args,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from vllm_dllm.params import DEFAULTS, REMASKING, ROW_DTYPES, DllmParams, row_values
-from vllm_dllm.sampling import dream, logprobs, noise
+from vllm_dllm.sampling import dream, logprobs, noise, truncation
 from vllm_dllm.sampling.blocks import BlockGrid, block_grid
 from vllm_dllm.sampling.eos import eos_eot_confidence, suppress_eos_logits
 from vllm_dllm.sampling.grammar import GrammarPlan
@@ -56,8 +56,8 @@ class BatchPlan:
     to request `logit_request[i]` (0..B-1) at block column `logit_column[i]`; the
     logits cover exactly the masked columns of each request's current block.
     `sampled` lists the logits rows decoded at temperature > 0; `hot` and `filter`
-    (host, per logits row, None: none) mark them and those Dream filters by top_p /
-    top_k, for Dream's chunked sampling. `logit_valid`
+    (host, per logits row, None: none) mark them and those whose sampler (Dream's, a
+    block-diffusion model's) truncates by top_p / top_k. `logit_valid`
     (None: all) marks the logits rows that hold a prediction: a pass that skipped
     a masked position gives it a placeholder row, which is never committed. The
     host-side fields say which policies and optional rules (`options`, parameter
@@ -143,7 +143,8 @@ class DenoiseBatch:
             top_p: float = 1.0, top_k: int = 0, token_filters: TokenFilters | None = None,
             num_logprobs: int | None = None) -> int:
         """Give a joining request a row and write its parameters; returns the row.
-        `top_p` / `top_k` filter Dream's samplers (1 / 0 or less: off);
+        `top_p` / `top_k` filter Dream's and the block-diffusion samplers (1 / 0 or
+        less: off);
         `num_logprobs`: the top logprobs its tokens' records carry (None: no records)."""
         if not self._free:
             self._grow()
@@ -154,7 +155,8 @@ class DenoiseBatch:
         self.params[row] = params
         self.temperatures[row] = temperature
         top_k = max(top_k, 0)
-        self.filters[row] = params.alg is not None and (top_p < 1 or top_k > 0)
+        self.filters[row] = ((params.alg is not None or self.block_causal)
+                             and (top_p < 1 or top_k > 0))
         self.token_filters[row] = (token_filters if token_filters is not None
                                    and token_filters.in_use else None)
         self.num_logprobs[row] = num_logprobs
@@ -360,13 +362,12 @@ class DenoiseBatch:
             s = plan.sampled
             u = noise.uniforms(seed[s], iteration[s], position[s], noise.STREAM_SAMPLE)
             temperature = self.temperature[rows][req][s]
-            x0 = top_ids.index_copy(0, s, noise.sample(logits[s], temperature, u))
-            confidence = probability(x0)
             if self.block_causal:
-                tempered = logits[s].double() / temperature[:, None]
-                drawn = tempered.gather(-1, x0[s][:, None]).squeeze(-1)
-                confidence = confidence.index_copy(
-                    0, s, (drawn - torch.logsumexp(tempered, -1)).exp())
+                x0, confidence = self._block_tokens(plan, logits, temperature, u, top_ids,
+                                                    top_conf)
+            else:
+                x0 = top_ids.index_copy(0, s, noise.sample(logits[s], temperature, u))
+                confidence = probability(x0)
         if "confidence_eos_eot_inf" in plan.options and special.eot is not None:
             use = self.confidence_eos_eot_inf[rows][req]
             confidence = torch.where(use, eos_eot_confidence(logits, x0, special.eos, special.eot),
@@ -474,6 +475,23 @@ class DenoiseBatch:
                 *(None if f is None else _indices(f[lo:hi], self.device)
                   for f in (plan.hot, plan.filter)), used=plan.algs)
         return x0, confidence
+
+    def _block_tokens(self, plan: BatchPlan, logits: torch.Tensor, temperature: torch.Tensor,
+                      u: torch.Tensor, top_ids: torch.Tensor, top_conf: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDAR's and LLaDA2's sampler for the sampled rows: drawn from the tempered logits
+        after top-k / top-p (`truncation`), and scored by that distribution."""
+        s = plan.sampled
+        tempered = logits[s].double() / temperature[:, None]
+        if plan.filter is not None:
+            f = _indices(plan.filter[plan.hot], self.device)
+            req = plan.logit_request[s][f]
+            rows = plan.rows[req]
+            tempered = tempered.index_copy(0, f, truncation.top_k_top_p(
+                tempered[f], self.top_k[rows], self.top_p[rows]))
+        drawn = noise.sample(tempered, torch.ones_like(temperature), u)
+        score = tempered.gather(-1, drawn[:, None]).squeeze(-1) - torch.logsumexp(tempered, -1)
+        return top_ids.index_copy(0, s, drawn), top_conf.index_copy(0, s, score.exp())
 
     def _dream_fixed(self, plan: BatchPlan, conf_matrix: torch.Tensor, step: torch.Tensor,
                      commit: torch.Tensor) -> torch.Tensor:
