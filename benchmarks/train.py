@@ -248,13 +248,51 @@ def weight_stops(weight: torch.Tensor, tokens: torch.Tensor, stop_ids: torch.Ten
     return torch.where(torch.isin(tokens, stop_ids), weight * stop_weight, weight)
 
 
+@torch.no_grad()
+def block_threshold_states(model: ReferenceDecoder, tokens: torch.Tensor,
+                           attention_mask: torch.Tensor, starts: torch.Tensor, canvas: int,
+                           mask_id: int, generator: torch.Generator, block_length: int,
+                           threshold: float = DEFAULTS["threshold"], max_forwards: int = 3
+                           ) -> torch.Tensor:
+    """Which response tokens are masked [B, L] when every block of a row is where threshold
+    decoding leaves it: the whole response masked, then 0 … `max_forwards` (per row)
+    block-diffusion forwards, each giving in every block the masked tokens the model is at
+    least `threshold` confident of and its most confident one, as decoding commits them
+    (the given tokens are the answer's). A block this forward would finish stays as it is,
+    so that it keeps tokens to learn from. `threshold_state_masks` is LLaDA's version, for
+    one block of the canvas; here every block is denoised given the clean blocks before
+    it, so all blocks of the row move at once."""
+    batch, length = tokens.shape
+    pos = torch.arange(length)[None]
+    masked = (pos >= starts[:, None]) & (pos < starts[:, None] + canvas)
+    forwards = torch.randint(0, max_forwards + 1, (batch,), generator=generator)
+    attention = block_diffusion_mask(length, block_length) & torch.cat(
+        [attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
+    blocks = -(-length // block_length)
+    pad = blocks * block_length - length
+    for i in range(int(forwards.max())):
+        noisy = torch.where(masked, mask_id, tokens)
+        logits = model.forward_masked(torch.cat([noisy, tokens], dim=1),
+                                      torch.arange(length).repeat(2), attention)[:, :length]
+        conf = torch.softmax(logits.float(), -1).amax(-1).masked_fill(~masked, float("-inf"))
+        per_block = F.pad(conf, (0, pad), value=float("-inf")).view(batch * blocks, block_length)
+        commit = select_threshold(per_block, torch.full((batch * blocks,), threshold))
+        open_ = per_block > float("-inf")
+        done = (commit.sum(1) == open_.sum(1)).view(batch, blocks)
+        commit = commit.view(batch, blocks * block_length)[:, :length]
+        keep = (forwards > i)[:, None] & ~done.repeat_interleave(block_length, 1)[:, :length]
+        masked &= ~(commit & keep)
+    return masked
+
+
 def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
                              attention_mask: torch.Tensor, starts: torch.Tensor,
                              answered: torch.Tensor, mask_id: int,
                              generator: torch.Generator, canvas: int,
                              block_length: int, end_weight: float = 1.0,
                              stop_ids: torch.Tensor | None = None,
-                             stop_weight: float = 1.0) -> torch.Tensor:
+                             stop_weight: float = 1.0, threshold_fraction: float = 0.0
+                             ) -> torch.Tensor:
     """SDAR's SFT loss (arXiv:2510.06303 §3; its `forward_add_noise_packed`: one t per
     sequence, each response token masked with probability t, the prompt never; loss 1/t per
     masked response token, over the response length), summed over the rows, with the
@@ -264,10 +302,21 @@ def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
     `end_weight` multiplies the weight of the block holding the answer's `<|eot_id|>`:
     whether to stop is decided there once per answer, while the padding blocks after it,
     trivially `<|endoftext|>`, make up most of the canvas's loss. A noisy block sees only
-    clean blocks besides itself, so weighting it changes no other block's context."""
+    clean blocks besides itself, so weighting it changes no other block's context.
+
+    With `threshold_fraction` > 0 that fraction of the rows is masked by
+    `block_threshold_states` instead, every masked token scored with weight 1."""
     masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
                                             generator)
     length = tokens.shape[1]
+    if threshold_fraction > 0:
+        rows = (torch.rand(len(starts), generator=generator) < threshold_fraction).nonzero()[:, 0]
+        if len(rows):
+            weight = weight.clone()
+            masked[rows] = scored[rows] = block_threshold_states(
+                model, tokens[rows], attention_mask[rows], starts[rows], canvas, mask_id,
+                generator, block_length)
+            weight[rows] = 1.0
     weight = weight_end_block(weight, starts, answered, block_length, end_weight)
     if stop_ids is not None:
         weight = weight_stops(weight, tokens, stop_ids, stop_weight)
@@ -408,7 +457,7 @@ def train_step(model: ReferenceDecoder, encoder: Encoder, problems: list[tasks.P
         else:
             loss = block_diffusion_loss_sum(model, *encoder.batch(group), mask_id, generator,
                                             encoder.canvas, block_length, end_weight,
-                                            stop_ids, stop_weight)
+                                            stop_ids, stop_weight, threshold_fraction)
         loss = loss / len(problems)
         loss.backward()
         total += loss.item()
@@ -536,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "answer given up to a cut, all masked after it); default 0")
     parser.add_argument("--threshold-fraction", type=float, default=0.0,
                         help="fraction of the rows masked as threshold decoding (0.9) leaves a "
-                             "block after 0-3 of its forwards, the model's own confidence "
-                             "choosing what is given; default 0")
+                             "block (--arch sdar: every block) after 0-3 of its forwards, the "
+                             "model's own confidence choosing what is given; default 0")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint (a further training stage); with "
                              "--arch sdar a LLaDA checkpoint is converted to SDAR's names")
@@ -557,10 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
-    if args.arch == "sdar" and (args.ordered_fraction or args.threshold_fraction):
-        # Both mask a LLaDA canvas as its decoding sees it; a block-diffusion row already
-        # sees what decoding does (clean blocks before, a noisy block).
-        parser.error("--ordered-fraction and --threshold-fraction are LLaDA's (--arch llada)")
+    if args.arch == "sdar" and args.ordered_fraction:
+        # It masks a LLaDA canvas as left-to-right decoding sees it; a block-diffusion row
+        # already sees the clean blocks before its noisy one.
+        parser.error("--ordered-fraction is LLaDA's (--arch llada)")
     if args.arch == "llada" and (args.end_weight != 1.0 or args.stop_weight != 1.0):
         parser.error("--end-weight and --stop-weight are the block-diffusion loss's "
                      "(--arch sdar)")

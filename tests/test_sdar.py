@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from benchmarks.train import (Encoder, block_diffusion_mask, head_scales, sdar_from_llada,
+from benchmarks.train import (Encoder, block_diffusion_mask, block_threshold_states, head_scales,
+                              sdar_from_llada,
                              weight_end_block, weight_stops)
 from dllm_reference import tasks, tiny_sdar
 from dllm_reference.modeling import ReferenceDecoder, ReferenceLLaDA
@@ -171,6 +172,44 @@ def test_stop_weight_multiplies_where_the_answer_could_end():
     tokens = torch.tensor([[7, 3, 9, 3, 5, 1]])
     got = weight_stops(weight, tokens, torch.tensor([3, 5]), 4.0)
     assert got.tolist() == [[0.5, 2.0, 0.5, 2.0, 2.0, 0.5]]
+
+
+class _SureAtEvenPositions:
+    """Predicts the gold token everywhere, sure of it at even positions only, and
+    records the noisy half of each input."""
+
+    def __init__(self, tokens: torch.Tensor, vocab: int):
+        self.tokens, self.vocab, self.seen = tokens, vocab, []
+
+    def forward_masked(self, x: torch.Tensor, positions: torch.Tensor,
+                       attention: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x[:, : self.tokens.shape[1]].clone())
+        sure = torch.where(torch.arange(self.tokens.shape[1]) % 2 == 0, 20.0, 0.5)
+        logits = torch.nn.functional.one_hot(self.tokens, self.vocab).float() * sure[:, None]
+        return torch.cat([logits, logits], dim=1)
+
+
+def test_threshold_states_give_each_block_what_decoding_would_commit():
+    """Response from 3 in blocks of 4, each row's forward count drawn from 0-3: a forward
+    gives, in every block, the masks the model is sure of (even positions) and the most
+    confident one (ties to the left), unless that would finish the block."""
+    tokens = torch.arange(1, 15)[None].repeat(16, 1)
+    model = _SureAtEvenPositions(tokens, 100)
+    masked = block_threshold_states(model, tokens, torch.ones_like(tokens), torch.full((16,), 3),
+                                    11, 99, torch.Generator().manual_seed(0), 4, threshold=0.9)
+    states = {
+        # No forward: the whole response.
+        (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13),
+        # One: the sure (even) positions, but not 3, the first block's only response token.
+        (3, 5, 7, 9, 11, 13),
+        # Two: the top one of each block (5, 9); 13 is its block's last mask. A third
+        # forward would finish every block, so it changes nothing.
+        (3, 7, 11, 13),
+    }
+    got = {tuple(row.nonzero()[:, 0].tolist()) for row in masked}
+    assert got <= states and len(got) > 1
+    # Each forward saw the clean answer wherever a token was given.
+    assert all(((x == 99) | (x == tokens)).all() for x in model.seen)
 
 
 def test_block_length_comes_from_the_config():
