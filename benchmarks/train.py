@@ -3,8 +3,8 @@ or, with `--arch sdar`, a small SDAR with its block-diffusion objective.
 
     python -m benchmarks.train --out examples/llada-tasks [--steps N] [--seed S] ...
     python -m benchmarks.train --suite long --canvas 128 --out examples/llada-long ...
-    python -m benchmarks.train --arch sdar --block-length 8 --suite long \
-        --init-from examples/llada-long --out examples/sdar-long ...
+    python -m benchmarks.train --arch sdar --block-length 32 --suite long \
+        --init-from examples/llada-long --out runs/sdar32-a ...  (examples/sdar-long/README.md)
 
 The model is dllm_reference/modeling.py's ReferenceLLaDA with trainable weights, the
 tokenizer is dllm_reference/tiny_llada.py's character vocabulary, and the checkpoint is
