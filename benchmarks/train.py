@@ -156,6 +156,14 @@ def training_masks(starts: torch.Tensor, answered: torch.Tensor, length: int, ca
     return masked, scored, weight[:, None].expand(batch, length)
 
 
+def threshold_rows(batch: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The rows a batch masks as threshold decoding leaves them (none at fraction 0,
+    drawing nothing from `generator`)."""
+    if fraction <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return (torch.rand(batch, generator=generator) < fraction).nonzero()[:, 0]
+
+
 @torch.no_grad()
 def threshold_state_masks(model: ReferenceLLaDA, tokens: torch.Tensor,
                           attention_mask: torch.Tensor, starts: torch.Tensor,
@@ -204,13 +212,12 @@ def sft_loss_sum(model: ReferenceLLaDA, tokens: torch.Tensor, attention_mask: to
     `threshold_state_masks` instead."""
     masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
                                             generator, ordered_fraction)
-    if threshold_fraction > 0:
-        rows = (torch.rand(len(starts), generator=generator) < threshold_fraction).nonzero()[:, 0]
-        if len(rows):
-            weight = weight.clone()
-            masked[rows], scored[rows], weight[rows] = threshold_state_masks(
-                model, tokens[rows], attention_mask[rows], starts[rows], answered[rows],
-                canvas, mask_id, generator)
+    rows = threshold_rows(len(starts), threshold_fraction, generator)
+    if len(rows):
+        weight = weight.clone()
+        masked[rows], scored[rows], weight[rows] = threshold_state_masks(
+            model, tokens[rows], attention_mask[rows], starts[rows], answered[rows],
+            canvas, mask_id, generator)
     logits = model(torch.where(masked, mask_id, tokens), attention_mask)
     ce = F.cross_entropy(logits[scored], tokens[scored], reduction="none")
     return (ce * weight[scored]).sum() / canvas
@@ -228,6 +235,16 @@ def block_diffusion_mask(length: int, block_length: int) -> torch.Tensor:
     noisy_rows = torch.cat([same, before], dim=1)
     clean_rows = torch.cat([torch.zeros_like(same), same | before], dim=1)
     return torch.cat([noisy_rows, clean_rows], dim=0)
+
+
+def block_diffusion_logits(model: ReferenceDecoder, noisy: torch.Tensor, tokens: torch.Tensor,
+                           attention_mask: torch.Tensor, block_length: int) -> torch.Tensor:
+    """The noisy rows' logits [B, L, V] of the vectorised pass: the noisy and the clean copy
+    of each row side by side under `block_diffusion_mask`, padding keys left out."""
+    length = tokens.shape[1]
+    keys = torch.cat([attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
+    return model.forward_masked(torch.cat([noisy, tokens], dim=1), torch.arange(length).repeat(2),
+                                block_diffusion_mask(length, block_length) & keys)[:, :length]
 
 
 def weight_end_block(weight: torch.Tensor, starts: torch.Tensor, answered: torch.Tensor,
@@ -266,14 +283,11 @@ def block_threshold_states(model: ReferenceDecoder, tokens: torch.Tensor,
     pos = torch.arange(length)[None]
     masked = (pos >= starts[:, None]) & (pos < starts[:, None] + canvas)
     forwards = torch.randint(0, max_forwards + 1, (batch,), generator=generator)
-    attention = block_diffusion_mask(length, block_length) & torch.cat(
-        [attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
     blocks = -(-length // block_length)
     pad = blocks * block_length - length
     for i in range(int(forwards.max())):
-        noisy = torch.where(masked, mask_id, tokens)
-        logits = model.forward_masked(torch.cat([noisy, tokens], dim=1),
-                                      torch.arange(length).repeat(2), attention)[:, :length]
+        logits = block_diffusion_logits(model, torch.where(masked, mask_id, tokens), tokens,
+                                        attention_mask, block_length)
         conf = torch.softmax(logits.float(), -1).amax(-1).masked_fill(~masked, float("-inf"))
         per_block = F.pad(conf, (0, pad), value=float("-inf")).view(batch * blocks, block_length)
         commit = select_threshold(per_block, torch.full((batch * blocks,), threshold))
@@ -308,24 +322,18 @@ def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
     `block_threshold_states` instead, every masked token scored with weight 1."""
     masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
                                             generator)
-    length = tokens.shape[1]
-    if threshold_fraction > 0:
-        rows = (torch.rand(len(starts), generator=generator) < threshold_fraction).nonzero()[:, 0]
-        if len(rows):
-            weight = weight.clone()
-            masked[rows] = scored[rows] = block_threshold_states(
-                model, tokens[rows], attention_mask[rows], starts[rows], canvas, mask_id,
-                generator, block_length)
-            weight[rows] = 1.0
+    rows = threshold_rows(len(starts), threshold_fraction, generator)
+    if len(rows):
+        weight = weight.clone()
+        masked[rows] = scored[rows] = block_threshold_states(
+            model, tokens[rows], attention_mask[rows], starts[rows], canvas, mask_id,
+            generator, block_length)
+        weight[rows] = 1.0
     weight = weight_end_block(weight, starts, answered, block_length, end_weight)
     if stop_ids is not None:
         weight = weight_stops(weight, tokens, stop_ids, stop_weight)
-    noisy = torch.where(masked, mask_id, tokens)
-    keys = torch.cat([attention_mask, attention_mask], dim=1).bool()[:, None, None, :]
-    logits = model.forward_masked(torch.cat([noisy, tokens], dim=1),
-                                  torch.arange(length).repeat(2),
-                                  block_diffusion_mask(length, block_length) & keys)
-    logits = logits[:, :length]
+    logits = block_diffusion_logits(model, torch.where(masked, mask_id, tokens), tokens,
+                                    attention_mask, block_length)
     ce = F.cross_entropy(logits[scored], tokens[scored], reduction="none")
     return (ce * weight[scored]).sum() / canvas
 

@@ -8,7 +8,7 @@ import torch
 
 from dllm_reference import dream as ref
 from dllm_reference.tiny_dream import dream_files, write_random_model
-from vllm_dllm.sampling import dream, noise
+from vllm_dllm.sampling import dream, noise, truncation
 
 MASK_ID = 151666
 
@@ -133,12 +133,12 @@ def test_filter_matches_reference():
     top_p = torch.where(torch.rand(40, generator=g) < 0.3, 1.0,
                         torch.rand(40, generator=g, dtype=torch.float64))
     top_k = torch.randint(0, 12, (40,), generator=g)
-    got = dream.filter_logits(logits, top_p, top_k)
+    got = truncation.top_p_top_k(logits, top_p, top_k)
     for i in range(40):
         want = ref.filter_logits(logits[i], float(top_p[i]) if top_p[i] < 1 else None,
                                  int(top_k[i]) or None)
         assert torch.equal(got[i], want), i
-    assert torch.equal(dream.filter_logits(logits, torch.ones(40), torch.zeros(40)), logits)
+    assert torch.equal(truncation.top_p_top_k(logits, torch.ones(40), torch.zeros(40)), logits)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])

@@ -7,7 +7,7 @@ import math
 import torch
 
 from dllm_reference.block_diffusion import truncate
-from vllm_dllm.sampling import dream, truncation
+from vllm_dllm.sampling import truncation
 
 
 def test_top_p_is_taken_over_the_top_k_survivors():
@@ -20,7 +20,7 @@ def test_top_p_is_taken_over_the_top_k_survivors():
     # Dream's order (top-p first) keeps two.
     both = truncation.top_k_top_p(scaled, torch.tensor([2]), 0.6 * one)
     assert kept(both) == [True, False, False]
-    assert kept(dream.filter_logits(scaled, 0.6 * one, torch.tensor([2]))) == [True, True, False]
+    assert kept(truncation.top_p_top_k(scaled, 0.6 * one, torch.tensor([2]))) == [True, True, False]
     # Off: nothing removed.
     assert torch.equal(truncation.top_k_top_p(scaled, torch.tensor([0]), one), scaled)
 

@@ -143,8 +143,8 @@ class DenoiseBatch:
             top_p: float = 1.0, top_k: int = 0, token_filters: TokenFilters | None = None,
             num_logprobs: int | None = None) -> int:
         """Give a joining request a row and write its parameters; returns the row.
-        `top_p` / `top_k` filter Dream's and the block-diffusion samplers (1 / 0 or
-        less: off);
+        `top_p` / `top_k` truncate the sampler's distribution (1 / 0 or less: off;
+        admission refuses them for LLaDA, whose sampler has none);
         `num_logprobs`: the top logprobs its tokens' records carry (None: no records)."""
         if not self._free:
             self._grow()
@@ -155,8 +155,7 @@ class DenoiseBatch:
         self.params[row] = params
         self.temperatures[row] = temperature
         top_k = max(top_k, 0)
-        self.filters[row] = ((params.alg is not None or self.block_causal)
-                             and (top_p < 1 or top_k > 0))
+        self.filters[row] = top_p < 1 or top_k > 0
         self.token_filters[row] = (token_filters if token_filters is not None
                                    and token_filters.in_use else None)
         self.num_logprobs[row] = num_logprobs

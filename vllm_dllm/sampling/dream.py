@@ -10,7 +10,7 @@ The conventions (dtypes, tie rules, which uniform decides what) are those of
   the block's masks the counted algorithms reveal (`reveal_counts`) and with
   which probability `origin` reveals each one (`origin_reveal`).
 * `sample_tokens` turns the logits rows of masked positions into (x0, confidence)
-  under temperature, top_p, top_k and the row's algorithm.
+  under temperature, top_p, top_k (`truncation.top_p_top_k`) and the row's algorithm.
 * `selection_keys` are what the counted algorithms rank the candidates by: the
   confidence itself, or with `alg_temp` > 0 a Gumbel-perturbed one, whose top k
   are k draws without replacement from softmax(confidence / alg_temp).
@@ -19,7 +19,7 @@ The conventions (dtypes, tie rules, which uniform decides what) are those of
 
 import torch
 
-from vllm_dllm.sampling import noise
+from vllm_dllm.sampling import noise, truncation
 from vllm_dllm.sampling.policies import select_fixed
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -53,29 +53,6 @@ def origin_reveal(u: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return u < ratio.to(torch.float64)
 
 
-def filter_logits(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
-                  ) -> torch.Tensor:
-    """Dream's top_p, then top_k, per row; removed tokens become -inf.
-
-    scaled [M, V] float64 (tempered logits); top_p [M] (1 = off): keep a token iff
-    the softmax mass of the tokens ranked before it is <= top_p, the first always;
-    top_k [M] integer (0 = off): keep tokens whose value is >= the k-th largest.
-    Both rules keep a prefix of the same descending order, so one sort serves both.
-    """
-    values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    probs = torch.softmax(values, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    top_p = top_p.to(torch.float64)[:, None]
-    drop = (top_p < 1) & (before > top_p)
-    drop[:, 0] = False
-    vocab = scaled.shape[-1]
-    k = top_k.long().clamp(max=vocab)
-    kth = values.gather(-1, (k - 1).clamp(min=0)[:, None])
-    drop |= (k[:, None] > 0) & (values < kth)
-    removed = torch.zeros_like(drop).scatter_(-1, order, drop)
-    return scaled.masked_fill(removed, float("-inf"))
-
-
 def sample_tokens(logits: torch.Tensor, alg: torch.Tensor, temperature: torch.Tensor,
                   top_p: torch.Tensor, top_k: torch.Tensor, u: torch.Tensor,
                   sampled: torch.Tensor | None = None, filtered: torch.Tensor | None = None,
@@ -96,8 +73,8 @@ def sample_tokens(logits: torch.Tensor, alg: torch.Tensor, temperature: torch.Te
     temperature = temperature.to(torch.float64)
     scaled = logits.double() / torch.where(temperature > 0, temperature, 1.0)[:, None]
     if filtered is not None and filtered.numel():
-        scaled = scaled.index_copy(
-            0, filtered, filter_logits(scaled[filtered], top_p[filtered], top_k[filtered]))
+        scaled = scaled.index_copy(0, filtered, truncation.top_p_top_k(
+            scaled[filtered], top_p[filtered], top_k[filtered]))
     probs = torch.softmax(scaled, dim=-1)
     x0 = probs.argmax(-1)
     if sampled is not None and sampled.numel():
