@@ -30,7 +30,9 @@ code with the plugin (only the noise definition). What it does:
   - `threshold` (SDAR's `low_confidence_dynamic`, LLaDA2's threshold rule): those
     with confidence >= `threshold`, or the max(n_s, 1) best if fewer clear it;
   - `factor` / `frechet`: Fast-dLLM's and Fast-dLLM++'s rules inside the block
-    (`generate.commit_count`).
+    (`generate.commit_count`);
+  - `sequential` (SDAR's `sequential`): the n_s masked positions from the block's
+    first mask on, left to right, whatever their confidence.
   A block ends as soon as it has no mask. Two deviations, both where the originals
   misbehave: where fewer masks remain than n_s, the remaining masks are committed (the
   originals' top-k then also rewrites committed or prompt positions of the block), and
@@ -45,7 +47,7 @@ import torch
 from dllm_reference.generate import commit_count
 from vllm_dllm.sampling import noise
 
-POLICIES = ("fixed", "threshold", "factor", "frechet")
+POLICIES = ("fixed", "threshold", "factor", "frechet", "sequential")
 
 
 def schedule(block_length: int, steps: int) -> list[int]:
@@ -121,7 +123,10 @@ def generate(
             candidates.sort(key=lambda p: (-conf[p], p))
             # Past its steps (never reached by a full schedule) a block commits one or more.
             count = counts[step] if step < steps else max(1, counts[-1])
-            if policy == "threshold":
+            if policy == "sequential":
+                candidates.sort()
+                n = min(len(candidates), count)
+            elif policy == "threshold":
                 above = sum(1 for p in candidates if conf[p] >= threshold)
                 n = min(len(candidates), max(above, count, 1))
             else:

@@ -32,6 +32,8 @@ CASES = [
     (6, {"gen_length": 20, "policy": "threshold", "threshold": 0.3}, 1.5, 7,
      {"top_k": 4, "top_p": 0.7}),
     (9, {"gen_length": 16, "policy": "fixed"}, 1.2, 8, {"top_p": 0.5}),
+    (11, {"gen_length": 18, "policy": "sequential", "steps": 2}, 0.0, 9, {}),
+    (6, {"gen_length": 15, "policy": "sequential", "steps": 3}, 0.9, 10, {}),
 ]
 
 

@@ -53,6 +53,7 @@ def test_model_defaults_sit_between_plugin_and_server():
     ({"bogus": 1}, "bogus"),
     ({"refresh_period": -1, "cache": "dual"}, "refresh_period"),
     ({"refresh_period": 4}, "refresh_period"),
+    ({"policy": "sequential"}, "policy"),
 ])
 def test_bad_values_name_the_parameter(extra, parameter):
     with pytest.raises(ParamError) as e:

@@ -15,6 +15,7 @@ from vllm_dllm.sampling.policies import (
     select_factor,
     select_fixed,
     select_frechet,
+    select_sequential,
     select_threshold,
 )
 
@@ -65,7 +66,7 @@ def policy_batch(names, counts, thresholds, factors, deltas) -> PolicyBatch:
 
 
 def test_names_and_defaults():
-    assert POLICIES == ("fixed", "threshold", "factor", "frechet")
+    assert POLICIES == ("fixed", "threshold", "factor", "frechet", "sequential")
     assert (DEFAULTS["threshold"], DEFAULTS["factor"], DEFAULTS["frechet_delta"]) == (0.9, 1.0, 0.25)
 
 
@@ -76,6 +77,13 @@ def test_rank_ties_go_to_lower_position():
 def test_fixed_takes_counts_best_and_skips_non_candidates():
     c = conf([0.5, 0.7, 0.5, 0.7, NO], [NO, NO, NO, NO, NO], [NO, 0.1, NO, NO, NO])
     assert cols(select_fixed(c, torch.tensor([3, 2, 4]))) == [[0, 1, 3], [], [1]]
+
+
+def test_sequential_takes_the_leftmost_candidates_whatever_their_confidence():
+    # SDAR's `sequential`: a committed (or prompt) position is skipped, not counted.
+    c = conf([NO, 0.1, 0.9, NO, 0.2], [NO, NO, NO, NO, NO], [0.3, NO, NO, NO, NO])
+    assert cols(select_sequential(c, torch.tensor([2, 3, 4]))) == [[1, 2], [], [0]]
+    assert cols(select_sequential(c[:1], torch.tensor([0]))) == [[]]
 
 
 class TestThreshold:
@@ -213,8 +221,9 @@ def test_mixed_batch_equals_rows_alone():
     c[torch.rand((8, 16), generator=g) < 0.3] = NO
     c[5] = NO  # a row without candidates
     c[6, 3] = c[6, 9] = c[6].max()  # a tie at the top
-    names = ["fixed", "threshold", "factor", "frechet", "threshold", "frechet", "factor", "fixed"]
-    counts = torch.tensor([3, 0, 0, 0, 0, 0, 0, 1])
+    names = ["fixed", "threshold", "factor", "frechet", "threshold", "frechet", "sequential",
+             "fixed"]
+    counts = torch.tensor([3, 0, 0, 0, 0, 0, 2, 1])
     thresholds = [0.9, 0.9, 0.9, 0.9, 0.5, 0.9, 0.9, 0.9]
     factors = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
     deltas = [0.25, 0.25, 0.25, 0.0, 0.25, 0.25, 0.25, 0.25]
@@ -227,6 +236,7 @@ def test_mixed_batch_equals_rows_alone():
             "threshold": lambda: select_threshold(row, per_row(thresholds[b])),
             "factor": lambda: select_factor(row, per_row(factors[b])),
             "frechet": lambda: select_frechet(row, per_row(deltas[b])),
+            "sequential": lambda: select_sequential(row, counts[b : b + 1]),
         }[name]()
         assert torch.equal(got[b], alone[0]), (b, name)
     assert not got[5].any()

@@ -151,7 +151,8 @@ class DllmParams:
         "`prefix` / `dual`: 0 refreshes the whole sequence at each block start (Fast-dLLM);"
         " n > 0 every n-th iteration (ES-dLLM's `prompt_update_freq`)")
     policy: str = _param(
-        "fixed", _choice(policies.POLICIES), "which masked positions to commit", row=True)
+        "fixed", _choice(policies.POLICIES),
+        "which masked positions to commit (`sequential`: block-diffusion models only)", row=True)
     threshold: float = _param(
         0.9, _probability,
         "`threshold` policy: commit every prediction with confidence ≥ τ (always the top one)", row=True)
@@ -404,6 +405,9 @@ def resolve(
     if causal_block is not None:
         return _resolve_block_causal(values, given, causal_block, max_tokens=max_tokens,
                                      prompt_len=prompt_len, max_model_len=max_model_len)
+    if values["policy"] == "sequential":
+        raise ParamError("policy", "policy='sequential' is SDAR's block-diffusion rule; this "
+                         "model is bidirectional (use fixed, threshold, factor or frechet)")
     if "gen_length" not in given and max_tokens is not None:
         wanted = math.ceil(max_tokens / block_length) * block_length
         gen_length = min(gen_length, max(wanted, block_length))

@@ -13,7 +13,9 @@ Fast-dLLM++ arXiv:2606.02955):
 * factor:    Fast-dLLM, the largest prefix of the sorted candidates with
              c(n) >= 1 - f / (n + 1) for every n in it (n >= 1).
 * frechet:   Fast-dLLM++, the largest n with G_n = L_n - U_n > delta.
-The threshold-type rules (all but fixed) commit at least one token whenever a
+* sequential: SDAR (arXiv:2510.06303), the `counts[b]` leftmost candidates,
+             whatever their confidence.
+The threshold-type rules (all but fixed and sequential) commit at least one token whenever a
 row has a candidate, so a block always makes progress.
 """
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-POLICIES = ("fixed", "threshold", "factor", "frechet")
+POLICIES = ("fixed", "threshold", "factor", "frechet", "sequential")
 
 
 def _sort_desc(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +51,13 @@ def _top(confidence: torch.Tensor, ranks: torch.Tensor, n: torch.Tensor) -> torc
 def select_fixed(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Commit the `counts[b]` most confident candidates of each row."""
     return _top(confidence, rank_in_row(confidence), counts)
+
+
+def select_sequential(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Commit the `counts[b]` leftmost candidates of each row: SDAR's `sequential`
+    remasking (JetAstra/SDAR `generate.py`), left to right inside the block."""
+    candidates = confidence > float("-inf")
+    return candidates & (torch.cumsum(candidates.long(), dim=-1) <= counts[:, None])
 
 
 def select_threshold(confidence: torch.Tensor, threshold: torch.Tensor,
@@ -143,6 +152,7 @@ def select(confidence: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
         "threshold": lambda: select_threshold(confidence, batch.threshold, batch.floor),
         "factor": lambda: select_factor(confidence, batch.factor),
         "frechet": lambda: select_frechet(confidence, batch.frechet_delta),
+        "sequential": lambda: select_sequential(confidence, batch.counts),
     }
     commit = torch.zeros_like(confidence, dtype=torch.bool)
     for name in sorted(batch.used):
