@@ -78,7 +78,8 @@ def select_configs(args: argparse.Namespace, gen_length: int, block_length: int
     """The configurations to run (`--configs` of the defaults, then `--config`) and the
     names `--reference` checks; exits on an empty, ambiguous or unknown choice."""
     configs = cfgs.select(cfgs.accuracy_configs(gen_length, block_length), args.configs)
-    configs += [cfgs.parse_config(spec) for spec in args.config or []]
+    shape = {"gen_length": gen_length, "block_length": block_length}
+    configs += [cfgs.parse_config(spec, shape) for spec in args.config or []]
     if not configs:
         raise SystemExit("no configurations to run")
     duplicates = sorted({c.name for c in configs if [d.name for d in configs].count(c.name) > 1})

@@ -149,15 +149,17 @@ def cost_configs(gen_length: int = COST_GEN_LENGTH, block_length: int = COST_BLO
         for name, extra in COST_SKIPS.items()]
 
 
-def parse_config(spec: str) -> DecodeConfig:
-    """`NAME=JSON-object` -> DecodeConfig, e.g. `thr0.8={"policy":"threshold","threshold":0.8}`."""
+def parse_config(spec: str, shape: dict[str, int] | None = None) -> DecodeConfig:
+    """`NAME=JSON-object` -> DecodeConfig, e.g. `thr0.8={"policy":"threshold","threshold":0.8}`;
+    `shape` (the workload's gen_length / block_length) fills what the object leaves out, so
+    a configuration decodes the canvas the other rows do."""
     name, sep, body = spec.partition("=")
     if not sep or not name.strip():
         raise ValueError(f"expected NAME=JSON, got {spec!r}")
     extra = json.loads(body)
     if not isinstance(extra, dict):
         raise ValueError(f"config {name!r}: extra_args must be a JSON object, got {body!r}")
-    return DecodeConfig(name.strip(), extra, "user-given")
+    return DecodeConfig(name.strip(), {**(shape or {}), **extra}, "user-given")
 
 
 def names(comma_list: str | None) -> list[str]:
