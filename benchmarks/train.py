@@ -319,7 +319,8 @@ def block_diffusion_loss_sum(model: ReferenceDecoder, tokens: torch.Tensor,
     clean blocks besides itself, so weighting it changes no other block's context.
 
     With `threshold_fraction` > 0 that fraction of the rows is masked by
-    `block_threshold_states` instead, every masked token scored with weight 1."""
+    `block_threshold_states` instead, every masked token scored with weight 1 before the
+    end-block and stop weights."""
     masked, scored, weight = training_masks(starts, answered, tokens.shape[1], canvas,
                                             generator)
     rows = threshold_rows(len(starts), threshold_fraction, generator)

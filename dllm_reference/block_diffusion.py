@@ -120,11 +120,11 @@ def generate(
                 probs = torch.softmax(logits.double(), -1)
             conf = probs.gather(-1, x0[:, None]).squeeze(-1).tolist()
             candidates = [p for p in range(block_length) if int(x[start + p]) == mask_id]
-            candidates.sort(key=lambda p: (-conf[p], p))
+            if policy != "sequential":  # sequential takes them in position order
+                candidates.sort(key=lambda p: (-conf[p], p))
             # Past its steps (never reached by a full schedule) a block commits one or more.
             count = counts[step] if step < steps else max(1, counts[-1])
             if policy == "sequential":
-                candidates.sort()
                 n = min(len(candidates), count)
             elif policy == "threshold":
                 above = sum(1 for p in candidates if conf[p] >= threshold)
